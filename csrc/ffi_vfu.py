@@ -1,0 +1,205 @@
+"""cffi (API mode) builder of ``vfiouser_vmem._vfu``: the binding to libvfio-user.
+
+The library is found, in this order, through ``LIBVFIO_USER_PREFIX`` (an
+install prefix holding ``include/vfio-user/libvfio-user.h`` and
+``lib/libvfio-user.so``), or ``pkg-config libvfio-user``.  The project's own
+build (scripts/build-libvfio-user.sh) installs a patched copy and a
+pkg-config file; see docs/libvfio-user.md for the patches and why.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+from cffi import FFI
+
+CDEF = r"""
+typedef long loff_t;
+struct iovec { void *iov_base; size_t iov_len; };
+
+typedef struct vfu_ctx vfu_ctx_t;
+typedef ... vfu_pci_config_space_t;
+
+typedef enum { VFU_TRANS_SOCK, VFU_TRANS_PIPE, VFU_TRANS_MAX } vfu_trans_t;
+typedef enum { VFU_DEV_TYPE_PCI } vfu_dev_type_t;
+#define LIBVFIO_USER_FLAG_ATTACH_NB ...
+
+vfu_ctx_t *vfu_create_ctx(vfu_trans_t trans, const char *path, int flags,
+                          void *pvt, vfu_dev_type_t dev_type);
+int vfu_realize_ctx(vfu_ctx_t *vfu_ctx);
+int vfu_attach_ctx(vfu_ctx_t *vfu_ctx);
+int vfu_get_poll_fd(vfu_ctx_t *vfu_ctx);
+int vfu_run_ctx(vfu_ctx_t *vfu_ctx);
+void vfu_destroy_ctx(vfu_ctx_t *vfu_ctx);
+void *vfu_get_private(vfu_ctx_t *vfu_ctx);
+
+typedef void (vfu_log_fn_t)(vfu_ctx_t *vfu_ctx, int level, const char *msg);
+int vfu_setup_log(vfu_ctx_t *vfu_ctx, vfu_log_fn_t *log, int level);
+
+typedef ssize_t (vfu_region_access_cb_t)(vfu_ctx_t *vfu_ctx, char *buf,
+                                         size_t count, loff_t offset,
+                                         bool is_write);
+#define VFU_REGION_FLAG_READ ...
+#define VFU_REGION_FLAG_WRITE ...
+#define VFU_REGION_FLAG_RW ...
+#define VFU_REGION_FLAG_MEM ...
+#define VFU_REGION_FLAG_ALWAYS_CB ...
+int vfu_setup_region(vfu_ctx_t *vfu_ctx, int region_idx, size_t size,
+                     vfu_region_access_cb_t *region_access, int flags,
+                     struct iovec *mmap_areas, uint32_t nr_mmap_areas,
+                     int fd, uint64_t offset);
+
+typedef enum vfu_reset_type {
+    VFU_RESET_DEVICE,
+    VFU_RESET_LOST_CONN,
+    VFU_RESET_PCI_FLR
+} vfu_reset_type_t;
+typedef int (vfu_reset_cb_t)(vfu_ctx_t *vfu_ctx, vfu_reset_type_t type);
+int vfu_setup_device_reset_cb(vfu_ctx_t *vfu_ctx, vfu_reset_cb_t *reset);
+
+typedef int (vfu_device_quiesce_cb_t)(vfu_ctx_t *vfu_ctx);
+void vfu_setup_device_quiesce_cb(vfu_ctx_t *vfu_ctx,
+                                 vfu_device_quiesce_cb_t *quiesce_cb);
+int vfu_device_quiesced(vfu_ctx_t *vfu_ctx, int quiesce_errno);
+
+typedef struct vfu_dma_info {
+    struct iovec iova;
+    void *vaddr;
+    struct iovec mapping;
+    size_t page_size;
+    uint32_t prot;
+} vfu_dma_info_t;
+typedef void (vfu_dma_register_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
+typedef void (vfu_dma_unregister_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
+int vfu_setup_device_dma(vfu_ctx_t *vfu_ctx,
+                         vfu_dma_register_cb_t *dma_register,
+                         vfu_dma_unregister_cb_t *dma_unregister);
+
+enum vfu_dev_irq_type {
+    VFU_DEV_INTX_IRQ,
+    VFU_DEV_MSI_IRQ,
+    VFU_DEV_MSIX_IRQ,
+    VFU_DEV_ERR_IRQ,
+    VFU_DEV_REQ_IRQ,
+    VFU_DEV_NUM_IRQS
+};
+int vfu_setup_device_nr_irqs(vfu_ctx_t *vfu_ctx, enum vfu_dev_irq_type type,
+                             uint32_t count);
+typedef void (vfu_dev_irq_state_cb_t)(vfu_ctx_t *vfu_ctx, uint32_t start,
+                                      uint32_t count, bool mask);
+int vfu_setup_irq_state_callback(vfu_ctx_t *vfu_ctx,
+                                 enum vfu_dev_irq_type type,
+                                 vfu_dev_irq_state_cb_t *cb);
+int vfu_irq_trigger(vfu_ctx_t *vfu_ctx, uint32_t subindex);
+
+typedef struct dma_sg dma_sg_t;
+size_t dma_sg_size(void);
+int vfu_addr_to_sgl(vfu_ctx_t *vfu_ctx, void *dma_addr, size_t len,
+                    dma_sg_t *sgl, size_t max_nr_sgs, int prot);
+int vfu_sgl_get(vfu_ctx_t *vfu_ctx, dma_sg_t *sgl, struct iovec *iov,
+                size_t cnt, int flags);
+void vfu_sgl_put(vfu_ctx_t *vfu_ctx, dma_sg_t *sgl, struct iovec *iov,
+                 size_t cnt);
+
+enum {
+    VFU_PCI_DEV_BAR0_REGION_IDX,
+    VFU_PCI_DEV_BAR1_REGION_IDX,
+    VFU_PCI_DEV_BAR2_REGION_IDX,
+    VFU_PCI_DEV_BAR3_REGION_IDX,
+    VFU_PCI_DEV_BAR4_REGION_IDX,
+    VFU_PCI_DEV_BAR5_REGION_IDX,
+    VFU_PCI_DEV_ROM_REGION_IDX,
+    VFU_PCI_DEV_CFG_REGION_IDX,
+    VFU_PCI_DEV_VGA_REGION_IDX,
+    VFU_PCI_DEV_MIGR_REGION_IDX,
+    VFU_PCI_DEV_NUM_REGIONS
+};
+typedef enum {
+    VFU_PCI_TYPE_CONVENTIONAL,
+    VFU_PCI_TYPE_PCI_X_1,
+    VFU_PCI_TYPE_PCI_X_2,
+    VFU_PCI_TYPE_EXPRESS
+} vfu_pci_type_t;
+#define PCI_HEADER_TYPE_NORMAL ...
+int vfu_pci_init(vfu_ctx_t *vfu_ctx, vfu_pci_type_t pci_type, int hdr_type,
+                 int revision);
+void vfu_pci_set_id(vfu_ctx_t *vfu_ctx, uint16_t vid, uint16_t did,
+                    uint16_t ssvid, uint16_t ssid);
+void vfu_pci_set_class(vfu_ctx_t *vfu_ctx, uint8_t base, uint8_t sub,
+                       uint8_t pi);
+vfu_pci_config_space_t *vfu_pci_get_config_space(vfu_ctx_t *vfu_ctx);
+#define VFU_CAP_FLAG_EXTENDED ...
+#define VFU_CAP_FLAG_CALLBACK ...
+#define VFU_CAP_FLAG_READONLY ...
+ssize_t vfu_pci_add_capability(vfu_ctx_t *vfu_ctx, size_t pos, int flags,
+                               void *data);
+size_t vfu_pci_find_capability(vfu_ctx_t *vfu_ctx, bool extended, int cap_id);
+
+/* Callbacks into Python: one per region, because libvfio-user does not pass
+ * the region index to a region callback. */
+extern "Python" void vfu_py_log(vfu_ctx_t *, int, const char *);
+extern "Python" int vfu_py_reset(vfu_ctx_t *, vfu_reset_type_t);
+extern "Python" void vfu_py_dma_register(vfu_ctx_t *, vfu_dma_info_t *);
+extern "Python" void vfu_py_dma_unregister(vfu_ctx_t *, vfu_dma_info_t *);
+extern "Python" void vfu_py_irq_state(vfu_ctx_t *, uint32_t, uint32_t, bool);
+extern "Python" ssize_t vfu_py_region0(vfu_ctx_t *, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfu_py_region1(vfu_ctx_t *, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfu_py_region2(vfu_ctx_t *, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfu_py_region3(vfu_ctx_t *, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfu_py_region4(vfu_ctx_t *, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfu_py_region5(vfu_ctx_t *, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfu_py_region6(vfu_ctx_t *, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfu_py_region7(vfu_ctx_t *, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfu_py_region8(vfu_ctx_t *, char *, size_t, loff_t, bool);
+extern "Python" ssize_t vfu_py_region9(vfu_ctx_t *, char *, size_t, loff_t, bool);
+"""
+
+
+def _pkg_config(*args: str) -> list[str]:
+    out = subprocess.run(["pkg-config", *args, "libvfio-user"], check=True, capture_output=True, text=True).stdout
+    return shlex.split(out)
+
+
+def _find_libvfio_user() -> dict[str, list[str]]:
+    prefix = os.environ.get("LIBVFIO_USER_PREFIX")
+    if prefix:
+        header = os.path.join(prefix, "include", "vfio-user", "libvfio-user.h")
+        if not os.path.exists(header):
+            sys.exit(f"LIBVFIO_USER_PREFIX={prefix}: no {header}")
+        libdirs = [d for d in (os.path.join(prefix, "lib"), os.path.join(prefix, "lib", "x86_64-linux-gnu"), os.path.join(prefix, "lib64")) if os.path.isdir(d)]
+        return {
+            "include_dirs": [os.path.join(prefix, "include", "vfio-user")],
+            "library_dirs": libdirs,
+            "runtime_library_dirs": libdirs,
+        }
+    try:
+        cflags = _pkg_config("--cflags")
+        libs = _pkg_config("--libs")
+    except (OSError, subprocess.CalledProcessError):
+        sys.exit(
+            "libvfio-user not found: run scripts/build-libvfio-user.sh and point "
+            "PKG_CONFIG_PATH at its prefix (scripts/setup.sh does both), or set "
+            "LIBVFIO_USER_PREFIX to your own install"
+        )
+    return {
+        "include_dirs": [f[2:] for f in cflags if f.startswith("-I")],
+        "library_dirs": [f[2:] for f in libs if f.startswith("-L")],
+        "runtime_library_dirs": [f[2:] for f in libs if f.startswith("-L")],
+    }
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "vfiouser_vmem._vfu",
+    "#include <libvfio-user.h>\n",
+    libraries=["vfio-user"],
+    extra_compile_args=["-D_GNU_SOURCE"],
+    **_find_libvfio_user(),
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

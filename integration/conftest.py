@@ -1,0 +1,86 @@
+"""Fixtures of the real-QEMU tests: the kit, servers and guests that are
+always stopped (by PID) and whose logs are printed when a test fails."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Guest, Kit, VmemServer, short_tmpdir  # noqa: E402
+
+TIMINGS: list[tuple[str, float]] = []
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.section("measured in the guests (TCG unless VMEM_ACCEL=kvm)")
+        for what, seconds in TIMINGS:
+            terminalreporter.write_line(f"{what:<60} {seconds:8.2f} s")
+
+
+@pytest.fixture
+def timing():
+    def record(what: str, seconds: float) -> None:
+        TIMINGS.append((what, seconds))
+
+    return record
+
+
+@pytest.fixture(scope="session")
+def kit() -> Kit:
+    return Kit.build()
+
+
+@pytest.fixture
+def workdir(request):
+    path = short_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def env(request, kit, workdir):
+    """Start servers and guests through this; all are stopped at the end."""
+    started: list[object] = []
+
+    class Env:
+        def server(self, **kw) -> VmemServer:
+            s = VmemServer(workdir, **kw)
+            started.append(s)
+            return s
+
+        def guest(self, sockets: list[str], **kw) -> Guest:
+            g = Guest(kit, workdir, sockets, **kw)
+            started.append(g)
+            return g
+
+    yield Env()
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for thing in reversed(started):
+        if isinstance(thing, Guest):
+            thing.stop()
+            if failed:
+                print(f"===== guest console ({thing.console_path}) =====\n{thing.console()[-20000:]}")
+                print(f"===== QEMU output =====\n{thing.qemu_log()[-5000:]}")
+        else:
+            thing.stop()
+            if failed:
+                print(f"===== server log ({thing.id}) =====\n{thing.log()[-20000:]}")

@@ -1,0 +1,336 @@
+"""Real QEMU, real guest: the pieces the integration tests are made of.
+
+``Kit`` is the cached QEMU/guest kit (integration/build-kit.sh).  ``Guest``
+boots a Linux guest under QEMU with our device attached over vfio-user and
+talks to a shell in the guest over a second serial port (the guest's /init,
+integration/guest-init.sh).  ``VmemServer`` runs ``vfiouser-vmem serve`` and
+talks QMP to it.  Every process is started here and stopped here, by PID,
+also when a test fails; on failure the logs are printed (guest console,
+server log, QEMU stderr) so that CI output shows the cause.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+class GuestError(Exception):
+    pass
+
+
+@dataclass
+class Kit:
+    dir: Path
+
+    @classmethod
+    def build(cls) -> Kit:
+        out = subprocess.run(
+            ["bash", str(REPO / "integration" / "build-kit.sh")], check=True, stdout=subprocess.PIPE, text=True
+        ).stdout
+        return cls(Path(out.strip().splitlines()[-1]))
+
+    @property
+    def qemu(self) -> str:
+        return str(self.dir / "qemu-system-x86_64")
+
+    @property
+    def kernel(self) -> str:
+        return str(self.dir / "vmlinuz")
+
+    @property
+    def initrd(self) -> str:
+        return str(self.dir / "initrd.img")
+
+
+def kvm_works() -> bool:
+    """True only for a KVM that runs a stock kernel.  The paravirtual
+    kvm-pvm hosts of the CI machines expose /dev/kvm but fail with
+    "emulation failure" (DESIGN.md section 4), so ask the environment."""
+    return os.environ.get("VMEM_ACCEL", "tcg") == "kvm"
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value (the polled state is
+    in another process: a guest or a server, nothing to wait on directly)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class QmpClient:
+    """A minimal synchronous QMP client (the tests' own, independent of the
+    server's code)."""
+
+    def __init__(self, path: str, timeout_s: float = 30) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        self.events: list[dict] = []
+        greeting = self._recv()
+        if "QMP" not in greeting:
+            raise GuestError(f"no QMP greeting: {greeting}")
+        self.execute("qmp_capabilities")
+
+    def _recv(self) -> dict:
+        line = self.file.readline()
+        if not line:
+            raise GuestError("QMP connection closed")
+        return json.loads(line)
+
+    def command(self, name: str, **arguments) -> dict:
+        """The whole reply: {"return": ...} or {"error": ...}."""
+        msg = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode())
+        while True:
+            reply = self._recv()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            return reply
+
+    def execute(self, name: str, **arguments):
+        reply = self.command(name, **arguments)
+        if "error" in reply:
+            raise GuestError(f"QMP {name} failed: {reply['error']}")
+        return reply["return"]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class VmemServer:
+    """``vfiouser-vmem serve`` in a child process."""
+
+    def __init__(self, workdir: Path, *, size: str, block_size: str = "2M", requested_size: str = "0",
+                 id: str = "vmem0", node: int | None = None, extra: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.id = id
+        self.socket = str(workdir / f"{id}.sock")
+        self.qmp_path = str(workdir / f"{id}.qmp")
+        self.log_path = workdir / f"{id}-server.log"
+        exe = shutil.which("vfiouser-vmem", path=str(Path(sys.executable).parent)) or "vfiouser-vmem"
+        cmd = [exe, "serve", "--socket", self.socket, "--size", size, "--block-size", block_size,
+               "--requested-size", requested_size, "--id", id, "--qmp", self.qmp_path]
+        if node is not None:
+            cmd += ["--node", str(node)]
+        cmd += extra or []
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log_file)
+        # The server prints its first line once both sockets listen.
+        line = self.proc.stdout.readline().decode()
+        if "ready" not in line:
+            self.stop()
+            raise GuestError(f"server did not start: {line!r}\n{self.log()}")
+        self.qmp = QmpClient(self.qmp_path)
+
+    def get(self, prop: str) -> int:
+        return self.qmp.execute("qom-get", path=self.id, property=prop)
+
+    def set_requested_size(self, size_bytes: int) -> None:
+        self.qmp.execute("qom-set", path=self.id, property="requested-size", value=size_bytes)
+
+    def allocated_bytes(self) -> int:
+        """The backend memfd's allocated bytes, read from the server's fds:
+        the host's own view of the memory in use."""
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        total = 0
+        for fd in fd_dir.iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(f"/memfd:vfiouser-vmem:{self.id}"):
+                total += os.stat(fd).st_blocks * 512
+        return total
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def log(self) -> str:
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        try:
+            if hasattr(self, "qmp"):
+                self.qmp.close()
+        except OSError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        return self.proc.returncode
+
+
+class Guest:
+    """A Linux guest in QEMU 11 with our device(s) attached."""
+
+    def __init__(self, kit: Kit, workdir: Path, sockets: list[str], *, ram: str = "1G", cpus: int = 2,
+                 extra_args: list[str] | None = None, cmdline_extra: str = "", name: str = "guest") -> None:
+        self.kit = kit
+        self.workdir = workdir
+        self.console_path = workdir / f"{name}-console.log"
+        self.stderr_path = workdir / f"{name}-qemu.log"
+        self.cmd_path = str(workdir / f"{name}-cmd.sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.cmd_path)
+        self.listener.listen(1)
+        self.listener.settimeout(1)
+        accel = ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg", "-cpu", "qemu64"]
+        devices = []
+        for path in sockets:
+            devices += ["-device", json.dumps({"driver": "vfio-user-pci", "socket": {"type": "unix", "path": path}})]
+        self.argv = [
+            kit.qemu, "-nodefaults", "-nographic", "-no-user-config",
+            "-machine", "q35,memory-backend=ram0", *accel, "-smp", str(cpus), "-m", ram,
+            "-object", f"memory-backend-memfd,id=ram0,size={ram},share=on",
+            "-kernel", kit.kernel, "-initrd", kit.initrd,
+            "-append", f"console=ttyS0 memhp_default_state=online_movable loglevel=6 panic=-1 {cmdline_extra}".strip(),
+            "-serial", f"file:{self.console_path}",
+            "-chardev", f"socket,id=cmd,path={self.cmd_path}",
+            "-serial", "chardev:cmd",
+            "-action", "reboot=reset",
+            *devices, *(extra_args or []),
+        ]
+        self.stderr_file = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.stderr_file, stderr=subprocess.STDOUT)
+        self.conn: socket.socket | None = None
+        self._buf = b""
+
+    def _accept(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.conn is None:
+            if self.proc.poll() is not None:
+                raise GuestError(f"QEMU exited with {self.proc.returncode}")
+            try:
+                self.conn, _ = self.listener.accept()
+            except socket.timeout:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("QEMU did not connect its command chardev")
+
+    def _read_until(self, pattern: re.Pattern[bytes], timeout_s: float) -> re.Match[bytes]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = pattern.search(self._buf)
+            if m:
+                return m
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"guest did not answer within {timeout_s:.0f} s (waiting for {pattern.pattern!r})")
+            if self.proc.poll() is not None:
+                raise GuestError(f"QEMU exited with {self.proc.returncode}")
+            self.conn.settimeout(min(remaining, 1.0))
+            try:
+                data = self.conn.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise GuestError("the guest's command channel closed")
+            self._buf += data
+
+    def wait_ready(self, timeout_s: float = 180) -> str:
+        self._accept(timeout_s)
+        m = self._read_until(re.compile(rb"@@READY (\S+)\r?\n"), timeout_s)
+        self._buf = self._buf[m.end():]
+        return m.group(1).decode()
+
+    def run(self, command: str, timeout_s: float = 120, check: bool = True) -> str:
+        """Run a shell command in the guest; returns its output."""
+        if "\n" in command:
+            raise ValueError("one line per command")
+        self.conn.sendall(command.encode() + b"\n")
+        m = self._read_until(re.compile(rb"@@RC (\d+)\r?\n"), timeout_s)
+        out = self._buf[:m.start()].decode(errors="replace")
+        self._buf = self._buf[m.end():]
+        rc = int(m.group(1))
+        if check and rc != 0:
+            raise GuestError(f"guest command {command!r} failed with {rc}:\n{out}")
+        return out
+
+    def meminfo_kib(self, field: str = "MemTotal") -> int:
+        out = self.run(f"grep '^{field}:' /proc/meminfo")
+        return int(out.split()[1])
+
+    def dmesg(self) -> str:
+        return self.run("dmesg")
+
+    def console(self) -> str:
+        try:
+            return self.console_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def reboot(self) -> None:
+        """``reboot -f`` in the guest; QEMU resets the machine (-action reboot=reset)."""
+        # The command chardev stays connected across the machine reset; the
+        # rebooted guest announces itself on it again (wait_ready).
+        self.conn.sendall(b"reboot -f\n")
+        self._buf = b""
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.listener.close()
+        try:
+            os.unlink(self.cmd_path)
+        except FileNotFoundError:
+            pass
+        self.stderr_file.close()
+        return self.proc.returncode
+
+    def qemu_log(self) -> str:
+        if not self.stderr_file.closed:
+            self.stderr_file.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+
+def short_tmpdir() -> Path:
+    """UNIX socket paths are limited to 107 bytes: keep them short."""
+    return Path(tempfile.mkdtemp(prefix="vmem-", dir="/tmp"))

@@ -1,0 +1,814 @@
+"""Tests of vfiouser_vmem.qmp: the QMP server (DESIGN.md section 6).
+
+Driven three ways: a raw socket client (framing, exact error texts), the real
+``qemu.qmp`` library (asyncio, in a worker thread) and ``qmp-shell``.  The
+server runs in the test's own trio loop, so ``wait_all_tasks_blocked`` tells
+when it has consumed what a client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import select
+import shutil
+import socket
+import stat
+import sys
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from fake_device import GiB, MiB, FakeDevice
+from vfiouser_vmem import __version__
+from vfiouser_vmem.control import PropertyReadOnly
+from vfiouser_vmem.qmp import QmpServer, QmpSocketInUse, _JsonStreamSplitter, _Oversize, _ParseError
+
+TIMEOUT = 10  # generous bound for things that should take milliseconds
+
+GREETING = {
+    "QMP": {
+        "version": {"qemu": {"major": 11, "minor": 1, "micro": 0}, "package": f"vfiouser-vmem {__version__}"},
+        "capabilities": [],
+    }
+}
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture
+def sock_dir() -> Any:
+    # UNIX socket paths are limited to 107 bytes: stay out of deep tmp_paths.
+    path = tempfile.mkdtemp(dir="/tmp", prefix="qmpt")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@asynccontextmanager
+async def running(server: QmpServer, path: str) -> AsyncIterator[QmpServer]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, path)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+class RawClient:
+    """A QMP client on a bare socket that checks the server's framing."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+        self.events: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, path: str, *, negotiate: bool = True) -> "RawClient":
+        client = cls(await trio.open_unix_socket(path))
+        assert await client.recv() == GREETING
+        if negotiate:
+            assert await client.command("qmp_capabilities") == {"return": {}}
+        return client
+
+    async def send(self, data: bytes | str) -> None:
+        await self.stream.send_all(data.encode() if isinstance(data, str) else data)
+
+    async def recv(self) -> dict[str, Any]:
+        """Next message; every message must be exactly one line."""
+        with trio.fail_after(TIMEOUT):
+            while b"\n" not in self.buffer:
+                data = await self.stream.receive_some(65536)
+                assert data, f"server closed the connection; unterminated data: {self.buffer!r}"
+                self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        message = json.loads(line)
+        assert isinstance(message, dict)
+        return message
+
+    async def reply(self) -> dict[str, Any]:
+        """Next reply, setting aside events that come before it."""
+        while True:
+            message = await self.recv()
+            if "event" in message:
+                self.events.append(message)
+            else:
+                return message
+
+    async def event(self) -> dict[str, Any]:
+        if self.events:
+            return self.events.pop(0)
+        message = await self.recv()
+        assert "event" in message, message
+        return message
+
+    async def command(self, name: str, arguments: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        request: dict[str, Any] = {"execute": name, **extra}
+        if arguments is not None:
+            request["arguments"] = arguments
+        await self.send(json.dumps(request))  # no newline, like qemu.qmp
+        return await self.reply()
+
+    async def assert_nothing_pending(self) -> None:
+        """The server has run to quiescence and sent us nothing more."""
+        await trio.testing.wait_all_tasks_blocked()
+        readable, _, _ = select.select([self.stream.socket.fileno()], [], [], 0)
+        assert not readable and not self.buffer, f"unexpected data: {self.buffer!r}"
+
+    async def read_to_eof(self) -> bytes:
+        data = self.buffer
+        with trio.fail_after(TIMEOUT):
+            while chunk := await self.stream.receive_some(65536):
+                data += chunk
+        return data
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def error(desc: str, error_class: str = "GenericError", **extra: Any) -> dict[str, Any]:
+    return {"error": {"class": error_class, "desc": desc}, **extra}
+
+
+def size_event(device: FakeDevice, size: int) -> dict[str, Any]:
+    return {"id": device.id, "size": size, "qom-path": device.qom_path}
+
+
+# ---------------------------------------------------------------------------
+# session and framing
+
+
+async def test_greeting_and_capabilities_negotiation(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": FakeDevice()}), path):
+        client = await RawClient.connect(path, negotiate=False)
+        for name in ("query-version", "qom-get", "no-such-command"):
+            assert await client.command(name, id=name) == error(
+                "Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound", id=name
+            )
+        assert await client.command("qmp_capabilities", {"enable": ["oob"]}) == error("Capability oob not available")
+        assert await client.command("qmp_capabilities", {"enable": ["foo"]}) == error(
+            "Parameter 'enable[0]' does not accept value 'foo'"
+        )
+        assert await client.command("qmp_capabilities", {"enable": []}, id=1) == {"return": {}, "id": 1}
+        assert await client.command("qmp_capabilities") == error(
+            "Capabilities negotiation is already complete, command ignored", "CommandNotFound"
+        )
+        assert await client.command("query-version") == {"return": GREETING["QMP"]["version"]}
+        await client.aclose()
+
+
+async def test_version_parameter_goes_into_package(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({}, version="9.8.7"), path):
+        async with await trio.open_unix_socket(path) as stream:
+            client = RawClient(stream)
+            greeting = await client.recv()
+            assert greeting["QMP"]["version"]["package"] == "vfiouser-vmem 9.8.7"
+
+
+async def test_stream_without_newlines_two_commands_in_one_send(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": FakeDevice(size=4 * MiB)}), path):
+        client = await RawClient.connect(path)
+        await client.send(
+            '{"execute":"query-status","id":"a"}{"execute": "qom-get", "id": {"n": [1, 2]},'
+            ' "arguments": {"path": "vmem0", "property": "size"}}{"execute":"nope","id":3}'
+        )
+        assert await client.reply() == {"return": {"status": "running", "running": True}, "id": "a"}
+        assert await client.reply() == {"return": 4 * MiB, "id": {"n": [1, 2]}}
+        assert await client.reply() == error("The command nope has not been found", "CommandNotFound", id=3)
+        await client.assert_nothing_pending()
+
+
+async def test_command_split_across_sends(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": FakeDevice()}), path):
+        client = await RawClient.connect(path)
+        # Split inside a key, inside a string holding braces and an escaped
+        # quote, and between a backslash and the character it escapes.
+        request = b'{"execute": "qom-get", "id": "x}{\\"y\\\\", "arguments": {"path": "vmem0", "property": "node"}}'
+        cut_points = [5, 24, 31, 32, len(request) - 1]
+        start = 0
+        for cut in cut_points:
+            await client.send(request[start:cut])
+            start = cut
+            await client.assert_nothing_pending()  # the server consumed it and is waiting for more
+        await client.send(request[start:])
+        assert await client.reply() == {"return": 0, "id": 'x}{"y\\'}
+
+
+@pytest.mark.parametrize(
+    ("raw", "desc"),
+    [
+        (b'{"execute": }', "JSON parse error, expecting value at line 1 column 13"),
+        (b'{"execute" "x"}', "JSON parse error, expecting ':' delimiter at line 1 column 12"),
+        (b'{"execute": "query-status", "execute": "x"}', "JSON parse error, duplicate key 'execute'"),
+        (b'{"execute": NaN}', "JSON parse error, invalid keyword 'NaN'"),
+        (b"foo ", "JSON parse error, invalid keyword 'foo'"),
+        (b"}", "JSON parse error, stray '}'"),
+        (b'{"execute": "\xff"}', "JSON parse error, invalid UTF-8 sequence at byte 13"),
+        (b"[1, 2]", "QMP input must be a JSON object"),
+        (b"42 ", "QMP input must be a JSON object"),
+        (b'"query-status"', "QMP input must be a JSON object"),
+        (b'{"arguments": {}}', "QMP input lacks member 'execute'"),
+        (b'{"execute": 1}', "QMP input member 'execute' must be a string"),
+        (b'{"execute": "query-status", "arguments": []}', "QMP input member 'arguments' must be an object"),
+        (b'{"execute": "query-status", "foo": 1}', "QMP input member 'foo' is unexpected"),
+        (b'{"exec-oob": "query-status"}', "QMP input member 'exec-oob' is unexpected"),
+    ],
+)
+async def test_bad_input_gets_an_error_and_the_connection_stays_usable(sock_dir: str, raw: bytes, desc: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": FakeDevice()}), path):
+        client = await RawClient.connect(path)
+        await client.send(raw + b'{"execute": "query-status", "id": 7}')
+        assert await client.reply() == error(desc)
+        assert await client.reply() == {"return": {"status": "running", "running": True}, "id": 7}
+        await client.assert_nothing_pending()
+
+
+async def test_errors_carry_the_id_when_the_request_had_one(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({}), path):
+        client = await RawClient.connect(path)
+        await client.send(b'{"execute": 5, "id": "i1"}{"id": null, "arguments": {}}')
+        assert await client.reply() == error("QMP input member 'execute' must be a string", id="i1")
+        assert await client.reply() == error("QMP input lacks member 'execute'", id=None)
+
+
+async def test_oversize_message_is_refused_and_the_stream_resyncs(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({}, max_message_bytes=4096), path):
+        client = await RawClient.connect(path)
+        # Arrives in pieces: the error goes out as soon as the limit is passed,
+        # before the message is complete.
+        await client.send(b'{"execute": "query-status", "arguments": {"pad": "' + b"{[" * 2500)
+        assert await client.reply() == error("JSON message size limit exceeded (4096 bytes)")
+        await client.send(b"]}" * 3000 + b'\\""}}{"execute": "query-status", "id": 1}')
+        assert await client.reply() == {"return": {"status": "running", "running": True}, "id": 1}
+        # A complete oversize message in a single send, then a good one.
+        await client.send(b'{"x": "' + b"a" * 5000 + b'"}{"execute": "query-status", "id": 2}')
+        assert await client.reply() == error("JSON message size limit exceeded (4096 bytes)")
+        assert await client.reply() == {"return": {"status": "running", "running": True}, "id": 2}
+        # A bare token that never ends is cut too.
+        await client.send(b"1" * 5000)
+        assert await client.reply() == error("JSON message size limit exceeded (4096 bytes)")
+        await client.send(b' {"execute": "query-status", "id": 3}')
+        assert await client.reply() == {"return": {"status": "running", "running": True}, "id": 3}
+        await client.assert_nothing_pending()
+
+
+async def test_default_limit_is_one_mebibyte(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({}), path):
+        client = await RawClient.connect(path)
+        padding = b"a" * (1 << 20)
+        await client.send(b'{"execute": "query-status", "id": 1, "arguments": {"p": "' + padding + b'"}}')
+        assert await client.reply() == error("JSON message size limit exceeded (1048576 bytes)")
+        # Just under the limit is parsed (and refused for its argument only).
+        small = b'{"execute": "query-status", "id": 2, "arguments": {"p": "'
+        await client.send(small + b"a" * ((1 << 20) - len(small) - 3) + b'"}}')
+        assert await client.reply() == error("Parameter 'p' is unexpected", id=2)
+
+
+async def test_nesting_limit(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({}), path):
+        client = await RawClient.connect(path)
+        await client.send(b"[" * 5000 + b"]" * 5000 + b'{"execute": "query-status", "id": 1}')
+        assert await client.reply() == error("JSON nesting depth limit exceeded")
+        assert await client.reply() == {"return": {"status": "running", "running": True}, "id": 1}
+
+
+def test_splitter_byte_by_byte() -> None:
+    stream = b' {"a": "}\\"{"}\n[1,{"b":[]}] "s\\\\" true{"c":1}x,'
+    splitter = _JsonStreamSplitter(max_bytes=100)
+    items: list[Any] = []
+    for i in range(len(stream)):
+        items += splitter.feed(stream[i : i + 1])
+    assert [item.desc if isinstance(item, _ParseError) else item for item in items] == [
+        {"a": '}"{'},
+        [1, {"b": []}],
+        "s\\",
+        True,
+        {"c": 1},
+        "JSON parse error, invalid keyword 'x'",
+        "JSON parse error, stray ','",
+    ]
+
+
+def test_splitter_memory_is_bounded_while_discarding() -> None:
+    splitter = _JsonStreamSplitter(max_bytes=1000)
+    items = splitter.feed(b'{"k": "' + b"x" * 2000)
+    assert len(items) == 1 and isinstance(items[0], _Oversize)
+    for _ in range(100):
+        assert splitter.feed(b"y" * 10000) == []
+        assert len(splitter._buf) <= 10000
+    assert splitter.feed(b'"} {"ok": 1}') == [{"ok": 1}]
+
+
+# ---------------------------------------------------------------------------
+# commands
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "desc"),
+    [
+        ("qom-get", {"property": "size"}, "Parameter 'path' is missing"),
+        ("qom-get", {"path": "vmem0"}, "Parameter 'property' is missing"),
+        ("qom-get", {"path": 1, "property": "size"}, "Invalid parameter type for 'path', expected: string"),
+        ("qom-get", {"path": "vmem0", "property": None}, "Invalid parameter type for 'property', expected: string"),
+        ("qom-get", {"path": "vmem0", "property": "size", "x": 1}, "Parameter 'x' is unexpected"),
+        ("qom-set", {"path": "vmem0", "property": "requested-size"}, "Parameter 'value' is missing"),
+        ("qom-list", {"path": ["vmem0"]}, "Invalid parameter type for 'path', expected: string"),
+        ("query-memory-devices", {"all": True}, "Parameter 'all' is unexpected"),
+        ("qmp_capabilities", {"enable": "oob"}, "Invalid parameter type for 'enable', expected: array"),
+    ],
+)
+async def test_argument_errors(sock_dir: str, name: str, arguments: dict[str, Any], desc: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice()
+    async with running(QmpServer({"vmem0": device}), path):
+        client = await RawClient.connect(path)
+        assert await client.command(name, arguments, id=9) == error(desc, id=9)
+        assert device.values["requested-size"] == 0
+        assert await client.command("query-status") == {"return": {"status": "running", "running": True}}
+
+
+async def test_qom_get_and_set(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice(max_size=4 * GiB, memaddr=0x240000000, node=1, memdev="/objects/ram1")
+    async with running(QmpServer({"vmem0": device}), path):
+        client = await RawClient.connect(path)
+        args = {"path": "vmem0", "property": "requested-size", "value": GiB}
+        assert await client.command("qom-set", args) == {"return": {}}
+        assert device.values["requested-size"] == GiB
+        for dev_path in ("vmem0", "/machine/peripheral/vmem0", "/machine/peripheral/vmem0/virtio-backend"):
+            reply = await client.command("qom-get", {"path": dev_path, "property": "requested-size"})
+            assert reply == {"return": GiB}
+        expected = {"size": 0, "block-size": 2 * MiB, "max-size": 4 * GiB, "memaddr": 0x240000000, "node": 1}
+        for prop, value in expected.items():
+            assert await client.command("qom-get", {"path": "vmem0", "property": prop}) == {"return": value}
+        assert await client.command("qom-get", {"path": "vmem0", "property": "memdev"}) == {"return": "/objects/ram1"}
+
+
+@pytest.mark.parametrize(
+    ("command", "arguments", "expected"),
+    [
+        ("qom-get", {"path": "vmem1", "property": "size"}, error("Device 'vmem1' not found", "DeviceNotFound")),
+        ("qom-list", {"path": "/machine/peripheral/x"}, error("Device '/machine/peripheral/x' not found", "DeviceNotFound")),
+        ("qom-get", {"path": "vmem0", "property": "foo"}, error("Property 'vmem0.foo' not found")),
+        ("qom-set", {"path": "vmem0", "property": "foo", "value": 1}, error("Property 'vmem0.foo' not found")),
+        ("qom-set", {"path": "vmem0", "property": "size", "value": 0}, error("Property 'vmem0.size' is not writable")),
+        (
+            "qom-set",
+            {"path": "vmem0", "property": "requested-size", "value": 3 * MiB},
+            error("'requested-size' has to be multiples of 'block-size' (0x200000)"),
+        ),
+        (
+            "qom-set",
+            {"path": "vmem0", "property": "requested-size", "value": 10 * GiB},
+            error("'requested-size' cannot exceed the memory backend size (0x200000000)"),
+        ),
+        (
+            "qom-set",
+            {"path": "vmem0", "property": "requested-size", "value": "1G"},
+            error("Parameter 'requested-size' expects uint64"),
+        ),
+    ],
+)
+async def test_device_errors_map_to_qmp_errors(
+    sock_dir: str, command: str, arguments: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice(requested_size=2 * MiB)
+    async with running(QmpServer({"vmem0": device}), path):
+        client = await RawClient.connect(path)
+        assert await client.command(command, arguments) == expected
+        assert device.values["requested-size"] == 2 * MiB
+        assert await client.command("qom-get", {"path": "vmem0", "property": "requested-size"}) == {"return": 2 * MiB}
+
+
+async def test_property_errors_without_a_message_get_qemu_texts(sock_dir: str) -> None:
+    class Terse(FakeDevice):
+        def qom_set(self, prop: str, value: Any) -> None:
+            raise PropertyReadOnly()
+
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": Terse()}), path):
+        client = await RawClient.connect(path)
+        reply = await client.command("qom-set", {"path": "vmem0", "property": "node", "value": 1})
+        assert reply == error("Property 'vmem0.node' is not writable")
+
+
+async def test_a_device_bug_is_an_internal_error_not_a_crash(sock_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    class Buggy(FakeDevice):
+        def qom_get(self, prop: str) -> Any:
+            if prop == "node":
+                raise RuntimeError("boom")
+            if prop == "memdev":
+                return object()  # not JSON
+            return super().qom_get(prop)
+
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": Buggy()}), path):
+        client = await RawClient.connect(path)
+        assert await client.command("qom-get", {"path": "vmem0", "property": "node"}, id=1) == error(
+            "Internal error: boom", id=1
+        )
+        reply = await client.command("qom-get", {"path": "vmem0", "property": "memdev"}, id=2)
+        assert reply["id"] == 2 and reply["error"]["desc"].startswith("Internal error: ")
+        assert await client.command("qom-get", {"path": "vmem0", "property": "size"}) == {"return": 0}
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+
+
+async def test_qom_list(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice()
+    async with running(QmpServer({"vmem0": device}), path):
+        client = await RawClient.connect(path)
+        reply = await client.command("qom-list", {"path": "/machine/peripheral/vmem0"})
+        assert reply == {"return": device.qom_list()}
+        names = {p["name"] for p in reply["return"]}
+        assert {"size", "requested-size", "block-size", "max-size", "memaddr", "node", "memdev"} <= names
+
+
+async def test_memory_device_queries_look_devices_up_at_command_time(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    devices: dict[str, FakeDevice] = {"vmem0": FakeDevice("vmem0", size=4 * MiB)}
+    async with running(QmpServer(devices), path):
+        client = await RawClient.connect(path)
+        devices["vmem1"] = FakeDevice("vmem1", size=6 * MiB, memaddr=0x340000000, node=1)
+        reply = await client.command("query-memory-devices")
+        assert reply == {
+            "return": [
+                {"type": "virtio-mem", "data": devices["vmem0"].memory_device_info()},
+                {"type": "virtio-mem", "data": devices["vmem1"].memory_device_info()},
+            ]
+        }
+        assert reply["return"][1]["data"] == {
+            "id": "vmem1",
+            "memaddr": 0x340000000,
+            "node": 1,
+            "requested-size": 0,
+            "size": 6 * MiB,
+            "max-size": 8 * GiB,
+            "block-size": 2 * MiB,
+            "memdev": "/objects/mem-vmem1",
+        }
+        assert await client.command("query-memory-size-summary") == {
+            "return": {"base-memory": 0, "plugged-memory": 10 * MiB}
+        }
+        assert await client.command("qom-get", {"path": "vmem1", "property": "node"}) == {"return": 1}
+
+
+async def test_query_commands_lists_what_works(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": FakeDevice()}), path):
+        client = await RawClient.connect(path)
+        names = [c["name"] for c in (await client.command("query-commands"))["return"]]
+        assert "quit" not in names
+        for name in ("qmp_capabilities", "query-version", "query-commands", "qom-get", "qom-set", "qom-list",
+                     "query-memory-devices", "query-memory-size-summary", "query-status"):
+            assert name in names
+        # Every listed command exists (none answers CommandNotFound).
+        for name in names:
+            reply = await client.command(name)
+            assert reply.get("error", {}).get("class") != "CommandNotFound" or name == "qmp_capabilities"
+
+
+async def test_refused_commands_are_logged(sock_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vfiouser_vmem.qmp")
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": FakeDevice()}), path):
+        client = await RawClient.connect(path)
+        await client.command("qom-get", {"path": "nope", "property": "size"})
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("'qom-get'" in line and "Device 'nope' not found" in line for line in lines), lines
+
+
+# ---------------------------------------------------------------------------
+# events
+
+
+async def test_size_change_event_shape_and_only_in_command_mode(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice()
+    async with running(QmpServer({"vmem0": device}), path):
+        ready = await RawClient.connect(path)
+        negotiating = await RawClient.connect(path, negotiate=False)
+        device.set_plugged_size(2 * MiB)
+        event = await ready.event()
+        assert event["event"] == "MEMORY_DEVICE_SIZE_CHANGE"
+        assert event["data"] == size_event(device, 2 * MiB)
+        assert set(event["timestamp"]) == {"seconds", "microseconds"}
+        assert 0 <= event["timestamp"]["microseconds"] < 1_000_000
+        assert abs(event["timestamp"]["seconds"] - time.time()) < 60
+        await negotiating.assert_nothing_pending()
+        assert await negotiating.command("qmp_capabilities") == {"return": {}}
+        await negotiating.assert_nothing_pending()
+
+
+async def test_rate_limit_first_at_once_then_the_final_size(sock_dir: str) -> None:
+    interval = 0.5
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice()
+    async with running(QmpServer({"vmem0": device}, event_interval_s=interval), path):
+        client = await RawClient.connect(path)
+        start = trio.current_time()
+        for i in range(1, 51):
+            device.set_plugged_size(i * 2 * MiB)
+        first = await client.event()
+        first_at = trio.current_time()
+        assert first["data"]["size"] == 2 * MiB
+        assert first_at - start < interval
+        second = await client.event()
+        second_at = trio.current_time()
+        assert second["data"]["size"] == 100 * MiB  # the final size, nothing in between
+        assert second_at - start >= interval * 0.9
+        # Sending the pending event opened a new window; it closes empty.
+        with trio.move_on_after(3 * interval):
+            extra = await client.recv()
+            pytest.fail(f"unexpected message {extra}")
+        # The window is closed: the next change goes out at once.
+        sent_at = trio.current_time()
+        device.set_plugged_size(0)
+        third = await client.event()
+        assert third["data"]["size"] == 0
+        assert trio.current_time() - sent_at < interval
+
+
+async def test_rate_limit_window_reopens_after_a_coalesced_event(sock_dir: str) -> None:
+    interval = 0.3
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice()
+    async with running(QmpServer({"vmem0": device}, event_interval_s=interval), path):
+        client = await RawClient.connect(path)
+        device.set_plugged_size(2 * MiB)
+        device.set_plugged_size(4 * MiB)
+        assert (await client.event())["data"]["size"] == 2 * MiB
+        assert (await client.event())["data"]["size"] == 4 * MiB
+        emitted_at = trio.current_time()
+        device.set_plugged_size(6 * MiB)  # inside the window opened at emitted_at
+        assert (await client.event())["data"]["size"] == 6 * MiB
+        assert trio.current_time() - emitted_at >= interval * 0.9
+
+
+async def test_rate_limit_is_per_device(sock_dir: str) -> None:
+    interval = 1.0
+    path = os.path.join(sock_dir, "q")
+    a, b = FakeDevice("vmem0"), FakeDevice("vmem1")
+    async with running(QmpServer({"vmem0": a, "vmem1": b}, event_interval_s=interval), path):
+        client = await RawClient.connect(path)
+        start = trio.current_time()
+        a.set_plugged_size(2 * MiB)
+        b.set_plugged_size(4 * MiB)
+        a.set_plugged_size(6 * MiB)
+        assert (await client.event())["data"] == size_event(a, 2 * MiB)
+        assert (await client.event())["data"] == size_event(b, 4 * MiB)
+        assert trio.current_time() - start < interval
+        assert (await client.event())["data"] == size_event(a, 6 * MiB)
+        assert trio.current_time() - start >= interval * 0.9
+
+
+async def test_events_from_another_thread(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice()
+    async with running(QmpServer({"vmem0": device}, event_interval_s=0), path):
+        client = await RawClient.connect(path)
+        await trio.to_thread.run_sync(device.set_plugged_size, 8 * MiB)
+        assert (await client.event())["data"] == size_event(device, 8 * MiB)
+
+
+async def test_add_device_subscribes_now_or_at_serve(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    devices: dict[str, FakeDevice] = {}
+    server = QmpServer(devices, event_interval_s=0)
+    early = FakeDevice("early")
+    server.add_device(early)
+    assert early.listener_count == 0  # not serving yet
+    with pytest.raises(ValueError, match="Duplicate ID 'early'"):
+        server.add_device(FakeDevice("early"))
+    async with running(server, path):
+        assert early.listener_count == 1
+        client = await RawClient.connect(path)
+        late = FakeDevice("late")
+        server.add_device(late)
+        assert late.listener_count == 1
+        server.add_device(late)  # idempotent
+        assert late.listener_count == 1
+        late.set_plugged_size(2 * MiB)
+        early.set_plugged_size(4 * MiB)
+        assert (await client.event())["data"] == size_event(late, 2 * MiB)
+        assert (await client.event())["data"] == size_event(early, 4 * MiB)
+        ids = [d["data"]["id"] for d in (await client.command("query-memory-devices"))["return"]]
+        assert ids == ["early", "late"]
+    assert early.listener_count == 0 and late.listener_count == 0
+
+
+async def test_a_client_that_stops_reading_does_not_block_others(
+    sock_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice(max_size=1 << 50)
+    server = QmpServer({"vmem0": device}, event_interval_s=0, max_queued_messages=8)
+
+    def stuck_client_dropped() -> bool:
+        return any("not reading" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+    async with running(server, path):
+        stuck = await RawClient.connect(path)  # never reads again
+        reader = await RawClient.connect(path)
+        size = 0
+        while not stuck_client_dropped():
+            size += 1
+            assert size < 100_000, "the stuck client was never dropped"
+            device.set_plugged_size(size)
+            assert (await reader.event())["data"]["size"] == size
+        for _ in range(50):  # the others keep getting everything
+            size += 1
+            device.set_plugged_size(size)
+            assert (await reader.event())["data"]["size"] == size
+        assert await reader.command("query-status") == {"return": {"status": "running", "running": True}}
+        # The stuck client gets what was already sent (the last message may
+        # be cut short), then end of file.
+        lines = (await stuck.read_to_eof()).split(b"\n")[:-1]
+        assert len(lines) > 8
+        assert [json.loads(line)["data"]["size"] for line in lines] == list(range(1, len(lines) + 1))
+
+
+async def test_client_disconnects_are_harmless(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice()
+    async with running(QmpServer({"vmem0": device}, event_interval_s=0), path):
+        gone = await RawClient.connect(path)
+        await gone.send(b'{"execute": "query-status"}{"execute": "qom-get", "arg')
+        await gone.aclose()
+        other = await RawClient.connect(path)
+        device.set_plugged_size(2 * MiB)
+        assert (await other.event())["data"]["size"] == 2 * MiB
+        assert await other.command("query-status") == {"return": {"status": "running", "running": True}}
+
+
+# ---------------------------------------------------------------------------
+# the socket
+
+
+async def test_socket_mode_and_removal_on_cancel(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice()
+    server = QmpServer({"vmem0": device})
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, path)
+            st = os.lstat(path)
+            assert stat.S_ISSOCK(st.st_mode)
+            assert stat.S_IMODE(st.st_mode) == 0o600
+            assert device.listener_count == 1
+            client = await RawClient.connect(path)
+            scope.cancel()
+    assert not os.path.lexists(path)
+    assert device.listener_count == 0
+    assert await client.read_to_eof() == b""
+    # And it can serve again on the same path.
+    async with running(server, path):
+        await RawClient.connect(path)
+
+
+async def test_refuses_a_path_that_is_not_a_socket(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    Path(path).write_text("precious")
+    with pytest.raises(QmpSocketInUse, match="not a socket") as info:
+        await QmpServer({}).serve(path)
+    assert isinstance(info.value, FileExistsError)
+    assert Path(path).read_text() == "precious"
+    os.unlink(path)
+    os.mkdir(path)
+    with pytest.raises(QmpSocketInUse):
+        await QmpServer({}).serve(path)
+    assert os.path.isdir(path)
+
+
+async def test_refuses_a_socket_someone_listens_on(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({}), path):
+        with pytest.raises(QmpSocketInUse, match="already listening"):
+            await QmpServer({}).serve(path)
+        client = await RawClient.connect(path)  # the first server is unharmed
+        assert await client.command("query-status") == {"return": {"status": "running", "running": True}}
+
+
+async def test_replaces_a_stale_socket(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()  # left behind, nobody listening
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    async with running(QmpServer({}), path):
+        client = await RawClient.connect(path)
+        assert await client.command("query-status") == {"return": {"status": "running", "running": True}}
+
+
+async def test_serve_twice_at_once_is_an_error(sock_dir: str) -> None:
+    server = QmpServer({})
+    async with running(server, os.path.join(sock_dir, "a")):
+        with pytest.raises(RuntimeError, match="already serving"):
+            await server.serve(os.path.join(sock_dir, "b"))
+    assert not os.path.lexists(os.path.join(sock_dir, "b"))
+
+
+# ---------------------------------------------------------------------------
+# QEMU's own client tools
+
+
+async def test_qemu_qmp_client(sock_dir: str) -> None:
+    from qemu.qmp import ExecuteError, QMPClient
+
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice(max_size=4 * GiB)
+    other = FakeDevice("vmem1", size=2 * MiB)
+    async with running(QmpServer({"vmem0": device, "vmem1": other}, event_interval_s=1.0), path):
+
+        async def session() -> list[dict[str, Any]]:
+            qmp = QMPClient("vfiouser-vmem-test")
+            await qmp.connect(path)
+            try:
+                assert qmp.greeting is not None
+                assert qmp.greeting.QMP.version["qemu"] == {"major": 11, "minor": 1, "micro": 0}
+                assert await qmp.execute(
+                    "qom-set", {"path": "vmem0", "property": "requested-size", "value": GiB}
+                ) == {}
+                assert await qmp.execute("qom-get", {"path": "vmem0", "property": "requested-size"}) == GiB
+                with pytest.raises(ExecuteError) as info:
+                    await qmp.execute("qom-set", {"path": "vmem0", "property": "requested-size", "value": 3 * MiB})
+                assert info.value.error_class == "GenericError"
+                assert str(info.value) == "'requested-size' has to be multiples of 'block-size' (0x200000)"
+                with pytest.raises(ExecuteError) as info:
+                    await qmp.execute("qom-get", {"path": "nope", "property": "size"})
+                assert info.value.error_class == "DeviceNotFound"
+                with pytest.raises(ExecuteError) as info:
+                    await qmp.execute("quit")
+                assert info.value.error_class == "CommandNotFound"
+                devices = await qmp.execute("query-memory-devices")
+                assert [d["data"]["id"] for d in devices] == ["vmem0", "vmem1"]
+                assert devices[0]["data"]["requested-size"] == GiB
+
+                received = []
+                with qmp.listener("MEMORY_DEVICE_SIZE_CHANGE") as listener:
+                    # The "guest" plugs memory in steps; the trio side runs the device.
+                    for step in range(1, 9):
+                        trio.from_thread.run_sync(device.set_plugged_size, step * 128 * MiB)
+                    while True:
+                        event = await asyncio.wait_for(listener.get(), TIMEOUT)
+                        received.append(dict(event))
+                        if event["data"]["size"] == GiB:
+                            break
+                summary = await qmp.execute("query-memory-size-summary")
+                assert summary == {"base-memory": 0, "plugged-memory": GiB + 2 * MiB}
+                return received
+            finally:
+                await qmp.disconnect()
+
+        events = await trio.to_thread.run_sync(lambda: asyncio.run(session()))
+    assert [e["data"]["size"] for e in events] == [128 * MiB, GiB]
+    assert events[-1]["data"] == size_event(device, GiB)
+    assert set(events[-1]["timestamp"]) == {"seconds", "microseconds"}
+
+
+async def test_qmp_shell(sock_dir: str) -> None:
+    shell = Path(sys.executable).parent / "qmp-shell"
+    if not shell.exists():
+        pytest.skip("qemu.qmp did not install qmp-shell")
+    path = os.path.join(sock_dir, "q")
+    device = FakeDevice(size=4 * MiB)
+    async with running(QmpServer({"vmem0": device}), path):
+        commands = (
+            "query-memory-devices\n"
+            "qom-set path=vmem0 property=requested-size value=1073741824\n"
+            "qom-get path=/machine/peripheral/vmem0 property=requested-size\n"
+            "qom-get path=vmem0 property=nope\n"
+        )
+        env = dict(os.environ, HOME=sock_dir)  # qmp-shell keeps a history file there
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [str(shell), path], stdin=commands.encode(), capture_stdout=True, capture_stderr=True, env=env
+            )
+    out = result.stdout.decode()
+    assert result.returncode == 0, (out, result.stderr.decode())
+    assert "Connected to QEMU 11.1.0" in out
+    replies = [json.loads(line[line.index("{"):]) for line in out.splitlines() if "{" in line]
+    assert replies == [
+        {"return": [{"type": "virtio-mem", "data": FakeDevice(size=4 * MiB).memory_device_info()}]},
+        {"return": {}},
+        {"return": GiB},
+        error("Property 'vmem0.nope' not found"),
+    ]
+    assert device.values["requested-size"] == GiB

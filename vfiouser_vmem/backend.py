@@ -1,0 +1,62 @@
+"""The memory backend: the host memory behind the device's memory BAR.
+
+A memfd (or a hugetlb memfd) owned by the server, sized to the whole BAR and
+sparse: nothing is allocated until the guest touches plugged memory (DESIGN.md
+section 2, "Plug is lazy").  The same fd is exported to QEMU as the mmap-able
+BAR, so punching a hole frees the pages in both processes at once.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from vfiouser_vmem import blocks
+from vfiouser_vmem.device import DiscardFailed
+
+MIB = 1 << 20
+
+
+class MemfdBackend:
+    """A sparse memfd of ``size_bytes``, mapped shared in this process too
+    (for guest buffers that lie in the device's own memory)."""
+
+    def __init__(self, size_bytes: int, *, name: str = "vfiouser-vmem", hugetlb: bool = False) -> None:
+        flags = os.MFD_CLOEXEC
+        if hugetlb:
+            flags |= os.MFD_HUGETLB
+        self.size_bytes = size_bytes
+        self.hugetlb = hugetlb
+        self.fd = os.memfd_create(name, flags)
+        try:
+            os.ftruncate(self.fd, size_bytes)
+            self._map = mmap.mmap(self.fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self._map)
+
+    @property
+    def page_size_bytes(self) -> int:
+        """The granularity a discard can free: the THP size for ordinary
+        memory (DESIGN.md section 3), the huge page size for hugetlb."""
+        if self.hugetlb:
+            return os.fstatvfs(self.fd).f_bsize
+        return 2 * MIB
+
+    def discard(self, offset_bytes: int, length_bytes: int) -> None:
+        try:
+            blocks.discard(self.fd, offset_bytes, length_bytes)
+        except blocks.DiscardError as exc:
+            raise DiscardFailed(str(exc)) from exc
+
+    def allocated_bytes(self) -> int:
+        """Host memory in use: the honest measure (st_blocks * 512)."""
+        return blocks.allocated_bytes(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.view.release()
+            self._map.close()
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,813 @@
+"""The QMP control plane: QEMU's Machine Protocol on a UNIX socket, on trio.
+
+Speaks the same JSON as QEMU (docs/interop/qmp-spec.rst) for the things this
+device does, so that QEMU's own tools (``qemu.qmp``'s ``QMPClient``,
+``qmp-shell``) drive it unchanged (DESIGN.md section 6).
+
+Session
+    On connect the server sends a greeting ``{"QMP": {"version": {"qemu":
+    {"major": 11, "minor": 1, "micro": 0}, "package": "vfiouser-vmem X.Y.Z"},
+    "capabilities": []}}``.  The QEMU version numbers are the QEMU release
+    whose QMP this mimics; our own version is in ``package``.  The session
+    starts in capabilities negotiation mode, where only ``qmp_capabilities``
+    is accepted (anything else gets class ``CommandNotFound``, desc
+    "Expecting capabilities negotiation with 'qmp_capabilities'", as QEMU
+    says); after it, command mode.  No capability is offered (no ``oob``).
+
+Commands (command mode)
+    ``qmp_capabilities`` (refused once negotiated, as QEMU does),
+    ``query-version``, ``query-commands``, ``query-status`` (always
+    ``{"status": "running", "running": true}``), ``qom-get``, ``qom-set``,
+    ``qom-list``, ``query-memory-devices``, ``query-memory-size-summary``
+    (``base-memory`` is 0: this process owns no boot memory).  There is no
+    ``quit``: the server stops on SIGTERM/SIGINT.
+
+    A device is named, in ``path``, by its id (``vmem0``), by QEMU's
+    ``/machine/peripheral/<id>``, or by its ``qom_path`` (the path its
+    MEMORY_DEVICE_SIZE_CHANGE events carry).  Devices are looked up when each
+    command runs, so devices added to the mapping later are found.
+
+Framing
+    Input is a JSON *stream*: objects may follow each other with or without
+    whitespace, and one may arrive split over many reads; the server splits
+    the stream on JSON structure, never on lines.  Every message the server
+    sends is one line of JSON ending with ``"\\n"``.  A reply carries the
+    ``id`` member of the command it answers whenever the command had one
+    (any JSON value).
+
+Errors
+    Every error is ``{"error": {"class": ..., "desc": ...}}`` (plus ``id``)
+    and leaves the connection usable.  The texts are QEMU's where QEMU has
+    one: "JSON parse error, ...", "QMP input must be a JSON object", "QMP
+    input lacks member 'execute'", "QMP input member 'execute' must be a
+    string", "QMP input member 'x' is unexpected", "The command x has not
+    been found" (class ``CommandNotFound``), "Parameter 'x' is missing",
+    "Parameter 'x' is unexpected", "Invalid parameter type for 'x',
+    expected: string", "Device 'x' not found" (class ``DeviceNotFound``).
+    Errors the device raises map to ``GenericError`` with the exception's
+    message as desc: ``control.PropertyNotFound`` (default text "Property
+    '<id>.<prop>' not found"), ``control.PropertyReadOnly`` (default
+    "Property '<id>.<prop>' is not writable"), ``ValueError``, ``TypeError``.
+    Any other exception from a device is a bug: it is logged with its
+    traceback and answered with a GenericError "Internal error: ...".
+
+Limits
+    A single input message may be at most ``max_message_bytes`` (default 1
+    MiB) and nest at most 1024 levels.  When a message grows past the size
+    limit the server answers at once with the error "JSON message size limit
+    exceeded (1048576 bytes)", drops what it buffered and discards the rest
+    of that message as it arrives (it keeps following the JSON structure, so
+    it resynchronises on the next message); the connection stays open.
+    Memory per client is therefore bounded by the limit plus one read.
+
+    Each client has a bounded queue of outgoing messages
+    (``max_queued_messages``, default 256).  Replies wait for room (the
+    client that does not read its replies only stalls itself); an event that
+    finds a client's queue full disconnects that client, with a WARNING log
+    line, so that a stuck client never delays anyone else.
+
+Events
+    ``MEMORY_DEVICE_SIZE_CHANGE`` ``{"id", "size", "qom-path"}`` with a
+    ``{"seconds", "microseconds"}`` timestamp (the time of the change), sent
+    to every client in command mode.  The server subscribes to each device's
+    ``add_size_listener`` when ``serve`` starts, and to devices given to
+    :meth:`QmpServer.add_device` later.  A listener call may come from the
+    trio thread running ``serve`` or from any other thread (it is then handed
+    to the trio thread with ``TrioToken.run_sync_soon``); it never blocks.
+
+    Rate limiting follows QEMU's monitor (monitor/monitor.c): at most one
+    event per ``event_interval_s`` (default 1 s) per device.  The first event
+    goes out at once and opens a window; changes inside the window are
+    coalesced, and when the window ends the latest of them is sent (opening
+    a new window).  The final size is therefore always delivered, at most
+    one interval late.  QEMU keys the limiter on ``qom-path``; we key it on
+    the device id, which is the same thing here since ids are unique.
+    ``event_interval_s=0`` disables the limiter.
+
+Socket
+    ``serve(path)`` creates the socket with mode 0600.  If ``path`` exists it
+    refuses to start with :class:`QmpSocketInUse` (a ``FileExistsError``)
+    unless it is a stale socket nobody listens on, which it removes.  On exit
+    (cancellation included) it removes the socket file, if that is still the
+    one it created.
+
+Logging goes to the ``vfiouser_vmem.qmp`` logger: INFO for each refused
+command (what and why), WARNING for clients disconnected for not reading.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import socket as _stdlib_socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from . import __version__
+from .control import ControlledDevice, PropertyNotFound, PropertyReadOnly
+
+__all__ = [
+    "QEMU_VERSION",
+    "QmpServer",
+    "QmpSocketInUse",
+]
+
+log = logging.getLogger("vfiouser_vmem.qmp")
+
+#: The QEMU release whose QMP we mimic, reported in the greeting and
+#: ``query-version`` (tools gate features on it).
+QEMU_VERSION = (11, 1, 0)
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+MAX_NESTING = 1024
+DEFAULT_MAX_QUEUED_MESSAGES = 256
+#: After a client closed its sending side, how long we keep trying to deliver
+#: replies still queued for it.
+_DRAIN_TIMEOUT_S = 5.0
+_READ_SIZE = 65536
+_SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"
+
+
+class QmpSocketInUse(FileExistsError):
+    """``serve``'s path exists and is not a stale socket: refusing to start."""
+
+
+class _QmpError(Exception):
+    """A command failed; becomes ``{"error": {"class": ..., "desc": ...}}``."""
+
+    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+# ---------------------------------------------------------------------------
+# Incremental JSON stream splitting
+
+
+class _Oversize:
+    """Marker the splitter yields for a message it had to discard."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+
+
+class _ParseError:
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+
+
+_WS = b" \t\r\n"
+_STRUCT_RE = re.compile(rb'[{}\[\]"]')
+_STRING_RE = re.compile(rb'["\\]')
+_TOKEN_END_RE = re.compile(rb'[\s{}\[\]",:]')
+_NON_WS_RE = re.compile(rb"[^ \t\r\n]")
+
+_IDLE, _STRUCT, _TOKEN = 0, 1, 2
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"invalid keyword '{name}'")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key '{key}'")
+        result[key] = value
+    return result
+
+
+def _parse_message(segment: bytes, bare_token: bool) -> Any:
+    """Parse one complete JSON text; returns the value or a _ParseError."""
+    try:
+        text = segment.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _ParseError(f"JSON parse error, invalid UTF-8 sequence at byte {exc.start}")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        if bare_token:
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            return _ParseError(f"JSON parse error, invalid keyword '{shown}'")
+        msg = exc.msg[:1].lower() + exc.msg[1:]
+        return _ParseError(f"JSON parse error, {msg} at line {exc.lineno} column {exc.colno}")
+    except (ValueError, RecursionError) as exc:
+        return _ParseError(f"JSON parse error, {exc}")
+
+
+class _JsonStreamSplitter:
+    """Split a byte stream into JSON texts by following their structure.
+
+    Like QEMU's json-streamer: brace/bracket nesting and strings are tracked
+    so that a message is complete when its outermost value closes, whatever
+    whitespace (or none) surrounds it.  Each complete text is then parsed
+    with the ``json`` module.  ``feed`` returns parsed values, _ParseError or
+    _Oversize items, in stream order.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._buf = bytearray()
+        self._scan = 0
+        self._mode = _IDLE
+        self._depth = 0
+        self._in_string = False
+        self._skipping = False
+
+    def _reset(self) -> None:
+        self._scan = 0
+        self._mode = _IDLE
+        self._depth = 0
+        self._in_string = False
+
+    def _oversize(self) -> _Oversize:
+        return _Oversize(f"JSON message size limit exceeded ({self.max_bytes} bytes)")
+
+    def _complete(self, end: int, out: list[Any]) -> None:
+        segment = bytes(self._buf[:end])
+        bare = self._mode == _TOKEN
+        del self._buf[:end]
+        self._reset()
+        if self._skipping:
+            self._skipping = False
+            return
+        if len(segment) > self.max_bytes:
+            out.append(self._oversize())
+            return
+        out.append(_parse_message(segment, bare))
+
+    def feed(self, data: bytes) -> list[Any]:
+        out: list[Any] = []
+        buf = self._buf
+        buf += data
+        while True:
+            if self._mode == _IDLE:
+                m = _NON_WS_RE.search(buf)
+                if m is None:
+                    buf.clear()
+                    break
+                del buf[: m.start()]
+                c = buf[0:1]
+                if c in (b"{", b"["):
+                    self._mode, self._depth, self._scan = _STRUCT, 1, 1
+                elif c == b'"':
+                    self._mode, self._depth, self._scan = _STRUCT, 0, 1
+                    self._in_string = True
+                elif c in (b"}", b"]", b",", b":"):
+                    del buf[:1]
+                    if self._skipping:  # cannot happen: skipping ends with a message
+                        continue
+                    out.append(_ParseError(f"JSON parse error, stray '{c.decode()}'"))
+                    continue
+                else:
+                    self._mode, self._scan = _TOKEN, 0
+            if self._in_string:
+                m = _STRING_RE.search(buf, self._scan)
+                if m is None:
+                    self._scan = len(buf)
+                    break
+                if m.group() == b"\\":
+                    if m.end() >= len(buf):  # the escaped character has not arrived
+                        self._scan = m.start()
+                        break
+                    self._scan = m.end() + 1
+                    continue
+                self._in_string = False
+                self._scan = m.end()
+                if self._depth == 0:
+                    self._complete(self._scan, out)
+                continue
+            if self._mode == _STRUCT:
+                m = _STRUCT_RE.search(buf, self._scan)
+                if m is None:
+                    self._scan = len(buf)
+                    break
+                self._scan = m.end()
+                c = m.group()
+                if c == b'"':
+                    self._in_string = True
+                elif c in (b"{", b"["):
+                    self._depth += 1
+                    if self._depth > MAX_NESTING and not self._skipping:
+                        out.append(_ParseError("JSON nesting depth limit exceeded"))
+                        self._start_skipping()
+                else:
+                    self._depth -= 1
+                    if self._depth == 0:
+                        self._complete(self._scan, out)
+                continue
+            # _TOKEN: a bare scalar at top level, ends at a delimiter.
+            m = _TOKEN_END_RE.search(buf, self._scan)
+            if m is None:
+                self._scan = len(buf)
+                break
+            self._complete(m.start(), out)
+        # Out of data in the middle of a message.
+        if self._mode != _IDLE:
+            if self._skipping:
+                del buf[: self._scan]
+                self._scan = 0
+            elif len(buf) > self.max_bytes:
+                out.append(self._oversize())
+                self._start_skipping()
+        return out
+
+    def _start_skipping(self) -> None:
+        """Drop what is buffered of the current message; keep following its
+        structure so that its remainder is discarded as it arrives."""
+        self._skipping = True
+        del self._buf[: self._scan]
+        self._scan = 0
+
+
+# ---------------------------------------------------------------------------
+# Argument checking, with QEMU's error texts
+
+
+@dataclass(frozen=True)
+class _Arg:
+    name: str
+    kind: str  # "str", "any" or "capabilities"
+    required: bool = True
+
+
+_COMMAND_ARGS: dict[str, tuple[_Arg, ...]] = {
+    "qmp_capabilities": (_Arg("enable", "capabilities", required=False),),
+    "query-version": (),
+    "query-commands": (),
+    "query-status": (),
+    "qom-get": (_Arg("path", "str"), _Arg("property", "str")),
+    "qom-set": (_Arg("path", "str"), _Arg("property", "str"), _Arg("value", "any")),
+    "qom-list": (_Arg("path", "str"),),
+    "query-memory-devices": (),
+    "query-memory-size-summary": (),
+}
+
+#: The capabilities QEMU knows (QMPCapability); we offer none of them.
+_KNOWN_CAPABILITIES = ("oob",)
+
+
+def _check_arguments(command: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Validate like QEMU's generated marshallers: members in schema order
+    (missing, then wrong type), then members nobody asked for."""
+    checked: dict[str, Any] = {}
+    for arg in _COMMAND_ARGS[command]:
+        if arg.name not in arguments:
+            if arg.required:
+                raise _QmpError(f"Parameter '{arg.name}' is missing")
+            continue
+        value = arguments[arg.name]
+        if arg.kind == "str" and not isinstance(value, str):
+            raise _QmpError(f"Invalid parameter type for '{arg.name}', expected: string")
+        if arg.kind == "capabilities":
+            if not isinstance(value, list):
+                raise _QmpError(f"Invalid parameter type for '{arg.name}', expected: array")
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise _QmpError(f"Invalid parameter type for '{arg.name}[{i}]', expected: string")
+                if item not in _KNOWN_CAPABILITIES:
+                    raise _QmpError(f"Parameter '{arg.name}[{i}]' does not accept value '{item}'")
+        checked[arg.name] = value
+    for name in arguments:
+        if name not in checked:
+            raise _QmpError(f"Parameter '{name}' is unexpected")
+    return checked
+
+
+# ---------------------------------------------------------------------------
+# Server
+
+
+@dataclass(eq=False)
+class _Client:
+    number: int
+    stream: trio.SocketStream
+    send_channel: trio.MemorySendChannel
+    receive_channel: trio.MemoryReceiveChannel
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    command_mode: bool = False
+
+    def queue_nowait(self, data: bytes) -> bool:
+        """Queue without waiting; False when the queue is full."""
+        try:
+            self.send_channel.send_nowait(data)
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        return True
+
+
+@dataclass
+class _Throttle:
+    """One device's rate-limit window (QEMU's MonitorQAPIEventState)."""
+
+    deadline: float
+    pending: dict[str, Any] | None = None
+
+
+def _encode(message: Mapping[str, Any]) -> bytes:
+    return (json.dumps(message, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _timestamp() -> dict[str, int]:
+    now_us = time.time_ns() // 1000
+    return {"seconds": now_us // 1_000_000, "microseconds": now_us % 1_000_000}
+
+
+class QmpServer:
+    """QMP server for a set of devices; run it with :meth:`serve`.
+
+    ``devices`` maps device id to device; it is read at every command, so the
+    caller may add devices to it later (call :meth:`add_device` so that their
+    size changes become events).
+    """
+
+    def __init__(
+        self,
+        devices: Mapping[str, ControlledDevice],
+        *,
+        version: str = __version__,
+        event_interval_s: float = 1.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+    ) -> None:
+        if event_interval_s < 0:
+            raise ValueError("event_interval_s must be >= 0")
+        if max_message_bytes < 1 or max_queued_messages < 1:
+            raise ValueError("max_message_bytes and max_queued_messages must be >= 1")
+        self._devices = devices
+        self._extra_devices: dict[str, ControlledDevice] = {}
+        self.version = version
+        self.event_interval_s = event_interval_s
+        self.max_message_bytes = max_message_bytes
+        self.max_queued_messages = max_queued_messages
+
+        self._serving = False
+        self._nursery: trio.Nursery | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+        self._trio_thread: int | None = None
+        self._unsubscribe: dict[str, Callable[[], None]] = {}
+        self._throttles: dict[str, _Throttle] = {}
+        self._clients: set[_Client] = set()  # clients in command mode
+        self._next_client = 1
+
+    # -- devices ------------------------------------------------------------
+
+    def _iter_devices(self) -> Iterator[ControlledDevice]:
+        yield from self._devices.values()
+        for dev_id, device in list(self._extra_devices.items()):
+            if dev_id not in self._devices:
+                yield device
+
+    def _find_by_id(self, dev_id: str) -> ControlledDevice | None:
+        device = self._devices.get(dev_id)
+        return device if device is not None else self._extra_devices.get(dev_id)
+
+    def _resolve(self, path: str) -> ControlledDevice:
+        for device in self._iter_devices():
+            if path in (device.id, f"/machine/peripheral/{device.id}", device.qom_path):
+                return device
+        raise _QmpError(f"Device '{path}' not found", "DeviceNotFound")
+
+    def add_device(self, device: ControlledDevice) -> None:
+        """Make ``device`` known (if the mapping lacks it) and turn its size
+        changes into events, now if serving or else when ``serve`` starts."""
+        known = self._find_by_id(device.id)
+        if known is not None and known is not device:
+            raise ValueError(f"Duplicate ID '{device.id}' for device")
+        if known is None:
+            self._extra_devices[device.id] = device
+        if self._serving:
+            self._subscribe(device)
+
+    def _subscribe(self, device: ControlledDevice) -> None:
+        if device.id in self._unsubscribe:
+            return
+
+        def listener(size: int) -> None:
+            self._size_changed_from_any_thread(device, size)
+
+        self._unsubscribe[device.id] = device.add_size_listener(listener)
+
+    def _unsubscribe_all(self) -> None:
+        for dev_id, remove in list(self._unsubscribe.items()):
+            try:
+                remove()
+            except Exception:
+                log.exception("removing the size listener of device %s failed", dev_id)
+        self._unsubscribe.clear()
+
+    # -- events ------------------------------------------------------------
+
+    def _size_changed_from_any_thread(self, device: ControlledDevice, size: int) -> None:
+        if not self._serving or self._trio_token is None:
+            return
+        if threading.get_ident() == self._trio_thread:
+            self._size_changed(device, size, _timestamp())
+            return
+        try:
+            self._trio_token.run_sync_soon(self._size_changed, device, size, _timestamp())
+        except trio.RunFinishedError:
+            pass
+
+    def _size_changed(self, device: ControlledDevice, size: int, timestamp: dict[str, int]) -> None:
+        if not self._serving or self._nursery is None:
+            return
+        event = {
+            "event": _SIZE_CHANGE_EVENT,
+            "data": {"id": device.id, "size": size, "qom-path": device.qom_path},
+            "timestamp": timestamp,
+        }
+        if self.event_interval_s <= 0:
+            self._broadcast(event)
+            return
+        throttle = self._throttles.get(device.id)
+        if throttle is not None:
+            throttle.pending = event  # coalesce: only the latest survives
+            return
+        self._broadcast(event)
+        throttle = _Throttle(deadline=trio.current_time() + self.event_interval_s)
+        self._throttles[device.id] = throttle
+        self._nursery.start_soon(self._throttle_window, device.id, throttle)
+
+    async def _throttle_window(self, dev_id: str, throttle: _Throttle) -> None:
+        """End of a rate-limit window: send the pending event and open a new
+        window, or close the window when nothing is pending."""
+        try:
+            while True:
+                await trio.sleep_until(throttle.deadline)
+                if throttle.pending is None:
+                    return
+                event, throttle.pending = throttle.pending, None
+                self._broadcast(event)
+                throttle.deadline = trio.current_time() + self.event_interval_s
+        finally:
+            if self._throttles.get(dev_id) is throttle:
+                del self._throttles[dev_id]
+
+    def _broadcast(self, message: Mapping[str, Any]) -> None:
+        data = _encode(message)
+        for client in list(self._clients):
+            if not client.queue_nowait(data):
+                log.warning(
+                    "QMP client %d is not reading (%d messages queued): disconnecting it",
+                    client.number,
+                    self.max_queued_messages,
+                )
+                self._clients.discard(client)
+                client.cancel_scope.cancel()
+
+    # -- serving -------------------------------------------------------------
+
+    async def serve(self, path: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on the UNIX socket ``path`` and serve clients until
+        cancelled; ``task_status.started()`` once connections are accepted."""
+        if self._serving:
+            raise RuntimeError("this QmpServer is already serving")
+        path = os.fspath(path)
+        await _claim_socket_path(path)
+        sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+        identity: tuple[int, int] | None = None
+        try:
+            # On Linux, bind() gives the new inode the socket's own mode (less
+            # the umask): no window where the socket file is world-accessible.
+            os.fchmod(sock.fileno(), 0o600)
+            try:
+                await sock.bind(path)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise QmpSocketInUse(errno.EEXIST, "QMP socket path is already in use", path) from exc
+                raise
+            st = os.lstat(path)
+            identity = (st.st_dev, st.st_ino)
+            os.chmod(path, 0o600)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            if identity is not None:
+                _remove_if_same(path, identity)
+            raise
+
+        listener = trio.SocketListener(sock)
+        self._serving = True
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
+        log.info("QMP listening on %s", path)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for device in list(self._iter_devices()):
+                    self._subscribe(device)
+                task_status.started()
+                await trio.serve_listeners(self._handle_client, [listener], handler_nursery=nursery)
+        finally:
+            self._serving = False
+            self._nursery = None
+            self._unsubscribe_all()
+            self._throttles.clear()
+            self._clients.clear()
+            sock.close()
+            log.info("QMP stopped listening on %s", path)
+
+    async def _handle_client(self, stream: trio.SocketStream) -> None:
+        send_channel, receive_channel = trio.open_memory_channel[bytes](self.max_queued_messages)
+        client = _Client(self._next_client, stream, send_channel, receive_channel)
+        self._next_client += 1
+        log.debug("QMP client %d connected", client.number)
+        try:
+            async with stream:
+                with client.cancel_scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._write_loop, client)
+                        client.queue_nowait(_encode(self._greeting()))
+                        await self._read_loop(client)
+                        # The client closed its side: no more events for it;
+                        # give the replies still queued a chance to go out.
+                        self._clients.discard(client)
+                        send_channel.close()
+                        nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_TIMEOUT_S
+        except Exception:
+            # A bug must not take the server down with it (serve_listeners
+            # would propagate it): log it and drop this client only.
+            log.exception("QMP client %d: internal error, closing the connection", client.number)
+        finally:
+            self._clients.discard(client)
+            send_channel.close()
+            receive_channel.close()
+            log.debug("QMP client %d disconnected", client.number)
+
+    async def _write_loop(self, client: _Client) -> None:
+        try:
+            async for data in client.receive_channel:
+                await client.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            client.cancel_scope.cancel()
+
+    async def _read_loop(self, client: _Client) -> None:
+        splitter = _JsonStreamSplitter(self.max_message_bytes)
+        while True:
+            try:
+                data = await client.stream.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            for item in splitter.feed(data):
+                if isinstance(item, (_ParseError, _Oversize)):
+                    log.info("QMP client %d: refused input: %s", client.number, item.desc)
+                    reply = _encode({"error": {"class": "GenericError", "desc": item.desc}})
+                else:
+                    reply = self._dispatch(client, item)
+                try:
+                    await client.send_channel.send(reply)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _dispatch(self, client: _Client, request: Any) -> bytes:
+        """Run one request; return its encoded reply (with the request's id)."""
+        has_id = isinstance(request, dict) and "id" in request
+        execute = request.get("execute") if isinstance(request, dict) else None
+        what = f"command {execute!r}" if isinstance(execute, str) else "a malformed request"
+        try:
+            name, arguments = self._check_request(request)
+            if not client.command_mode and name != "qmp_capabilities":
+                raise _QmpError("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound")
+            if name not in _COMMAND_ARGS:
+                raise _QmpError(f"The command {name} has not been found", "CommandNotFound")
+            checked = _check_arguments(name, arguments)
+            result = self._run(client, name, checked)
+            reply: dict[str, Any] = {"return": result}
+            if has_id:
+                reply["id"] = request["id"]
+            return _encode(reply)  # raises if a device returned something JSON cannot carry
+        except _QmpError as exc:
+            log.info("QMP client %d: refused %s: %s", client.number, what, exc.desc)
+            reply = {"error": {"class": exc.error_class, "desc": exc.desc}}
+        except Exception as exc:
+            log.exception("QMP client %d: %s failed", client.number, what)
+            reply = {"error": {"class": "GenericError", "desc": f"Internal error: {exc}"}}
+        if has_id:
+            reply["id"] = request["id"]
+        return _encode(reply)
+
+    @staticmethod
+    def _check_request(request: Any) -> tuple[str, dict[str, Any]]:
+        """QEMU's qmp_dispatch_check_obj, in its order."""
+        if not isinstance(request, dict):
+            raise _QmpError("QMP input must be a JSON object")
+        for key, value in request.items():
+            if key == "execute":
+                if not isinstance(value, str):
+                    raise _QmpError("QMP input member 'execute' must be a string")
+            elif key == "arguments":
+                if not isinstance(value, dict):
+                    raise _QmpError("QMP input member 'arguments' must be an object")
+            elif key != "id":
+                raise _QmpError(f"QMP input member '{key}' is unexpected")
+        if "execute" not in request:
+            raise _QmpError("QMP input lacks member 'execute'")
+        return request["execute"], request.get("arguments", {})
+
+    def _greeting(self) -> dict[str, Any]:
+        return {"QMP": {"version": self._version_info(), "capabilities": []}}
+
+    def _version_info(self) -> dict[str, Any]:
+        major, minor, micro = QEMU_VERSION
+        return {
+            "qemu": {"major": major, "minor": minor, "micro": micro},
+            "package": f"vfiouser-vmem {self.version}",
+        }
+
+    def _run(self, client: _Client, name: str, args: dict[str, Any]) -> Any:
+        if name == "qmp_capabilities":
+            if client.command_mode:
+                raise _QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
+            if args.get("enable"):
+                raise _QmpError(f"Capability {', '.join(args['enable'])} not available")
+            client.command_mode = True
+            self._clients.add(client)
+            return {}
+        if name == "query-version":
+            return self._version_info()
+        if name == "query-commands":
+            return [{"name": command} for command in _COMMAND_ARGS]
+        if name == "query-status":
+            return {"status": "running", "running": True}
+        if name == "query-memory-devices":
+            return [{"type": "virtio-mem", "data": device.memory_device_info()} for device in self._iter_devices()]
+        if name == "query-memory-size-summary":
+            plugged = sum(int(device.memory_device_info()["size"]) for device in self._iter_devices())
+            return {"base-memory": 0, "plugged-memory": plugged}
+        device = self._resolve(args["path"])
+        if name == "qom-list":
+            return device.qom_list()
+        prop = args["property"]
+        try:
+            if name == "qom-get":
+                return device.qom_get(prop)
+            device.qom_set(prop, args["value"])
+            return {}
+        except PropertyNotFound as exc:
+            raise _QmpError(str(exc) or f"Property '{device.id}.{prop}' not found") from exc
+        except PropertyReadOnly as exc:
+            raise _QmpError(str(exc) or f"Property '{device.id}.{prop}' is not writable") from exc
+        except (ValueError, TypeError) as exc:
+            raise _QmpError(str(exc) or f"Invalid value for property '{device.id}.{prop}'") from exc
+
+
+# ---------------------------------------------------------------------------
+# Socket path handling
+
+
+async def _claim_socket_path(path: str) -> None:
+    """Make ``path`` free for bind(): fine if absent, removed if it is a
+    socket nobody listens on, QmpSocketInUse otherwise."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise QmpSocketInUse(errno.EEXIST, "QMP socket path exists and is not a socket; refusing to replace it", path)
+    probe = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+    try:
+        await probe.connect(path)
+    except ConnectionRefusedError:
+        # Stale: left by a server that died. Remove it if it is still the
+        # same file (another server may have just replaced it).
+        _remove_if_same(path, (st.st_dev, st.st_ino))
+        log.info("removed stale QMP socket %s", path)
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError as exc:  # listening, with a full backlog
+        raise QmpSocketInUse(errno.EEXIST, "a server is already listening on this QMP socket", path) from exc
+    finally:
+        probe.close()
+    raise QmpSocketInUse(errno.EEXIST, "a server is already listening on this QMP socket", path)
+
+
+def _remove_if_same(path: str, identity: tuple[int, int] | None) -> None:
+    if identity is None:
+        return
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove QMP socket %s: %s", path, exc)

@@ -1,0 +1,338 @@
+"""The device server: vfio-user endpoints, memory backends, control plane.
+
+One trio task per device waits on its vfio-user socket, lets libvfio-user
+handle the client's messages (``VfuContext.run``), then processes the
+virtqueue; the QMP server runs beside them.  Everything runs on the trio
+thread, so guest-memory views are never used across a DMA unmap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from vfiouser_vmem import __version__
+from vfiouser_vmem.backend import MemfdBackend
+from vfiouser_vmem.blocks import RangeState
+from vfiouser_vmem.control import PropertyNotFound, PropertyReadOnly
+from vfiouser_vmem.device import VirtioMemDevice
+from vfiouser_vmem.sizes import format_size
+from vfiouser_vmem.vfu import (
+    CAP_FLAG_READONLY,
+    ConnectionLost,
+    DmaRegion,
+    IrqType,
+    PciType,
+    Region,
+    RegionFlag,
+    ResetType,
+    VfuContext,
+    VfuError,
+)
+from vfiouser_vmem import virtio_pci as vp
+
+log = logging.getLogger("vfiouser_vmem.server")
+
+PROT_WRITE = 2  # vfio-user DMA_MAP prot bit (as mmap's PROT_WRITE)
+
+
+@dataclass
+class DeviceConfig:
+    """One device, in QEMU's vocabulary (``-device virtio-mem-pci,...``)."""
+
+    socket: str
+    size_bytes: int
+    block_size_bytes: int = 2 << 20
+    requested_size_bytes: int = 0
+    id: str = "vmem0"
+    node: int | None = None
+    memdev: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.memdev:
+            self.memdev = f"mem-{self.id}"
+
+
+class SocketPathInUse(Exception):
+    """The socket path exists and is not a stale socket."""
+
+
+def claim_socket_path(path: str) -> None:
+    """Refuse a path that exists and is not a socket, or a socket someone is
+    listening on; remove a stale socket (a previous run killed hard)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathInUse(f"{path} exists and is not a socket; refusing to replace it")
+    import socket as _socket
+
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise SocketPathInUse(f"{path} is a socket another process is listening on")
+
+
+class DeviceServer:
+    """One virtio-mem PCI function on one vfio-user socket."""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self.log = logging.LoggerAdapter(log, {})
+        self.bar_size = vp.memory_bar_size(config.size_bytes)
+        self.backend = MemfdBackend(self.bar_size, name=f"vfiouser-vmem:{config.id}")
+        self.clients_total = 0
+        self.connected = False
+        try:
+            self.model = VirtioMemDevice(
+                region_size_bytes=config.size_bytes,
+                block_size_bytes=config.block_size_bytes,
+                requested_size_bytes=config.requested_size_bytes,
+                node_id=config.node,
+                page_size_bytes=self.backend.page_size_bytes,
+                discard=self.backend.discard,
+                name=config.id,
+            )
+            claim_socket_path(config.socket)
+            self.ctx = VfuContext(config.socket, logger=logging.getLogger(f"vfiouser_vmem.vfu.{config.id}"))
+        except BaseException:
+            self.backend.close()
+            raise
+        try:
+            os.chmod(config.socket, 0o600)
+            self._setup_pci()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup_pci(self) -> None:
+        ctx = self.ctx
+        ctx.pci_init(PciType.CONVENTIONAL, vp.PCI_REVISION_MODERN)
+        ctx.set_pci_id(vp.PCI_VENDOR_ID_REDHAT_QUMRANET, vp.PCI_DEVICE_ID_VIRTIO_MEM,
+                       vp.PCI_VENDOR_ID_REDHAT_QUMRANET, vp.PCI_SUBSYSTEM_ID_QEMU)
+        ctx.set_pci_class(vp.PCI_CLASS_OTHERS, 0, 0)
+        cfg = ctx.config_space()
+        # BAR2 is a 64-bit prefetchable memory BAR; BAR3 is its upper half
+        # (libvfio-user patch 0002 keeps these type bits).
+        bar2 = vp.PCI_BASE_ADDRESS_0 + 4 * Region.BAR2
+        cfg[bar2:bar2 + 4] = (vp.PCI_BASE_ADDRESS_MEM_TYPE_64 | vp.PCI_BASE_ADDRESS_MEM_PREFETCH).to_bytes(4, "little")
+        ctx.setup_region(Region.BAR0, vp.BAR0_SIZE, self._bar0_access, RegionFlag.RW | RegionFlag.MEM)
+        ctx.setup_region(Region.BAR1, vp.BAR1_SIZE, self._bar1_access, RegionFlag.RW | RegionFlag.MEM)
+        ctx.setup_region(Region.BAR2, self.bar_size, self._bar2_access, RegionFlag.RW | RegionFlag.MEM,
+                         fd=self.backend.fd)
+        msix_at = ctx.add_capability(
+            vp.msix_cap(vp.MSIX_VECTORS, Region.BAR1, vp.MSIX_TABLE_OFFSET, Region.BAR1, vp.MSIX_PBA_OFFSET)
+        )
+        for cap in (
+            vp.virtio_pci_cap(vp.VIRTIO_PCI_CAP_COMMON_CFG, 0, vp.COMMON_CFG_OFFSET, vp.COMMON_CFG_SIZE),
+            vp.virtio_pci_cap(vp.VIRTIO_PCI_CAP_ISR_CFG, 0, vp.ISR_OFFSET, vp.ISR_SIZE),
+            vp.virtio_pci_cap(vp.VIRTIO_PCI_CAP_DEVICE_CFG, 0, vp.DEVICE_CFG_OFFSET, 0x38),
+            vp.virtio_pci_cap(vp.VIRTIO_PCI_CAP_NOTIFY_CFG, 0, vp.NOTIFY_OFFSET,
+                              vp.NOTIFY_OFF_MULTIPLIER * vp.NUM_QUEUES,
+                              vp.NOTIFY_OFF_MULTIPLIER.to_bytes(4, "little")),
+        ):
+            ctx.add_capability(cap, flags=CAP_FLAG_READONLY)
+        ctx.setup_irqs(IrqType.MSIX, vp.MSIX_VECTORS)
+        self.transport = vp.VirtioPciTransport(
+            self.model,
+            config_space=ctx.config_space,
+            trigger=ctx.irq_trigger,
+            memory_bar_index=Region.BAR2,
+            msix_cap_offset=msix_at,
+            name=self.config.id,
+        )
+        ctx.on_reset = self._reset
+        ctx.on_dma_register = self._dma_register
+        ctx.on_dma_unregister = self._dma_unregister
+        ctx.realize()
+
+    # -- region callbacks (quick: the vCPU waits for the reply) -------------
+    def _bar0_access(self, offset: int, buf: memoryview, is_write: bool) -> None:
+        self.transport.bar0_access(offset, buf, is_write)
+
+    def _bar1_access(self, offset: int, buf: memoryview, is_write: bool) -> None:
+        self.transport.bar1_access(offset, buf, is_write)
+
+    def _bar2_access(self, offset: int, buf: memoryview, is_write: bool) -> None:
+        # QEMU's slow path (the BAR not mmap'd, or a QEMU-emulated device
+        # reaching into it).  Only plugged memory may be written: a write to
+        # unplugged memory would make the host allocate it again.
+        end = offset + len(buf)
+        if end > self.config.size_bytes:
+            if is_write:
+                raise ValueError(f"write beyond the device's {format_size(self.config.size_bytes)}")
+            buf[:] = bytes(len(buf))
+            return
+        if is_write:
+            bs = self.model.block_size
+            first = offset // bs
+            if self.model.bitmap.range_state(first, (end - 1) // bs - first + 1) != RangeState.PLUGGED:
+                raise PermissionError(f"write to unplugged memory at offset {offset:#x}")
+            self.backend.view[offset:end] = buf
+        else:
+            buf[:] = self.backend.view[offset:end]
+
+    # -- DMA ------------------------------------------------------------
+    def _dma_register(self, region: DmaRegion) -> None:
+        view = region.view()
+        if view is not None:
+            self.transport.memory.add(region.iova, region.length, view)
+            return
+        bar_addr = self.transport.memory_bar_addr
+        if bar_addr and bar_addr <= region.iova and region.iova + region.length <= bar_addr + self.bar_size:
+            # QEMU maps the device's own BAR back to us without an fd
+            # (DESIGN.md section 2); reach it through our own mapping.
+            start = region.iova - bar_addr
+            self.transport.memory.add(region.iova, region.length, self.backend.view[start:start + region.length])
+            return
+        why = (f"guest memory {region.iova:#x}-{region.iova + region.length:#x} was mapped without a file "
+               "descriptor, so this server cannot reach it: start QEMU with shared guest RAM "
+               "(-object memory-backend-memfd,id=ram0,size=...,share=on -machine memory-backend=ram0)")
+        # Read-only mappings without an fd are QEMU's ROMs (BIOS, option
+        # ROMs): no virtio buffer lives there.  Writable ones are guest RAM.
+        level = logging.ERROR if region.prot & PROT_WRITE else logging.DEBUG
+        self.log.log(level, "%s: %s", self.config.id, why)
+        self.transport.memory.add(region.iova, region.length, None, why)
+
+    def _dma_unregister(self, region: DmaRegion) -> None:
+        self.transport.memory.remove(region.iova, region.length)
+
+    # -- resets ---------------------------------------------------------
+    def _reset(self, reset_type: ResetType) -> None:
+        plugged = self.model.plugged_size
+        if reset_type == ResetType.LOST_CONN:
+            self.transport.memory.clear()
+        self.transport.system_reset()
+        self.log.info("%s: %s reset: unplugged and discarded %s", self.config.id, reset_type.name,
+                      format_size(plugged) if plugged else "nothing")
+
+    # -- main loop --------------------------------------------------------
+    async def run(self) -> None:
+        cid = self.config.id
+        while True:
+            while not self.ctx.attach():
+                await trio.lowlevel.wait_readable(self.ctx.poll_fd)
+            self.clients_total += 1
+            self.connected = True
+            self.log.info("%s: vfio-user client %d connected on %s", cid, self.clients_total, self.config.socket)
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(self.ctx.poll_fd)
+                    self.ctx.run()
+                    self.transport.process_queue()
+            except ConnectionLost as exc:
+                self.log.info("%s: vfio-user client %d disconnected (%s); waiting for the next one",
+                              cid, self.clients_total, exc)
+            except VfuError as exc:
+                self.log.error("%s: vfio-user client %d dropped: %s", cid, self.clients_total, exc)
+            finally:
+                self.connected = False
+
+    def close(self) -> None:
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None:
+            ctx.close()
+        self.backend.close()
+
+
+class ControlledVmem:
+    """A DeviceServer as the control plane sees it (control.ControlledDevice)."""
+
+    _READ_ONLY = ("size", "block-size", "max-size", "memaddr", "node", "memdev")
+
+    def __init__(self, server: DeviceServer) -> None:
+        self.server = server
+        self.id = server.config.id
+        self.qom_path = f"/machine/peripheral/{self.id}/virtio-backend"
+
+    def _props(self) -> dict[str, tuple[str, Callable[[], Any]]]:
+        m = self.server.model
+        return {
+            "size": ("size", lambda: m.plugged_size),
+            "requested-size": ("size", lambda: m.requested_size),
+            "block-size": ("size", lambda: m.block_size),
+            "max-size": ("size", lambda: m.region_size),
+            "memaddr": ("uint64", lambda: self.server.transport.memory_bar_addr),
+            "node": ("uint32", lambda: m.node_id or 0),
+            "memdev": ("link<memory-backend>", lambda: f"/objects/{self.server.config.memdev}"),
+        }
+
+    def qom_get(self, prop: str) -> Any:
+        props = self._props()
+        if prop not in props:
+            raise PropertyNotFound(f"Property '{self.id}.{prop}' not found")
+        return props[prop][1]()
+
+    def qom_set(self, prop: str, value: Any) -> None:
+        if prop == "requested-size":
+            if isinstance(value, str):
+                from vfiouser_vmem.sizes import parse_size
+
+                value = parse_size(value)
+            old = self.server.model.requested_size
+            self.server.model.set_requested_size(value)
+            log.info("%s: requested-size %s -> %s", self.id, format_size(old), format_size(value))
+            return
+        if prop in self._props():
+            raise PropertyReadOnly(f"Property '{self.id}.{prop}' is read-only")
+        raise PropertyNotFound(f"Property '{self.id}.{prop}' not found")
+
+    def qom_list(self) -> list[dict[str, str]]:
+        return [{"name": name, "type": typ} for name, (typ, _) in self._props().items()]
+
+    def memory_device_info(self) -> dict[str, Any]:
+        m = self.server.model
+        return {
+            "id": self.id,
+            "memaddr": self.server.transport.memory_bar_addr,
+            "node": m.node_id or 0,
+            "requested-size": m.requested_size,
+            "size": m.plugged_size,
+            "max-size": m.region_size,
+            "block-size": m.block_size,
+            "memdev": f"/objects/{self.server.config.memdev}",
+        }
+
+    def add_size_listener(self, listener: Callable[[int], None]) -> Callable[[], None]:
+        listeners = self.server.model.size_listeners
+        listeners.append(listener)
+        return lambda: listeners.remove(listener) if listener in listeners else None
+
+
+async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[], None] | None = None) -> None:
+    """Run the devices and the QMP server until SIGTERM/SIGINT."""
+    from vfiouser_vmem.qmp import QmpServer
+
+    servers: list[DeviceServer] = []
+    try:
+        for config in configs:
+            servers.append(DeviceServer(config))
+        controlled = {s.config.id: ControlledVmem(s) for s in servers}
+        qmp = QmpServer(controlled, version=__version__)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(qmp.serve, qmp_path)
+                for s in servers:
+                    nursery.start_soon(s.run)
+                if ready is not None:
+                    ready()
+                async for signum in signals:
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        for s in servers:
+            s.close()

@@ -1,0 +1,335 @@
+"""Thin binding to libvfio-user (cffi API mode, module ``_vfu``).
+
+One ``VfuContext`` is one vfio-user server endpoint (a UNIX socket) serving
+one PCI function.  The binding adds no policy: it turns C callbacks into
+Python callables, C error returns into exceptions with the errno and the
+call that failed, and the library's log into the ``logging`` module.
+
+Callbacks run synchronously inside ``run()`` (in ``vfu_run_ctx``), on the
+caller's thread.  They must be quick and must not touch guest memory for
+long: a region access keeps QEMU's vCPU waiting for the reply (DESIGN.md
+section 2: never process the virtqueue inside a region callback).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from vfiouser_vmem._vfu import ffi, lib
+
+log = logging.getLogger("vfiouser_vmem.vfu")
+
+# syslog levels (libvfio-user logs with them) -> logging levels.
+_SYSLOG_TO_LOGGING = {
+    0: logging.CRITICAL, 1: logging.CRITICAL, 2: logging.CRITICAL, 3: logging.ERROR,
+    4: logging.WARNING, 5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG,
+}
+_LOGGING_TO_SYSLOG = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class Region(enum.IntEnum):
+    BAR0 = lib.VFU_PCI_DEV_BAR0_REGION_IDX
+    BAR1 = lib.VFU_PCI_DEV_BAR1_REGION_IDX
+    BAR2 = lib.VFU_PCI_DEV_BAR2_REGION_IDX
+    BAR3 = lib.VFU_PCI_DEV_BAR3_REGION_IDX
+    BAR4 = lib.VFU_PCI_DEV_BAR4_REGION_IDX
+    BAR5 = lib.VFU_PCI_DEV_BAR5_REGION_IDX
+    ROM = lib.VFU_PCI_DEV_ROM_REGION_IDX
+    CONFIG = lib.VFU_PCI_DEV_CFG_REGION_IDX
+    VGA = lib.VFU_PCI_DEV_VGA_REGION_IDX
+    MIGRATION = lib.VFU_PCI_DEV_MIGR_REGION_IDX
+
+
+class RegionFlag(enum.IntFlag):
+    READ = lib.VFU_REGION_FLAG_READ
+    WRITE = lib.VFU_REGION_FLAG_WRITE
+    RW = lib.VFU_REGION_FLAG_RW
+    MEM = lib.VFU_REGION_FLAG_MEM
+    ALWAYS_CB = lib.VFU_REGION_FLAG_ALWAYS_CB
+
+
+class IrqType(enum.IntEnum):
+    INTX = lib.VFU_DEV_INTX_IRQ
+    MSI = lib.VFU_DEV_MSI_IRQ
+    MSIX = lib.VFU_DEV_MSIX_IRQ
+    ERR = lib.VFU_DEV_ERR_IRQ
+    REQ = lib.VFU_DEV_REQ_IRQ
+
+
+class ResetType(enum.IntEnum):
+    #: The client asked for a device reset (QEMU: at start, on guest reboot).
+    DEVICE = lib.VFU_RESET_DEVICE
+    #: The client's connection is gone (QEMU exited or was killed).
+    LOST_CONN = lib.VFU_RESET_LOST_CONN
+    #: Function level reset.
+    PCI_FLR = lib.VFU_RESET_PCI_FLR
+
+
+class PciType(enum.IntEnum):
+    CONVENTIONAL = lib.VFU_PCI_TYPE_CONVENTIONAL
+    EXPRESS = lib.VFU_PCI_TYPE_EXPRESS
+
+
+CAP_FLAG_READONLY = lib.VFU_CAP_FLAG_READONLY
+CAP_FLAG_CALLBACK = lib.VFU_CAP_FLAG_CALLBACK
+CAP_FLAG_EXTENDED = lib.VFU_CAP_FLAG_EXTENDED
+
+
+class VfuError(OSError):
+    """A libvfio-user call failed; ``errno`` is the library's."""
+
+
+class ConnectionLost(Exception):
+    """The vfio-user client went away; ``attach()`` waits for the next one."""
+
+
+@dataclass(frozen=True)
+class DmaRegion:
+    """A DMA mapping the client (QEMU) registered: guest memory at ``iova``.
+
+    ``vaddr`` is where libvfio-user mapped the client's fd in this process,
+    or 0 when the client sent no fd (QEMU does that for memory it cannot
+    share: guest RAM without ``share=on``, and the device's own BARs).
+    """
+
+    iova: int
+    length: int
+    vaddr: int
+    prot: int
+
+    def view(self) -> memoryview | None:
+        """The mapped guest memory, valid until the region is unregistered."""
+        if not self.vaddr:
+            return None
+        return memoryview(ffi.buffer(ffi.cast("char *", self.vaddr), self.length))
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ffi.errno
+        raise VfuError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+# A region access callback gets (offset, buffer, is_write); it fills the
+# buffer on reads and raises to refuse the access.
+RegionAccess = Callable[[int, memoryview, bool], None]
+
+
+class VfuContext:
+    """A libvfio-user context: one socket, one PCI function."""
+
+    def __init__(self, socket_path: str, *, logger: logging.Logger | None = None) -> None:
+        self.socket_path = socket_path
+        self.log = logger or log
+        self._handle = ffi.new_handle(self)
+        self._region_access: dict[int, RegionAccess] = {}
+        self._keepalive: list[object] = []
+        self.on_reset: Callable[[ResetType], None] | None = None
+        self.on_dma_register: Callable[[DmaRegion], None] | None = None
+        self.on_dma_unregister: Callable[[DmaRegion], None] | None = None
+        ctx = lib.vfu_create_ctx(
+            lib.VFU_TRANS_SOCK, socket_path.encode(), lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._handle, lib.VFU_DEV_TYPE_PCI
+        )
+        if ctx == ffi.NULL:
+            err = ffi.errno
+            raise VfuError(err, f"cannot create a vfio-user context on {socket_path}: {os.strerror(err)}")
+        self._ctx = ctx
+        level = _LOGGING_TO_SYSLOG.get(self.log.getEffectiveLevel(), 6)
+        _check(lib.vfu_setup_log(ctx, lib.vfu_py_log, level), "vfu_setup_log")
+        _check(lib.vfu_setup_device_reset_cb(ctx, lib.vfu_py_reset), "vfu_setup_device_reset_cb")
+        _check(
+            lib.vfu_setup_device_dma(ctx, lib.vfu_py_dma_register, lib.vfu_py_dma_unregister), "vfu_setup_device_dma"
+        )
+
+    # -- PCI -------------------------------------------------------------
+    def pci_init(self, pci_type: PciType = PciType.CONVENTIONAL, revision: int = 0) -> None:
+        _check(lib.vfu_pci_init(self._ctx, pci_type, lib.PCI_HEADER_TYPE_NORMAL, revision), "vfu_pci_init")
+        self._config_size = 256 if pci_type == PciType.CONVENTIONAL else 4096
+
+    def set_pci_id(self, vendor_id: int, device_id: int, subsys_vendor_id: int, subsys_id: int) -> None:
+        lib.vfu_pci_set_id(self._ctx, vendor_id, device_id, subsys_vendor_id, subsys_id)
+
+    def set_pci_class(self, base: int, sub: int, prog_if: int) -> None:
+        lib.vfu_pci_set_class(self._ctx, base, sub, prog_if)
+
+    def config_space(self) -> memoryview:
+        """The library's copy of config space; QEMU's config reads are served
+        from it, and its writes land in it."""
+        ptr = ffi.cast("char *", lib.vfu_pci_get_config_space(self._ctx))
+        return memoryview(ffi.buffer(ptr, self._config_size))
+
+    def add_capability(self, data: bytes, *, pos: int = 0, flags: int = 0) -> int:
+        """Add a PCI capability (the library links it in); returns its offset."""
+        buf = ffi.from_buffer(bytearray(data))
+        return _check(lib.vfu_pci_add_capability(self._ctx, pos, flags, buf), "vfu_pci_add_capability")
+
+    # -- regions ---------------------------------------------------------
+    def setup_region(
+        self,
+        region: Region,
+        size_bytes: int,
+        access: RegionAccess | None,
+        flags: RegionFlag,
+        *,
+        fd: int = -1,
+        fd_offset: int = 0,
+    ) -> None:
+        """Declare a region; with ``fd`` the whole region is mmap-able by the client."""
+        cb = ffi.NULL
+        if access is not None:
+            self._region_access[int(region)] = access
+            cb = getattr(lib, f"vfu_py_region{int(region)}")
+        _check(
+            lib.vfu_setup_region(self._ctx, region, size_bytes, cb, int(flags), ffi.NULL, 0, fd, fd_offset),
+            f"vfu_setup_region({region.name}, {size_bytes:#x})",
+        )
+
+    # -- interrupts ------------------------------------------------------
+    def setup_irqs(self, irq_type: IrqType, count: int) -> None:
+        _check(lib.vfu_setup_device_nr_irqs(self._ctx, irq_type, count), f"vfu_setup_device_nr_irqs({irq_type.name})")
+
+    def irq_trigger(self, vector: int) -> None:
+        _check(lib.vfu_irq_trigger(self._ctx, vector), f"vfu_irq_trigger({vector})")
+
+    # -- life cycle ------------------------------------------------------
+    def realize(self) -> None:
+        _check(lib.vfu_realize_ctx(self._ctx), "vfu_realize_ctx")
+
+    def attach(self) -> bool:
+        """Accept a client if one is waiting; False when none is (yet)."""
+        if lib.vfu_attach_ctx(self._ctx) == 0:
+            return True
+        err = ffi.errno
+        if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return False
+        raise VfuError(err, f"vfu_attach_ctx: {os.strerror(err)}")
+
+    @property
+    def poll_fd(self) -> int:
+        """The fd to wait on: the listening socket before ``attach()``, the
+        client's connection after."""
+        return _check(lib.vfu_get_poll_fd(self._ctx), "vfu_get_poll_fd")
+
+    def run(self) -> int:
+        """Handle every message the client has sent; returns how many."""
+        ret = lib.vfu_run_ctx(self._ctx)
+        if ret >= 0:
+            return ret
+        err = ffi.errno
+        if err in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
+            raise ConnectionLost(os.strerror(err))
+        raise VfuError(err, f"vfu_run_ctx: {os.strerror(err)}")
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            lib.vfu_destroy_ctx(self._ctx)
+            self._ctx = None
+            # libvfio-user (0b28d20) leaves its socket file behind.
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> VfuContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _context(vfu_ctx) -> VfuContext:
+    return ffi.from_handle(lib.vfu_get_private(vfu_ctx))
+
+
+@ffi.def_extern()
+def vfu_py_log(vfu_ctx, level, msg):
+    try:
+        _context(vfu_ctx).log.log(_SYSLOG_TO_LOGGING.get(level, logging.INFO), "libvfio-user: %s", ffi.string(msg).decode(errors="replace").rstrip())
+    except Exception:  # never let a log line take the server down
+        log.exception("libvfio-user log callback failed")
+
+
+@ffi.def_extern()
+def vfu_py_reset(vfu_ctx, reset_type):
+    ctx = _context(vfu_ctx)
+    try:
+        if ctx.on_reset is not None:
+            ctx.on_reset(ResetType(reset_type))
+        return 0
+    except Exception:
+        ctx.log.exception("reset (%s) failed", ResetType(reset_type).name)
+        ffi.errno = errno.EIO
+        return -1
+
+
+def _dma_region(info) -> DmaRegion:
+    return DmaRegion(
+        iova=int(ffi.cast("uintptr_t", info.iova.iov_base)),
+        length=int(info.iova.iov_len),
+        vaddr=int(ffi.cast("uintptr_t", info.vaddr)),
+        prot=int(info.prot),
+    )
+
+
+@ffi.def_extern()
+def vfu_py_dma_register(vfu_ctx, info):
+    ctx = _context(vfu_ctx)
+    try:
+        if ctx.on_dma_register is not None:
+            ctx.on_dma_register(_dma_region(info))
+    except Exception:
+        ctx.log.exception("DMA register callback failed")
+
+
+@ffi.def_extern()
+def vfu_py_dma_unregister(vfu_ctx, info):
+    ctx = _context(vfu_ctx)
+    try:
+        if ctx.on_dma_unregister is not None:
+            ctx.on_dma_unregister(_dma_region(info))
+    except Exception:
+        ctx.log.exception("DMA unregister callback failed")
+
+
+@ffi.def_extern()
+def vfu_py_irq_state(vfu_ctx, start, count, mask):  # pragma: no cover - not used yet
+    return None
+
+
+def _make_region_callback(index: int):
+    def callback(vfu_ctx, buf, count, offset, is_write):
+        ctx = _context(vfu_ctx)
+        access = ctx._region_access.get(index)
+        try:
+            if access is None:
+                raise ValueError("no handler")
+            access(int(offset), memoryview(ffi.buffer(buf, count)), bool(is_write))
+            return count
+        except Exception as exc:
+            # A refused access: the client gets an error reply, nothing changes.
+            level = logging.WARNING if isinstance(exc, (ValueError, PermissionError)) else logging.ERROR
+            ctx.log.log(
+                level,
+                "refused %s of %d bytes at %s+%#x: %s",
+                "write" if is_write else "read",
+                count,
+                Region(index).name,
+                offset,
+                exc,
+                exc_info=level == logging.ERROR,
+            )
+            ffi.errno = errno.EINVAL
+            return -1
+
+    callback.__name__ = f"vfu_py_region{index}"
+    ffi.def_extern(name=callback.__name__)(callback)
+
+
+for _index in range(lib.VFU_PCI_DEV_NUM_REGIONS):
+    _make_region_callback(_index)

@@ -1,0 +1,180 @@
+"""Guest memory as the device sees it (DMA mappings) and the split virtqueue.
+
+Guest memory is reached through the DMA mappings QEMU registers over
+vfio-user.  Mappings change only inside ``VfuContext.run()``; everything here
+runs between two ``run()`` calls, so a view taken here is never used after
+its mapping is gone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from dataclasses import dataclass, field
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class GuestMemoryError(Exception):
+    """A guest address the device cannot reach."""
+
+
+@dataclass(order=True)
+class _Mapping:
+    iova: int
+    length: int = field(compare=False)
+    buffer: memoryview | None = field(compare=False)
+    why_unreachable: str = field(default="", compare=False)
+
+
+class GuestMemory:
+    """The client's DMA mappings, looked up by guest physical address."""
+
+    def __init__(self) -> None:
+        self._mappings: list[_Mapping] = []
+
+    def __len__(self) -> int:
+        return len(self._mappings)
+
+    def add(self, iova: int, length: int, buffer: memoryview | None, why_unreachable: str = "") -> None:
+        """Register a mapping; ``buffer`` None marks memory the device cannot
+        reach, ``why_unreachable`` says why (shown when the guest uses it)."""
+        if buffer is not None and len(buffer) < length:
+            raise ValueError(f"mapping at {iova:#x}: buffer of {len(buffer)} bytes for {length} bytes")
+        self.remove(iova, length)
+        bisect.insort(self._mappings, _Mapping(iova, length, buffer, why_unreachable))
+
+    def remove(self, iova: int, length: int) -> None:
+        self._mappings = [m for m in self._mappings if not (m.iova == iova and m.length == length)]
+
+    def clear(self) -> None:
+        self._mappings.clear()
+
+    def _find(self, addr: int) -> _Mapping:
+        i = bisect.bisect_right(self._mappings, _Mapping(addr, 0, None)) - 1
+        if i >= 0:
+            m = self._mappings[i]
+            if m.iova <= addr < m.iova + m.length:
+                if m.buffer is None:
+                    raise GuestMemoryError(f"guest address {addr:#x}: {m.why_unreachable}")
+                return m
+        raise GuestMemoryError(f"guest address {addr:#x} is not in any DMA mapping")
+
+    def _chunks(self, addr: int, length: int):
+        if addr < 0 or length < 0 or addr + length > 1 << 64:
+            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} overflows")
+        while length > 0:
+            m = self._find(addr)
+            start = addr - m.iova
+            n = min(length, m.length - start)
+            yield m.buffer[start : start + n]
+            addr += n
+            length -= n
+
+    def read(self, addr: int, length: int) -> bytes:
+        return b"".join(bytes(chunk) for chunk in self._chunks(addr, length))
+
+    def write(self, addr: int, data: bytes) -> None:
+        pos = 0
+        for chunk in self._chunks(addr, len(data)):
+            chunk[:] = data[pos : pos + len(chunk)]
+            pos += len(chunk)
+
+    def read_u16(self, addr: int) -> int:
+        return _U16.unpack(self.read(addr, 2))[0]
+
+
+class QueueError(Exception):
+    """The driver broke the virtqueue rules (virtio spec 2.7): the device
+    needs a reset."""
+
+
+@dataclass
+class Chain:
+    """One descriptor chain: what the driver wrote, where the device writes."""
+
+    head: int
+    readable: bytes
+    writable: list[tuple[int, int]]  # (guest address, length)
+
+    @property
+    def writable_bytes(self) -> int:
+        return sum(length for _, length in self.writable)
+
+
+class SplitQueue:
+    """A split virtqueue (virtio spec 2.7), device side."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.enabled = False
+        self.msix_vector = 0xFFFF
+        self.desc_addr = 0
+        self.driver_addr = 0
+        self.device_addr = 0
+        self.last_avail_idx = 0
+        self.used_idx = 0
+
+    def _avail_idx(self, mem: GuestMemory) -> int:
+        return mem.read_u16(self.driver_addr + 2)
+
+    def interrupts_suppressed(self, mem: GuestMemory) -> bool:
+        return bool(mem.read_u16(self.driver_addr) & VRING_AVAIL_F_NO_INTERRUPT)
+
+    def pop(self, mem: GuestMemory, max_readable: int = 4096) -> Chain | None:
+        """The next available chain, or None when the driver offered none."""
+        avail_idx = self._avail_idx(mem)
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise QueueError(f"avail idx {avail_idx} is {pending} ahead of the device, more than the queue size {self.size}")
+        slot = self.last_avail_idx % self.size
+        head = mem.read_u16(self.driver_addr + 4 + 2 * slot)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        readable = bytearray()
+        writable: list[tuple[int, int]] = []
+        index = head
+        for _ in range(self.size):
+            if index >= self.size:
+                raise QueueError(f"descriptor index {index} is beyond the queue size {self.size}")
+            addr, length, flags, nxt = _DESC.unpack(mem.read(self.desc_addr + 16 * index, 16))
+            if flags & VRING_DESC_F_INDIRECT:
+                raise QueueError("indirect descriptor, but VIRTIO_RING_F_INDIRECT_DESC was not offered")
+            if flags & VRING_DESC_F_WRITE:
+                writable.append((addr, length))
+            else:
+                if writable:
+                    raise QueueError("a device-readable descriptor follows a device-writable one")
+                if len(readable) < max_readable:
+                    readable += mem.read(addr, min(length, max_readable - len(readable)))
+            if not flags & VRING_DESC_F_NEXT:
+                return Chain(head, bytes(readable), writable)
+            index = nxt
+        raise QueueError(f"descriptor chain from head {head} is longer than the queue (a loop?)")
+
+    def push(self, mem: GuestMemory, chain: Chain, response: bytes) -> None:
+        """Write ``response`` into the chain's writable buffers and return it
+        to the driver (the used element before the used index: spec 2.7.8)."""
+        pos = 0
+        for addr, length in chain.writable:
+            if pos >= len(response):
+                break
+            part = response[pos : pos + length]
+            mem.write(addr, part)
+            pos += len(part)
+        slot = self.used_idx % self.size
+        mem.write(self.device_addr + 4 + 8 * slot, _USED_ELEM.pack(chain.head, pos))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        mem.write(self.device_addr + 2, _U16.pack(self.used_idx))
