@@ -157,15 +157,20 @@ class VmemServer:
         """The backend memfd's allocated bytes, read from the server's fds:
         the host's own view of the memory in use."""
         fd_dir = Path(f"/proc/{self.proc.pid}/fd")
-        total = 0
+        blocks_by_inode: dict[int, int] = {}
         for fd in fd_dir.iterdir():
             try:
                 target = os.readlink(fd)
+                st = os.stat(fd)
             except OSError:
                 continue
-            if target.startswith(f"/memfd:vfiouser-vmem:{self.id}"):
-                total += os.stat(fd).st_blocks * 512
-        return total
+            # The same memfd can be open more than once (libvfio-user keeps
+            # its own fd of the region): count each file once.
+            if target.startswith(f"/memfd:vfiouser-vmem:{self.id} "):
+                blocks_by_inode[st.st_ino] = st.st_blocks
+        if not blocks_by_inode:
+            raise GuestError(f"no memfd of {self.id} among the server's fds")
+        return sum(blocks_by_inode.values()) * 512
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))

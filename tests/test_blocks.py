@@ -354,6 +354,21 @@ def test_discard_through_a_shared_mapping(backend):
         assert mapping[BLOCK : 2 * BLOCK] == b"\xbb" * BLOCK
 
 
+def test_discard_runs_never_goes_beyond_the_last_block(backend):
+    # Stray bits beyond nb_blocks in the last word (set here by hand) must not
+    # extend the last run past the bitmap, into memory it does not describe.
+    for block in range(14, 21):
+        fill_block(backend, block)
+    bitmap = BlockBitmap(16)
+    bitmap.set_range(14, 2)
+    bitmap.words[0] |= 0x1F << 16  # stray bits for "blocks" 16..20
+    assert list(bitmap.runs()) == [(14, 2)]
+    discard_runs(backend, bitmap, BLOCK)
+    assert allocated_bytes(backend) == 5 * BLOCK
+    for block in range(16, 21):
+        assert block_data(backend, block) == bytes([block + 1]) * BLOCK, f"block {block}"
+
+
 def test_discard_of_nothing_plugged_makes_no_call():
     # No run, no fallocate: even a closed fd is fine.
     read_end, write_end = os.pipe()

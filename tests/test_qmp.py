@@ -630,7 +630,7 @@ async def test_a_client_that_stops_reading_does_not_block_others(
         size = 0
         while not stuck_client_dropped():
             size += 1
-            assert size < 100_000, "the stuck client was never dropped"
+            assert size < 20_000, "the stuck client was never dropped"
             device.set_plugged_size(size)
             assert (await reader.event())["data"]["size"] == size
         for _ in range(50):  # the others keep getting everything

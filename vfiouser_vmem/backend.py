@@ -14,7 +14,6 @@ import os
 from vfiouser_vmem import blocks
 from vfiouser_vmem.device import DiscardFailed
 
-MIB = 1 << 20
 
 
 class MemfdBackend:
@@ -38,11 +37,11 @@ class MemfdBackend:
 
     @property
     def page_size_bytes(self) -> int:
-        """The granularity a discard can free: the THP size for ordinary
-        memory (DESIGN.md section 3), the huge page size for hugetlb."""
+        """The smallest unit the backend allocates and a discard frees: the
+        huge page size for hugetlb, the base page size otherwise."""
         if self.hugetlb:
             return os.fstatvfs(self.fd).f_bsize
-        return 2 * MIB
+        return os.sysconf("SC_PAGE_SIZE")
 
     def discard(self, offset_bytes: int, length_bytes: int) -> None:
         try:

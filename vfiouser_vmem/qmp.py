@@ -74,6 +74,9 @@ Events
     :meth:`QmpServer.add_device` later.  A listener call may come from the
     trio thread running ``serve`` or from any other thread (it is then handed
     to the trio thread with ``TrioToken.run_sync_soon``); it never blocks.
+    Changes reported while ``serve`` is not running are dropped (there is no
+    client to tell).  ``add_device`` itself must be called from the trio
+    thread.
 
     Rate limiting follows QEMU's monitor (monitor/monitor.c): at most one
     event per ``event_interval_s`` (default 1 s) per device.  The first event
@@ -619,6 +622,7 @@ class QmpServer:
             self._throttles.clear()
             self._clients.clear()
             sock.close()
+            _remove_if_same(path, identity)
             log.info("QMP stopped listening on %s", path)
 
     async def _handle_client(self, stream: trio.SocketStream) -> None:

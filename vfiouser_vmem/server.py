@@ -278,10 +278,9 @@ class ControlledVmem:
 
     def qom_set(self, prop: str, value: Any) -> None:
         if prop == "requested-size":
-            if isinstance(value, str):
-                from vfiouser_vmem.sizes import parse_size
-
-                value = parse_size(value)
+            # Like QEMU, an integer only: "1G" is the CLI's job.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TypeError(f"Parameter 'requested-size' expects uint64 (a byte count), got {value!r}")
             old = self.server.model.requested_size
             self.server.model.set_requested_size(value)
             log.info("%s: requested-size %s -> %s", self.id, format_size(old), format_size(value))

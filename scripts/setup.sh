@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Installs everything the project needs, idempotently, on a Debian machine:
+#   system packages -> libvfio-user (patched, in a prefix) -> .venv with the
+#   package (the `vfiouser-vmem` command: .venv/bin/vfiouser-vmem)
+#   and, with --kit, the QEMU 11 / guest kit for the integration tests.
+# A second run does nothing that the first one already did.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WITH_KIT=0
+for arg in "$@"; do
+    case $arg in
+        --kit) WITH_KIT=1 ;;
+        *) echo "usage: $0 [--kit]" >&2; exit 2 ;;
+    esac
+done
+log() { echo "[setup] $*" >&2; }
+
+# -- system packages --------------------------------------------------------
+PKGS=(gcc pkg-config libffi-dev meson ninja-build libjson-c-dev libcmocka-dev patch xz-utils
+      python3 python3-venv python3-dev ca-certificates)
+((WITH_KIT)) && PKGS+=(debootstrap cpio gzip)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) != 0 ]]; then
+        log "missing Debian packages: ${missing[*]}; install them (sudo apt-get install ...) or run as root"
+        exit 1
+    fi
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+
+# -- libvfio-user -----------------------------------------------------------
+if [[ -n ${LIBVFIO_USER_PREFIX:-} ]]; then
+    log "using libvfio-user from LIBVFIO_USER_PREFIX=$LIBVFIO_USER_PREFIX"
+    LVU_ID=$LIBVFIO_USER_PREFIX
+elif [[ ${VMEM_SYSTEM_LIBVFIO_USER:-0} == 1 ]] && pkg-config --exists libvfio-user; then
+    log "using libvfio-user from pkg-config ($(pkg-config --variable=prefix libvfio-user))"
+    LVU_ID=pkg-config
+else
+    LVU_PREFIX=$(bash "$ROOT/scripts/build-libvfio-user.sh")
+    export PKG_CONFIG_PATH=$LVU_PREFIX/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+    LVU_ID=$LVU_PREFIX
+fi
+
+# -- the virtualenv and the package -------------------------------------------
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    log "$PYTHON is older than 3.11; set PYTHON to a newer interpreter"
+    exit 1
+fi
+VENV=$ROOT/.venv
+if [[ ! -x $VENV/bin/python ]]; then
+    log "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+STAMP_WANT=$( (echo "$LVU_ID"; cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/csrc/*) | sha256sum | cut -c1-16)
+if [[ -f $VENV/.vmem-installed && $(cat "$VENV/.vmem-installed") == "$STAMP_WANT" ]] \
+    && "$VENV/bin/python" -c 'import vfiouser_vmem._vfu, vfiouser_vmem._blocks' 2>/dev/null; then
+    :
+else
+    log "installing the package into $VENV (editable, with test dependencies)"
+    "$VENV/bin/python" -m pip install -q -U pip setuptools wheel "cffi>=1.16" >&2
+    "$VENV/bin/python" -m pip install -q --no-build-isolation -e "$ROOT[test]" >&2
+    echo "$STAMP_WANT" >"$VENV/.vmem-installed"
+fi
+
+# -- the QEMU / guest kit -------------------------------------------------------
+if ((WITH_KIT)); then
+    bash "$ROOT/integration/build-kit.sh" >/dev/null
+fi
+log "ready: $VENV/bin/vfiouser-vmem"
