@@ -138,3 +138,18 @@ def test_qemu_sigkill_server_survives_and_serves_the_next_qemu(env, timing):
     device_s, guest_s = resize(guest2, server, 0, base_kib)
     assert server.allocated_bytes() == 0
     assert_no_driver_errors(guest2)
+
+
+def test_1t_device_needs_and_works_with_phys_bits_46(env, timing):
+    """Up to 256 GiB the BAR fits QEMU's defaults; a 1 TiB BAR needs a wider
+    guest physical address space (README: "Large devices")."""
+    server = env.server(size="1T")
+    guest = boot(env, server, extra_args=["-cpu", "qemu64,phys-bits=46"])
+    base_kib = guest.meminfo_kib()
+    assert "region size: 0x10000000000" in guest.dmesg()
+    assert server.get("memaddr") >= 1 << 40
+    device_s, guest_s = resize(guest, server, 2 * GIB, base_kib)
+    timing("grow 0 -> 2 GiB of a 1 TiB device (guest MemTotal)", guest_s)
+    device_s, guest_s = resize(guest, server, 0, base_kib)
+    assert server.allocated_bytes() == 0
+    assert_no_driver_errors(guest)

@@ -21,6 +21,7 @@ import struct
 from typing import Callable
 
 from vfiouser_vmem.device import CONFIG_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, ProtocolViolation, VirtioMemDevice
+from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.virtqueue import GuestMemory, GuestMemoryError, QueueError, SplitQueue
 
 log = logging.getLogger("vfiouser_vmem.virtio_pci")
@@ -159,6 +160,7 @@ class VirtioPciTransport:
         self.queue.reset()
         self.kick_pending = False
         self.broken_reason = None
+        self._warned_unassigned_bar = False
 
     def system_reset(self) -> None:
         """vfio-user DEVICE_RESET / lost connection: unplug and discard all
@@ -221,6 +223,14 @@ class VirtioPciTransport:
             if is_write:
                 raise PermissionError("the virtio-mem device configuration is read-only")
             self.refresh_addr()
+            if self.device.addr == 0 and not self._warned_unassigned_bar:
+                self._warned_unassigned_bar = True
+                log.warning(
+                    "%s: the driver reads the device config but the memory BAR (%s) has no guest address: "
+                    "the guest could not place it (BARs above 256 GiB need a wider guest physical address "
+                    "space, e.g. QEMU -cpu qemu64,phys-bits=46); the driver will fail to reserve the region",
+                    self.name, format_size(memory_bar_size(self.device.region_size)),
+                )
             start = offset - DEVICE_CFG_OFFSET
             buf[:] = self.device.config_bytes()[start : start + n]
         elif NOTIFY_OFFSET <= offset and offset + n <= NOTIFY_OFFSET + NOTIFY_OFF_MULTIPLIER * NUM_QUEUES:
