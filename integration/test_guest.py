@@ -37,10 +37,14 @@ def resize(guest, server, size_bytes: int, base_kib: int) -> tuple[float, float]
     QMP, and until the guest's MemTotal reached it)."""
     start = time.monotonic()
     server.set_requested_size(size_bytes)
-    wait_for(lambda: server.get("size") == size_bytes, RESIZE_TIMEOUT_S, f"size {size_bytes} over QMP", 0.01)
-    device_s = time.monotonic() - start
-    wait_for(lambda: guest.meminfo_kib() == base_kib + size_bytes // 1024, RESIZE_TIMEOUT_S,
-             f"guest MemTotal at base + {size_bytes >> 20} MiB")
+    try:
+        wait_for(lambda: server.get("size") == size_bytes, RESIZE_TIMEOUT_S, f"size {size_bytes} over QMP", 0.01)
+        device_s = time.monotonic() - start
+        wait_for(lambda: guest.meminfo_kib() == base_kib + size_bytes // 1024, RESIZE_TIMEOUT_S,
+                 f"guest MemTotal at base + {size_bytes >> 20} MiB")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}: device size {server.get('size')}, guest MemTotal {guest.meminfo_kib()} kB "
+                           f"(base {base_kib} kB)\n{guest.run('dmesg | tail -30')}") from None
     return device_s, time.monotonic() - start
 
 
@@ -62,7 +66,7 @@ def test_grow_1g_touch_and_shrink_gives_memory_back(env, timing):
     timing("grow 0 -> 1 GiB (device size over QMP)", device_s)
     timing("grow 0 -> 1 GiB (guest MemTotal)", guest_s)
     # 1 GiB is 8 Linux memory blocks of 128 MiB, all online.
-    assert online_blocks(guest) == blocks_before + 8
+    assert online_blocks(guest) == blocks_before + 8, guest.run("grep . /sys/devices/system/memory/memory*/state")
     assert server.qmp.execute("query-memory-devices")[0]["data"]["size"] == 1 * GIB
 
     # Write to most of the new memory: movable allocations (tmpfs pages)

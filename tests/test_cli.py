@@ -181,3 +181,22 @@ def test_serve_refuses_a_path_that_is_not_a_socket(tmp):
     assert rc == 1
     assert "exists and is not a socket" in err
     assert (tmp / "vmem0.sock").read_text() == "precious"
+
+
+def test_second_server_on_the_same_socket_is_refused_and_the_first_lives_on(tmp):
+    first = Served(tmp, "--size", "1G")
+    try:
+        assert "ready" in first.first_line
+        second = subprocess.run([*EXE, "serve", "--socket", str(first.sock), "--qmp", str(tmp / "other.qmp"),
+                                 "--size", "1G"], capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1
+        assert "another process is listening on" in second.stderr
+        # The refusal did not disturb the first server (no test connection).
+        s, execute = first.qmp_session()
+        assert execute("qom-get", path="vmem0", property="size") == {"return": 0}
+        s.close()
+        assert first.proc.poll() is None
+    finally:
+        rc, err = first.stop()
+    assert rc == 0, err
+    assert "refused a vfio-user client" not in err

@@ -24,7 +24,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import trio
 

@@ -26,6 +26,7 @@ from vfiouser_vmem.device import VirtioMemDevice
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.vfu import (
     CAP_FLAG_READONLY,
+    PROT_WRITE,
     ConnectionLost,
     DmaRegion,
     IrqType,
@@ -40,7 +41,6 @@ from vfiouser_vmem import virtio_pci as vp
 
 log = logging.getLogger("vfiouser_vmem.server")
 
-PROT_WRITE = 2  # vfio-user DMA_MAP prot bit (as mmap's PROT_WRITE)
 
 
 @dataclass
@@ -64,26 +64,51 @@ class SocketPathInUse(Exception):
     """The socket path exists and is not a stale socket."""
 
 
+def _listening_unix_paths() -> set[str] | None:
+    """Paths of listening UNIX sockets (/proc/net/unix), or None if unknown."""
+    try:
+        lines = open("/proc/net/unix").read().splitlines()[1:]
+    except OSError:
+        return None
+    paths = set()
+    for line in lines:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode [Path]; Flags has
+        # __SO_ACCEPTCON (0x10000) for a listening socket.
+        if len(fields) >= 8 and int(fields[3], 16) & 0x10000:
+            paths.add(fields[7])
+    return paths
+
+
 def claim_socket_path(path: str) -> None:
     """Refuse a path that exists and is not a socket, or a socket someone is
-    listening on; remove a stale socket (a previous run killed hard)."""
+    listening on; remove a stale socket (a previous run killed hard).
+
+    Whether someone listens is read from /proc/net/unix, not by connecting:
+    a test connection would look like a client to that server."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketPathInUse(f"{path} exists and is not a socket; refusing to replace it")
-    import socket as _socket
+    listening = _listening_unix_paths()
+    if listening is None:
+        import socket as _socket
 
-    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise SocketPathInUse(f"{path} is a socket another process is listening on")
+        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            in_use = True
+        except (ConnectionRefusedError, FileNotFoundError):
+            in_use = False
+        finally:
+            probe.close()
+    else:
+        in_use = os.path.abspath(path) in listening or path in listening
+    if in_use:
+        raise SocketPathInUse(f"{path} is a socket another process is listening on")
+    os.unlink(path)
 
 
 class DeviceServer:
@@ -220,24 +245,56 @@ class DeviceServer:
                       format_size(plugged) if plugged else "nothing")
 
     # -- main loop --------------------------------------------------------
+    #: Consecutive failed vfu_run_ctx() calls after which a client is
+    #: dropped: its byte stream is most likely out of step with the protocol.
+    MAX_CONSECUTIVE_RUN_ERRORS = 8
+
+    async def _accept(self) -> None:
+        """Wait for the next client that completes the VERSION handshake."""
+        cid = self.config.id
+        while True:
+            await trio.lowlevel.wait_readable(self.ctx.poll_fd)
+            # A connection is pending.  libvfio-user then reads the client's
+            # VERSION on a blocking socket (up to 5 s, libvfio-user patch
+            # 0005): do that off the trio thread, so that a silent client
+            # never holds QMP or the other devices.
+            try:
+                if await trio.to_thread.run_sync(self.ctx.attach):
+                    return
+            except VfuError as exc:
+                self.log.warning("%s: refused a vfio-user client on %s: %s", cid, self.config.socket, exc)
+
+    async def _serve_client(self) -> None:
+        cid = self.config.id
+        failures = 0
+        while True:
+            await trio.lowlevel.wait_readable(self.ctx.poll_fd)
+            try:
+                self.ctx.run()
+                failures = 0
+            except VfuError as exc:
+                # libvfio-user answered the bad message with an error (or could
+                # not); the client stays attached unless this keeps happening.
+                failures += 1
+                self.log.warning("%s: vfio-user message from client %d failed: %s", cid, self.clients_total, exc)
+                if failures >= self.MAX_CONSECUTIVE_RUN_ERRORS:
+                    self.log.error("%s: dropping client %d after %d failed messages in a row",
+                                   cid, self.clients_total, failures)
+                    self.ctx.drop_client()
+            self.transport.process_queue()
+
     async def run(self) -> None:
         cid = self.config.id
         while True:
-            while not self.ctx.attach():
-                await trio.lowlevel.wait_readable(self.ctx.poll_fd)
+            await self._accept()
             self.clients_total += 1
             self.connected = True
             self.log.info("%s: vfio-user client %d connected on %s", cid, self.clients_total, self.config.socket)
             try:
-                while True:
-                    await trio.lowlevel.wait_readable(self.ctx.poll_fd)
-                    self.ctx.run()
-                    self.transport.process_queue()
+                await self._serve_client()
             except ConnectionLost as exc:
                 self.log.info("%s: vfio-user client %d disconnected (%s); waiting for the next one",
                               cid, self.clients_total, exc)
-            except VfuError as exc:
-                self.log.error("%s: vfio-user client %d dropped: %s", cid, self.clients_total, exc)
             finally:
                 self.connected = False
 

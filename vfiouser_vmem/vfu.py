@@ -17,6 +17,7 @@ import enum
 import errno
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,6 +76,7 @@ class PciType(enum.IntEnum):
     EXPRESS = lib.VFU_PCI_TYPE_EXPRESS
 
 
+PROT_READ, PROT_WRITE = 1, 2  # DMA protections (as mmap's)
 CAP_FLAG_READONLY = lib.VFU_CAP_FLAG_READONLY
 CAP_FLAG_CALLBACK = lib.VFU_CAP_FLAG_CALLBACK
 CAP_FLAG_EXTENDED = lib.VFU_CAP_FLAG_EXTENDED
@@ -197,6 +199,23 @@ class VfuContext:
     def irq_trigger(self, vector: int) -> None:
         _check(lib.vfu_irq_trigger(self._ctx, vector), f"vfu_irq_trigger({vector})")
 
+    # -- DMA ---------------------------------------------------------------
+    def dma_view(self, iova: int, length: int, *, writable: bool = False) -> memoryview:
+        """Guest memory at ``iova`` through libvfio-user's own translation
+        (vfu_addr_to_sgl + vfu_sgl_get): a view into the client's mapping,
+        valid until the mapping is unregistered.  Raises VfuError when the
+        range is not inside one mapping that has an fd."""
+        prot = PROT_READ | (PROT_WRITE if writable else 0)
+        sg = ffi.new("char[]", lib.dma_sg_size())
+        sgl = ffi.cast("dma_sg_t *", sg)
+        _check(lib.vfu_addr_to_sgl(self._ctx, ffi.cast("void *", iova), length, sgl, 1, prot),
+               f"vfu_addr_to_sgl({iova:#x}, {length:#x})")
+        iov = ffi.new("struct iovec *")
+        _check(lib.vfu_sgl_get(self._ctx, sgl, iov, 1, 0), f"vfu_sgl_get({iova:#x}, {length:#x})")
+        # No dirty-page tracking (no migration): give the sg back at once.
+        lib.vfu_sgl_put(self._ctx, sgl, iov, 1)
+        return memoryview(ffi.buffer(iov.iov_base, iov.iov_len))
+
     # -- life cycle ------------------------------------------------------
     def realize(self) -> None:
         _check(lib.vfu_realize_ctx(self._ctx), "vfu_realize_ctx")
@@ -225,6 +244,16 @@ class VfuContext:
         if err in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
             raise ConnectionLost(os.strerror(err))
         raise VfuError(err, f"vfu_run_ctx: {os.strerror(err)}")
+
+    def drop_client(self) -> None:
+        """Shut the client's connection down; the next ``run()`` then sees
+        the lost connection (reset callback, ``ConnectionLost``), as if the
+        client had gone away by itself."""
+        conn = socket.socket(fileno=os.dup(self.poll_fd))
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        finally:
+            conn.close()
 
     def close(self) -> None:
         if self._ctx is not None:

@@ -199,7 +199,12 @@ class VirtioPciTransport:
         # guest soft-locks (DESIGN.md section 2).  Never trigger a vector the
         # guest did not enable: the eventfd could be something else.
         if vector != VIRTIO_MSI_NO_VECTOR and vector < MSIX_VECTORS and self.msix_enabled():
-            self.trigger(vector)
+            try:
+                self.trigger(vector)
+            except OSError as exc:
+                # The guest enabled MSI-X but the client gave no eventfd for
+                # the vector: the interrupt is lost, the device carries on.
+                log.warning("%s: MSI-X vector %d could not be triggered: %s", self.name, vector, exc)
 
     def notify_config(self) -> None:
         """Config change: new generation and a config interrupt (QEMU's
