@@ -8,9 +8,11 @@
 # rebuilds, an unchanged one returns at once.  Prints the kit directory.
 set -euo pipefail
 
-KIT_DIR=${VMEM_KIT_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vfiouser-vmem/kit}
-MIRROR=${VMEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=scripts/lib.sh
+source "$HERE/../scripts/lib.sh"
+KIT_DIR=${VMEM_KIT_DIR:-$VMEM_CACHE_DIR/kit}
+MIRROR=${VMEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 STAMP_WANT=$(cat "$0" "$HERE/guest-init.sh" | sha256sum | cut -c1-16)
 ROOT=$KIT_DIR/root
 
@@ -26,15 +28,7 @@ if [[ $(id -u) != 0 ]]; then
     exit 1
 fi
 
-need_host_pkgs=()
-command -v debootstrap >/dev/null || need_host_pkgs+=(debootstrap)
-command -v cpio >/dev/null || need_host_pkgs+=(cpio)
-command -v xz >/dev/null || need_host_pkgs+=(xz-utils)
-if ((${#need_host_pkgs[@]})); then
-    log "installing host packages: ${need_host_pkgs[*]}"
-    apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_host_pkgs[@]}" >&2
-fi
+ensure_debian_packages debootstrap cpio gzip xz-utils
 
 mkdir -p "$KIT_DIR"
 rm -f "$KIT_DIR/stamp"
@@ -49,6 +43,7 @@ if [[ ${VMEM_KIT_USE_HOST:-0} == 1 ]]; then
     ROOT=/
     grep -q '^VERSION_CODENAME=trixie' /etc/os-release || { log "VMEM_KIT_USE_HOST=1 needs a Debian trixie host"; exit 1; }
     echo "deb $MIRROR trixie-backports main" >/etc/apt/sources.list.d/vmem-trixie-backports.list
+    APT_ETC=/etc/apt
     in_root() { "$@"; }
 else
     if [[ ! -x $ROOT/usr/bin/apt-get ]]; then
@@ -64,8 +59,14 @@ SRC
     umount_proc() { if mountpoint -q "$ROOT/proc"; then umount "$ROOT/proc"; fi; }
     trap umount_proc EXIT
     mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
+    APT_ETC=$ROOT/etc/apt
     in_root() { chroot "$ROOT" "$@"; }
 fi
+# bookworm only provides a second guest kernel (Linux 6.1), downloaded,
+# never installed: pinned low so that nothing else comes from it.
+echo "deb $MIRROR bookworm main" >"$APT_ETC/sources.list.d/vmem-bookworm.list"
+rm -f "$APT_ETC/sources.list.d/bookworm.list" "$APT_ETC/preferences.d/bookworm"
+printf 'Package: *\nPin: release n=bookworm\nPin-Priority: 100\n' >"$APT_ETC/preferences.d/vmem-bookworm"
 
 log "installing QEMU 11 (trixie-backports), SeaBIOS and busybox"
 in_root apt-get update -q >&2
@@ -74,16 +75,6 @@ DEBIAN_FRONTEND=noninteractive in_root apt-get install -y -q --no-install-recomm
 DEBIAN_FRONTEND=noninteractive in_root apt-get install -y -q --no-install-recommends \
     busybox-static dpkg >&2
 
-# The guest kernel: the package that linux-image-amd64 points at, unpacked.
-KPKG=$(in_root apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-[[ -n $KPKG ]] || { log "cannot resolve linux-image-amd64"; exit 1; }
-rm -rf "$KIT_DIR/kernel-root" && mkdir -p "$KIT_DIR/kernel-root"
-in_root sh -c "cd /tmp && rm -f linux-image-*.deb && apt-get download $KPKG" >&2
-mv "${ROOT%/}"/tmp/"$KPKG"_*.deb "$KIT_DIR/"
-dpkg-deb -x "$(ls "$KIT_DIR"/"$KPKG"_*.deb | head -1)" "$KIT_DIR/kernel-root"
-rm -f "$KIT_DIR"/"$KPKG"_*.deb
-in_root apt-get clean
-if [[ $ROOT != / ]]; then umount_proc; fi
 if [[ $ROOT == / ]]; then
     QEMU_LAUNCH=(/usr/bin/qemu-system-x86_64)
 else
@@ -98,31 +89,93 @@ if ! "${QEMU_LAUNCH[@]}" -device help 2>/dev/null | grep -q '"vfio-user-pci"'; t
     exit 1
 fi
 
-build_initramfs() { # $1 = kernel version (as in /lib/modules), $2 = output
-    local kver=$1 out=$2 work
+# modules_in_load_order MODDIR NAME...: the .ko files (relative to MODDIR)
+# that NAME... need, dependencies first.  The .deb ships no modules.dep
+# (depmod runs at install), so read each module's own "depends=".
+# Built-in drivers (virtio_pci in 6.12, a module in 6.1) are not listed.
+modules_in_load_order() {
+    python3 - "$@" <<'PY'
+import lzma, os, re, sys
+moddir, names = sys.argv[1], sys.argv[2:]
+paths = {}
+for root, _, files in os.walk(moddir):
+    for f in files:
+        if ".ko" in f:
+            paths[f.split(".ko")[0].replace("-", "_")] = os.path.relpath(os.path.join(root, f), moddir)
+def depends(name):
+    data = open(os.path.join(moddir, paths[name]), "rb").read()
+    if paths[name].endswith(".xz"):
+        data = lzma.decompress(data)
+    m = re.search(rb"\0depends=([^\0]*)\0", b"\0" + data)
+    return [d.replace("-", "_") for d in m.group(1).decode().split(",") if d] if m else []
+order = []
+def visit(name):
+    if name in order or name not in paths:
+        return  # done, or built into the kernel
+    for dep in depends(name):
+        visit(dep)
+    order.append(name)
+for name in names:
+    visit(name)
+if "virtio_mem" not in order:
+    sys.exit(f"no virtio_mem module in {moddir}")
+print("\n".join(paths[n] for n in order))
+PY
+}
+
+build_initramfs() { # $1 = the kernel's modules directory, $2 = output
+    local kmoddir=$1 out=$2 work ko name
     work=$(mktemp -d)
     mkdir -p "$work"/{bin,sbin,proc,sys,dev,tmp,lib/modules,etc}
     cp "$ROOT/usr/bin/busybox" "$work/bin/busybox"
-    local ko
-    ko=$(find "$KIT_DIR/kernel-root/lib/modules/$kver" "$KIT_DIR/kernel-root/usr/lib/modules/$kver" \
-        -name 'virtio_mem.ko*' 2>/dev/null | head -1 || true)
-    [[ -n $ko ]] || { log "no virtio_mem.ko in kernel $kver"; exit 1; }
-    case $ko in
-        *.xz) xz -dc "$ko" >"$work/lib/modules/virtio_mem.ko" ;;
-        *.zst) zstd -dc "$ko" >"$work/lib/modules/virtio_mem.ko" ;;
-        *) cp "$ko" "$work/lib/modules/virtio_mem.ko" ;;
-    esac
+    # The guest's /init loads lib/modules/load-order, one module a line.
+    : >"$work/lib/modules/load-order"
+    modules_in_load_order "$kmoddir" virtio_pci virtio_mem >"$work/modules.list"
+    while read -r ko; do
+        name=$(basename "$ko"); name=${name%%.ko*}.ko
+        case $ko in
+            *.xz) xz -dc "$kmoddir/$ko" >"$work/lib/modules/$name" ;;
+            *.zst) zstd -dc "$kmoddir/$ko" >"$work/lib/modules/$name" ;;
+            *) cp "$kmoddir/$ko" "$work/lib/modules/$name" ;;
+        esac
+        echo "$name" >>"$work/lib/modules/load-order"
+    done <"$work/modules.list"
+    rm "$work/modules.list"
     install -m 0755 "$HERE/guest-init.sh" "$work/init"
     (cd "$work" && find . | cpio -o -H newc --quiet | gzip -1) >"$out"
     rm -rf "$work"
 }
 
-KMOD_DIR=$KIT_DIR/kernel-root/lib/modules
-[[ -d $KMOD_DIR ]] || KMOD_DIR=$KIT_DIR/kernel-root/usr/lib/modules
-KVER=$(ls "$KMOD_DIR" | sort -V | tail -1)
-cp "$KIT_DIR/kernel-root/boot/vmlinuz-$KVER" "$KIT_DIR/vmlinuz"
-build_initramfs "$KVER" "$KIT_DIR/initrd.img"
-echo "$KVER" >"$KIT_DIR/kernel-version"
+# A guest kernel per suite: the package linux-image-amd64 points at there,
+# unpacked into guest-SUITE/ with its own busybox initramfs.
+fetch_guest_kernel() { # $1 = suite
+    local suite=$1 dir=$KIT_DIR/guest-$1 kpkg kmods kver
+    kpkg=$(in_root apt-cache show "linux-image-amd64/$suite" | awk '/^Depends: linux-image-[0-9]/ {print $2; exit}')
+    [[ -n $kpkg ]] || { log "cannot resolve linux-image-amd64/$suite"; exit 1; }
+    rm -rf "$dir" && mkdir -p "$dir/root"
+    in_root sh -c "cd /tmp && rm -f linux-image-*.deb && apt-get download $kpkg/$suite" >&2
+    dpkg-deb -x "$(ls "${ROOT%/}"/tmp/"$kpkg"_*.deb | head -1)" "$dir/root"
+    rm -f "${ROOT%/}"/tmp/"$kpkg"_*.deb
+    kmods=$dir/root/lib/modules
+    [[ -d $kmods ]] || kmods=$dir/root/usr/lib/modules
+    kver=$(ls "$kmods" | sort -V | tail -1)
+    cp "$dir/root/boot/vmlinuz-$kver" "$dir/vmlinuz"
+    build_initramfs "$kmods/$kver" "$dir/initrd.img"
+    echo "$kver" >"$dir/kernel-version"
+    rm -rf "$dir/root"
+    log "guest kernel $kver ($suite)"
+}
+for suite in trixie bookworm; do
+    fetch_guest_kernel "$suite"
+done
+# The default guest is trixie's (Linux 6.12).
+ln -sfn guest-trixie/vmlinuz "$KIT_DIR/vmlinuz"
+ln -sfn guest-trixie/initrd.img "$KIT_DIR/initrd.img"
+ln -sfn guest-trixie/kernel-version "$KIT_DIR/kernel-version"
+KVER=$(cat "$KIT_DIR/kernel-version")
+rm -rf "$KIT_DIR/kernel-root"
+in_root apt-get clean
+if [[ $ROOT != / ]]; then umount_proc; fi
 echo "$QEMU_VERSION" >"$KIT_DIR/qemu-version"
 
 # The launcher runs the root's QEMU through the root's own loader, so that no

@@ -10,8 +10,11 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /mnt /tmp
 mount -t tmpfs -o size=90% tmpfs /tmp
 
-# virtio_mem probes the device at load; its messages go to dmesg.
-insmod /lib/modules/virtio_mem.ko || echo "insmod virtio_mem failed"
+# virtio_mem (and, in older kernels, the virtio core and virtio_pci it
+# needs) in dependency order; virtio_mem probes the device at load.
+while read -r module; do
+    insmod "/lib/modules/$module" || echo "insmod $module failed"
+done </lib/modules/load-order
 
 stty -F /dev/ttyS1 raw -echo -icrnl -onlcr 2>/dev/null
 exec </dev/ttyS1 >/dev/ttyS1 2>&1

@@ -56,6 +56,14 @@ class Kit:
     def initrd(self) -> str:
         return str(self.dir / "initrd.img")
 
+    #: Guest kernels in the kit: Debian trixie's (the default) and bookworm's.
+    SUITES = ("trixie", "bookworm")
+
+    def guest_files(self, suite: str = "trixie") -> tuple[str, str, str]:
+        """(kernel, initrd, kernel version) of a suite's guest."""
+        d = self.dir / f"guest-{suite}"
+        return str(d / "vmlinuz"), str(d / "initrd.img"), (d / "kernel-version").read_text().strip()
+
 
 def kvm_works() -> bool:
     """True only for a KVM that runs a stock kernel.  The paravirtual
@@ -210,7 +218,8 @@ class Guest:
     """A Linux guest in QEMU 11 with our device(s) attached."""
 
     def __init__(self, kit: Kit, workdir: Path, sockets: list[str], *, ram: str = "1G", cpus: int = 2,
-                 extra_args: list[str] | None = None, cmdline_extra: str = "", name: str = "guest") -> None:
+                 extra_args: list[str] | None = None, cmdline_extra: str = "", name: str = "guest",
+                 suite: str = "trixie", numa_nodes: int = 1) -> None:
         self.kit = kit
         self.workdir = workdir
         self.console_path = workdir / f"{name}-console.log"
@@ -224,11 +233,23 @@ class Guest:
         devices = []
         for path in sockets:
             devices += ["-device", json.dumps({"driver": "vfio-user-pci", "socket": {"type": "unix", "path": path}})]
+        kernel, initrd, self.kernel_version = kit.guest_files(suite)
+        if numa_nodes == 1:
+            memory = ["-machine", "q35,memory-backend=ram0", "-m", ram,
+                      "-object", f"memory-backend-memfd,id=ram0,size={ram},share=on"]
+        else:
+            # Guest RAM split evenly over the nodes, each part shared.
+            from vfiouser_vmem.sizes import format_size, parse_size
+
+            per_node = format_size(parse_size(ram) // numa_nodes)
+            memory = ["-machine", "q35", "-m", ram]
+            for n in range(numa_nodes):
+                memory += ["-object", f"memory-backend-memfd,id=ram{n},size={per_node},share=on",
+                           "-numa", f"node,nodeid={n},memdev=ram{n}"]
         self.argv = [
             kit.qemu, "-nodefaults", "-nographic", "-no-user-config",
-            "-machine", "q35,memory-backend=ram0", *accel, "-smp", str(cpus), "-m", ram,
-            "-object", f"memory-backend-memfd,id=ram0,size={ram},share=on",
-            "-kernel", kit.kernel, "-initrd", kit.initrd,
+            *memory, *accel, "-smp", str(cpus),
+            "-kernel", kernel, "-initrd", initrd,
             "-append", f"console=ttyS0 memhp_default_state=online_movable loglevel=6 panic=-1 {cmdline_extra}".strip(),
             "-serial", f"file:{self.console_path}",
             "-chardev", f"socket,id=cmd,path={self.cmd_path}",

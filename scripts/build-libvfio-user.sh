@@ -10,7 +10,9 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-CACHE=${VMEM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vfiouser-vmem}
+# shellcheck source=scripts/lib.sh
+source "$HERE/lib.sh"
+CACHE=$VMEM_CACHE_DIR
 MIRROR=${VMEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # Versions tried in order; newest QEMU sources sometimes 404 (DESIGN.md 4).
 QEMU_SRC_VERSIONS=${VMEM_QEMU_SRC_VERSIONS:-"1:10.2.2+ds-1 1:10.0.13+ds-0+deb13u1"}
@@ -25,21 +27,7 @@ if [[ -f $PREFIX/.complete ]]; then
     exit 0
 fi
 
-missing=()
-for cmd_pkg in meson:meson ninja:ninja-build pkg-config:pkg-config patch:patch xz:xz-utils; do
-    command -v "${cmd_pkg%%:*}" >/dev/null || missing+=("${cmd_pkg#*:}")
-done
-pkg-config --exists json-c 2>/dev/null || missing+=(libjson-c-dev)
-pkg-config --exists cmocka 2>/dev/null || missing+=(libcmocka-dev)
-if ((${#missing[@]})); then
-    if [[ $(id -u) != 0 ]]; then
-        log "missing build dependencies: ${missing[*]} (install them, or run as root)"
-        exit 1
-    fi
-    log "installing ${missing[*]}"
-    apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
-fi
+ensure_debian_packages meson ninja-build pkg-config patch xz-utils libjson-c-dev libcmocka-dev gcc
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

@@ -15,24 +15,14 @@ for arg in "$@"; do
     esac
 done
 log() { echo "[setup] $*" >&2; }
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 # -- system packages --------------------------------------------------------
 PKGS=(gcc pkg-config libffi-dev meson ninja-build libjson-c-dev libcmocka-dev patch xz-utils
       python3 python3-venv python3-dev ca-certificates)
 ((WITH_KIT)) && PKGS+=(debootstrap cpio gzip)
-missing=()
-for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    if [[ $(id -u) != 0 ]]; then
-        log "missing Debian packages: ${missing[*]}; install them (sudo apt-get install ...) or run as root"
-        exit 1
-    fi
-    log "installing Debian packages: ${missing[*]}"
-    apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-fi
+ensure_debian_packages "${PKGS[@]}"
 
 # -- libvfio-user -----------------------------------------------------------
 if [[ -n ${LIBVFIO_USER_PREFIX:-} ]]; then

@@ -200,3 +200,370 @@ def test_second_server_on_the_same_socket_is_refused_and_the_first_lives_on(tmp)
         rc, err = first.stop()
     assert rc == 0, err
     assert "refused a vfio-user client" not in err
+
+
+# ---------------------------------------------------------------------------
+# QEMU-style configuration: --object/--device, --config FILE
+
+from vfiouser_vmem import cli  # noqa: E402
+from vfiouser_vmem.config import ConfigError, build_configs, device_spec, load_config_file, object_spec, parse_keyval  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "text, implied, expected",
+    [
+        ("id=mem0,size=8G", "qom-type", {"id": "mem0", "size": "8G"}),
+        ("memory-backend-memfd,id=mem0", "qom-type", {"qom-type": "memory-backend-memfd", "id": "mem0"}),
+        ("virtio-mem,id=vm0", "driver", {"driver": "virtio-mem", "id": "vm0"}),
+        ("id=vm0,socket=/tmp/a,,b", "driver", {"id": "vm0", "socket": "/tmp/a,b"}),
+        ("socket=/x,,,,y,id=a", None, {"socket": "/x,,y", "id": "a"}),
+        ("key=a=b", None, {"key": "a=b"}),
+        ("key=", None, {"key": ""}),
+        ("id=a,,", None, {"id": "a,"}),  # ",," is an escaped comma, not an empty item
+    ],
+)
+def test_parse_keyval(text, implied, expected):
+    assert parse_keyval(text, implied) == expected
+
+
+@pytest.mark.parametrize(
+    "text, implied, message",
+    [
+        ("", "driver", "empty"),
+        ("id=a,", None, "empty item"),
+        (",id=a", "driver", "empty item"),
+        ("id=a,b", "driver", "expected key=value, got 'b'"),
+        ("bare", None, "expected key=value, got 'bare'"),
+        ("id=a,id=b", None, "key 'id' given twice"),
+        ("=x", None, "empty key"),
+        ("virtio-mem,driver=virtio-mem", "driver", "key 'driver' given twice"),
+    ],
+)
+def test_parse_keyval_refuses(text, implied, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_keyval(text, implied)
+
+
+def _configs(objects, devices, qmp=None):
+    return build_configs([object_spec(t) for t in objects], [device_spec(t) for t in devices], qmp_path=qmp)
+
+
+def test_build_configs_two_devices():
+    configs = _configs(
+        ["memory-backend-memfd,id=mem0,size=8G", "id=mem1,size=4G,share=on"],
+        ["id=vm0,memdev=mem0,socket=/tmp/vm0.sock,requested-size=1G,node=0",
+         "virtio-mem-pci,id=vm1,memdev=mem1,socket=/tmp/vm1.sock,block-size=4M"],
+    )
+    assert [(c.id, c.memdev, c.socket, c.size_bytes, c.block_size_bytes, c.requested_size_bytes, c.node)
+            for c in configs] == [
+        ("vm0", "mem0", "/tmp/vm0.sock", 8 << 30, 2 << 20, 1 << 30, 0),
+        ("vm1", "mem1", "/tmp/vm1.sock", 4 << 30, 4 << 20, 0, None),
+    ]
+
+
+OK_OBJ = "memory-backend-memfd,id=mem0,size=1G"
+OK_DEV = "id=vm0,memdev=mem0,socket=/tmp/vm0.sock"
+
+
+@pytest.mark.parametrize(
+    "objects, devices, message",
+    [
+        ([OK_OBJ], [], "no device configured"),
+        ([OK_OBJ], [OK_DEV + ",bogus=1"], "unknown key 'bogus'"),
+        ([OK_OBJ + ",bogus=1"], [OK_DEV], "unknown key 'bogus'"),
+        ([OK_OBJ], [OK_DEV + ",size=1G"], "size= is not accepted: the device's maximum size is its memdev's size"),
+        (["memory-backend-ram,id=mem0,size=1G"], [OK_DEV], "memory-backend-ram is not supported: only memory-backend-memfd"),
+        (["memory-backend-file,id=mem0,size=1G,mem-path=/x"], [OK_DEV], "memory-backend-file is not supported"),
+        ([OK_OBJ], ["virtio-net,id=vm0,memdev=mem0,socket=/tmp/s"], "driver 'virtio-net' is not supported"),
+        ([OK_OBJ], ["id=vm0,socket=/tmp/vm0.sock"], "memdev= is required"),
+        ([OK_OBJ], ["id=vm0,memdev=nope,socket=/tmp/vm0.sock"], "memdev 'nope' is not an object id \\(objects: mem0\\)"),
+        ([OK_OBJ], [OK_DEV, "id=vm1,memdev=mem0,socket=/tmp/vm1.sock"], "memdev 'mem0' is already used by --device 'id=vm0"),
+        ([OK_OBJ, "id=mem1,size=1G"], [OK_DEV, "id=vm0,memdev=mem1,socket=/tmp/vm1.sock"], "duplicate device id 'vm0'"),
+        ([OK_OBJ, "id=mem0,size=2G"], [OK_DEV], "duplicate object id 'mem0'"),
+        ([OK_OBJ, "id=mem1,size=1G"], [OK_DEV, "id=vm1,memdev=mem1,socket=/tmp/../tmp/vm0.sock"], "socket '/tmp/../tmp/vm0.sock' is already used"),
+        ([OK_OBJ, "id=mem1,size=1G"], [OK_DEV], "object 'mem1' is not used by any device"),
+        ([OK_OBJ], ["memdev=mem0,socket=/tmp/vm0.sock"], "id= is required \\(the name used over QMP\\)"),
+        ([OK_OBJ], ["id=0bad,memdev=mem0,socket=/tmp/s"], "id '0bad' is not a valid QEMU id"),
+        (["size=1G"], [OK_DEV], "id= is required"),
+        (["id=mem0"], [OK_DEV], "size= is required"),
+        (["id=mem0,size=0"], [OK_DEV], "size must be positive"),
+        (["id=mem0,size=lots"], [OK_DEV], "size: invalid size 'lots'"),
+        (["id=mem0,size=2T"], [OK_DEV], "above the supported maximum of 1T"),
+        (["id=mem0,size=3M"], [OK_DEV], "size 3M is not a positive multiple of the block size 2M"),
+        ([OK_OBJ], [OK_DEV + ",requested-size=3M"], "requested-size 3M is not a multiple of the block size 2M"),
+        ([OK_OBJ], [OK_DEV + ",requested-size=2G"], "requested-size 2G is above the size 1G"),
+        ([OK_OBJ], [OK_DEV + ",block-size=3M"], "not a power of two"),
+        ([OK_OBJ], [OK_DEV + ",block-size=512K"], "below the minimum"),
+        ([OK_OBJ], [OK_DEV + ",node=x"], "node: expected a NUMA node number 0-65535, got 'x'"),
+        ([OK_OBJ], [OK_DEV + ",node=65536"], "node: expected a NUMA node number"),
+        ([OK_OBJ + ",share=off"], [OK_DEV], "share=off is not possible"),
+        ([OK_OBJ + ",share=maybe"], [OK_DEV], "share: expected on or off"),
+        ([OK_OBJ + ",hugetlbsize=2M"], [OK_DEV], "hugetlbsize= needs hugetlb=on"),
+        ([OK_OBJ + ",hugetlb=on,hugetlbsize=1K"], [OK_DEV], "hugetlbsize 1K is not supported: only the default huge page size"),
+        ([OK_OBJ], ["id=vm0,memdev=mem0,socket=/tmp/" + "x" * 120], "longer than the 107 bytes"),
+        ([OK_OBJ], [OK_DEV], "is the QMP socket too"),
+    ],
+)
+def test_build_configs_refuses(objects, devices, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        _configs(objects, devices, qmp="/tmp/vm0.sock" if message == "is the QMP socket too" else None)
+    # The message names the option it is about.
+    assert str(info.value).startswith(("--object", "--device", "no device"))
+
+
+def test_hugetlb_defaults_the_block_size_to_the_huge_page_size():
+    from vfiouser_vmem.config import default_huge_page_size
+
+    huge = default_huge_page_size()
+    if huge is None:
+        pytest.skip("no huge pages in this kernel")
+    (config,) = _configs([OK_OBJ + ",hugetlb=on"], [OK_DEV])
+    assert config.hugetlb and config.block_size_bytes == max(huge, 2 << 20)
+
+
+def run_main(capsys, *args):
+    """cli.main in this process: (exit code, stdout, stderr)."""
+    try:
+        rc = cli.main(list(args))
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--object", OK_OBJ, "--device", OK_DEV, "--socket", "/tmp/x"], "--socket (one device) cannot be combined"),
+        (["--object", OK_OBJ, "--device", OK_DEV, "--config", "/nonexistent.toml"], "--config cannot be combined"),
+        (["--object", OK_OBJ], "--object given without any --device"),
+        (["--object", OK_OBJ, "--device", "id=vm0,memdev=mem1,socket=/tmp/s"], "memdev 'mem1' is not an object id"),
+        (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
+        (["--socket", "/tmp/s", "--size", "1G", "--metrics", "0.0.0.0:9100"], "--metrics: 0.0.0.0 is not a loopback address"),
+        (["--socket", "/tmp/s", "--size", "1G", "--metrics", "9100"], "--metrics: invalid address '9100'"),
+        (["--socket", "/tmp/s", "--size", "1G", "--metrics", ":99999"], "invalid port 99999"),
+        (["--socket", "/tmp/s", "--size", "1G", "--metrics-allow-remote"], "--metrics-allow-remote needs --metrics"),
+        (["--socket", "/tmp/s", "--size", "1G", "--socket-group", "no-such-group-here"], "no group named 'no-such-group-here'"),
+    ],
+)
+def test_serve_refuses_bad_configuration(tmp, capsys, flags, message):
+    rc, out, err = run_main(capsys, "serve", "--qmp", str(tmp / "q"), *flags)
+    assert rc == 2
+    assert message in err
+    assert out == ""
+    assert list(tmp.iterdir()) == []
+
+
+def test_serve_refuses_bad_devices_end_to_end_with_exit_2(tmp):
+    result = run_cli("serve", "--qmp", str(tmp / "q"), "--object", "memory-backend-memfd,id=mem0,size=1G",
+                     "--device", f"id=vm0,memdev=mem0,socket={tmp}/a.sock",
+                     "--object", "memory-backend-memfd,id=mem1,size=1G",
+                     "--device", f"id=vm0,memdev=mem1,socket={tmp}/b.sock")
+    assert result.returncode == 2
+    assert "duplicate device id 'vm0'" in result.stderr
+    assert list(tmp.iterdir()) == []
+
+
+TOML = """\
+qmp = "{qmp}"
+
+[[object]]
+qom-type = "memory-backend-memfd"
+id = "mem0"
+size = "1G"
+
+[[object]]
+id = "mem1"
+size = 536870912
+
+[[device]]
+driver = "virtio-mem"
+id = "vm0"
+memdev = "mem0"
+socket = "{dir}/vm0.sock"
+requested-size = "256M"
+node = 0
+
+[[device]]
+id = "vm1"
+memdev = "mem1"
+socket = "{dir}/vm1.sock"
+block-size = "4M"
+"""
+
+
+def test_config_file(tmp):
+    path = tmp / "vmem.toml"
+    path.write_text(TOML.format(qmp=tmp / "q", dir=tmp))
+    file_config = load_config_file(str(path))
+    assert file_config.qmp == str(tmp / "q")
+    configs = build_configs(file_config.objects, file_config.devices)
+    assert [(c.id, c.memdev, c.size_bytes, c.block_size_bytes, c.requested_size_bytes, c.node) for c in configs] == [
+        ("vm0", "mem0", 1 << 30, 2 << 20, 256 << 20, 0), ("vm1", "mem1", 512 << 20, 4 << 20, 0, None)]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[[object]\n", "not valid TOML"),
+        ("qmpp = 'x'\n", "unknown top-level key 'qmpp'"),
+        ("[object]\nid = 'a'\n", "'object' must be an array of tables, written \\[\\[object\\]\\]"),
+        ("qmp = 3\n", "qmp must be a string"),
+        ("[[object]]\nid='mem0'\nsize=true\n[[device]]\nid='vm0'\nmemdev='mem0'\nsocket='/tmp/s'\n",
+         r"\[\[object\]\] #1: size: expected a size"),
+        ("[[object]]\nid='mem0'\nsize='1G'\n[[device]]\nid='vm0'\nmemdev='mem0'\nsocket='/tmp/s'\nnode='x'\n",
+         r"\[\[device\]\] #1: node: expected a NUMA node number"),
+        ("[[object]]\nid='mem0'\nsize='1G'\n[[device]]\nid='vm0'\nmemdev='mem0'\nsocket=5\n",
+         r"\[\[device\]\] #1: socket must be a string"),
+    ],
+)
+def test_config_file_refuses(tmp, text, message):
+    path = tmp / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        f = load_config_file(str(path))
+        build_configs(f.objects, f.devices)
+
+
+def test_serve_config_file_runs_two_devices(tmp):
+    path = tmp / "vmem.toml"
+    path.write_text(TOML.format(qmp=tmp / "q", dir=tmp))
+    proc = subprocess.Popen([*EXE, "serve", "--config", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "ready: vm0 on" in line and "vm1 on" in line, proc.stderr.read() if proc.poll() is not None else line
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(tmp / "q"))
+        f = s.makefile("r")
+        f.readline()
+        s.sendall(b'{"execute":"qmp_capabilities"}{"execute":"query-memory-devices"}')
+        assert json.loads(f.readline()) == {"return": {}}
+        devices = json.loads(f.readline())["return"]
+        assert [(d["data"]["id"], d["data"]["memdev"], d["data"]["max-size"]) for d in devices] == [
+            ("vm0", "/objects/mem0", 1 << 30), ("vm1", "/objects/mem1", 512 << 20)]
+        s.close()
+        for name in ("vm0.sock", "vm1.sock", "q"):
+            assert (os.stat(tmp / name).st_mode & 0o777) == 0o600
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert sorted(p.name for p in tmp.iterdir()) == ["vmem.toml"]
+
+
+def test_serve_socket_group_makes_sockets_0660(tmp):
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    served = Served(tmp, "--size", "1G", "--socket-group", group)
+    try:
+        assert "ready" in served.first_line
+        for path in (served.sock, served.qmp):
+            st = os.stat(path)
+            assert (st.st_mode & 0o777) == 0o660 and st.st_gid == os.getgid()
+    finally:
+        rc, err = served.stop()
+    assert rc == 0, err
+
+
+# ---------------------------------------------------------------------------
+# qemu-args
+
+
+def sh_words(text: str) -> list[str]:
+    """What sh makes of ``text`` as arguments (the real shell's quoting)."""
+    out = subprocess.run(["sh", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "sh", text],
+                         capture_output=True, check=True).stdout.decode()
+    return out.split("\0")[:-1]
+
+
+def test_qemu_args_single_device_shell_and_json(capsys):
+    rc, out, err = run_main(capsys, "qemu-args", "--socket", "/tmp/it's here.sock", "--size", "8G", "--ram", "2G")
+    assert rc == 0 and err == ""
+    expected = ["-machine", "q35,memory-backend=ram0", "-m", "2G",
+                "-object", "memory-backend-memfd,id=ram0,size=2G,share=on",
+                "-device", '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/tmp/it\'s here.sock"}}']
+    assert sh_words(out) == expected
+    rc, out, err = run_main(capsys, "qemu-args", "--socket", "/tmp/it's here.sock", "--size", "8G", "--ram", "2G",
+                            "--format", "json", "--qmp", "/tmp/ignored.qmp")
+    assert rc == 0 and json.loads(out) == expected
+
+
+def test_qemu_args_several_devices_in_order(capsys, tmp):
+    rc, out, _ = run_main(capsys, "qemu-args", "--format", "json",
+                          "--object", "id=mem0,size=1G", "--device", "id=vm0,memdev=mem0,socket=/tmp/b.sock",
+                          "--object", "id=mem1,size=1G", "--device", "id=vm1,memdev=mem1,socket=/tmp/a.sock")
+    argv = json.loads(out)
+    devices = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-device"]
+    assert [d["socket"]["path"] for d in devices] == ["/tmp/b.sock", "/tmp/a.sock"]
+    assert all(d["driver"] == "vfio-user-pci" and d["socket"]["type"] == "unix" for d in devices)
+    assert "-cpu" not in argv and "-numa" not in argv
+    assert argv[argv.index("-m") + 1] == "1G"
+
+
+@pytest.mark.parametrize(
+    "sizes, phys_bits",
+    [
+        (["256G"], False),     # a 256 GiB BAR: placed with the default 40 bits
+        (["257G"], True),      # a 512 GiB BAR
+        (["1T"], True),
+        (["128G", "64G"], False),
+        (["256G", "2G"], True),  # BARs of 258 GiB together
+    ],
+)
+def test_qemu_args_phys_bits_rule(capsys, sizes, phys_bits):
+    flags = []
+    for i, size in enumerate(sizes):
+        flags += ["--object", f"id=mem{i},size={size}", "--device", f"id=vm{i},memdev=mem{i},socket=/tmp/{i}.sock"]
+    rc, out, err = run_main(capsys, "qemu-args", "--format", "json", *flags)
+    argv = json.loads(out)
+    assert rc == 0
+    if phys_bits:
+        assert argv[argv.index("-cpu") + 1] == "qemu64,phys-bits=46"
+        assert "phys-bits" in err
+    else:
+        assert "-cpu" not in argv and err == ""
+
+
+def test_qemu_args_numa_nodes(capsys):
+    rc, out, err = run_main(capsys, "qemu-args", "--format", "json", "--ram", "1G",
+                            "--object", "id=mem0,size=1G", "--device", "id=vm0,memdev=mem0,socket=/tmp/0.sock,node=2")
+    argv = json.loads(out)
+    assert rc == 0
+    # No memory-backend= on -machine: QEMU refuses it together with -numa memdev.
+    assert argv[:4] == ["-machine", "q35", "-m", "1G"]
+    assert argv[4:16] == [
+        "-object", "memory-backend-memfd,id=ram0,size=344M,share=on", "-numa", "node,nodeid=0,memdev=ram0",
+        "-object", "memory-backend-memfd,id=ram1,size=340M,share=on", "-numa", "node,nodeid=1,memdev=ram1",
+        "-object", "memory-backend-memfd,id=ram2,size=340M,share=on", "-numa", "node,nodeid=2,memdev=ram2",
+    ]
+    assert "split over NUMA nodes 0-2" in err
+    rc, out, err = run_main(capsys, "qemu-args", "--socket", "/tmp/s", "--size", "1G", "--node", "0", "--format", "json")
+    assert json.loads(out)[:8] == ["-machine", "q35", "-m", "1G", "-object", "memory-backend-memfd,id=ram0,size=1G,share=on",
+                                   "-numa", "node,nodeid=0,memdev=ram0"]
+    assert err == ""
+    rc, out, err = run_main(capsys, "qemu-args", "--socket", "/tmp/s", "--size", "1G", "--node", "3", "--ram", "6M")
+    assert rc == 2 and "--ram 6M is too small to give each of 4 NUMA nodes 2M" in err
+
+
+def test_qemu_args_refuses_like_serve(capsys):
+    rc, _, err = run_main(capsys, "qemu-args", "--object", "id=mem0,size=1G",
+                          "--device", "id=vm0,memdev=mem0,socket=/tmp/s,block-size=3M")
+    assert rc == 2 and "not a power of two" in err
+    rc, _, err = run_main(capsys, "qemu-args", "--socket", "/tmp/s", "--size", "1G", "--ram", "0")
+    assert rc == 2 and "--ram must be positive" in err
+
+
+def test_help_documents_exit_codes(capsys):
+    for args in (["--help"], ["serve", "--help"], ["ctl", "--help"], ["ctl", "resize", "--help"], ["qemu-args", "--help"]):
+        rc, out, _ = run_main(capsys, *args)
+        assert rc == 0
+        assert "3  ctl resize --wait" in out or "exit codes" in out, args
+    rc, out, _ = run_main(capsys, "serve", "--help")
+    assert "--object" in out and "memory-backend-memfd" in out and "--metrics" in out and "--socket-group" in out

@@ -1,22 +1,74 @@
 """The ``vfiouser-vmem`` command line (DESIGN.md section 6).
 
-Exit codes: 0 success (also after SIGTERM/SIGINT), 1 runtime failure,
-2 bad usage (argparse's convention).
+Commands:
+    serve      run virtio-mem devices on vfio-user sockets, with a QMP socket
+    ctl        resize / info / watch the devices over QMP (see ctl.py)
+    qemu-args  print the QEMU options for the devices of a configuration
+
+Devices are given to ``serve`` and ``qemu-args`` in one of three ways (not
+mixed): the single-device flags (``--socket --size [--block-size]
+[--requested-size] [--id] [--node]``), QEMU-style ``--object``/``--device``
+options (repeatable), or ``--config FILE`` (TOML); see config.py.
+
+Exit codes: 0 success (``serve``: also after SIGTERM/SIGINT), 1 runtime
+failure (a socket path in use, a QMP error, ...), 2 bad usage (nothing was
+started), 3 ``ctl resize --wait`` timed out.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import grp
+import json
 import logging
+import os
 import sys
 
-import trio
-
 from vfiouser_vmem import __version__
+from vfiouser_vmem.config import (
+    MAX_DEVICE_SIZE_BYTES,
+    ConfigError,
+    FileConfig,
+    build_configs,
+    check_socket_path,
+    device_spec,
+    format_shell,
+    load_config_file,
+    object_spec,
+    qemu_args,
+)
 from vfiouser_vmem.sizes import format_size, parse_size
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success (serve: also after SIGTERM/SIGINT)
+  1  runtime failure (socket in use, QMP error: its message is printed)
+  2  bad usage (nothing was started or changed)
+  3  ctl resize --wait: the guest did not reach the size in time"""
+
+SERVE_EPILOG = """\
+examples:
+  one device (the original flags):
+    vfiouser-vmem serve --socket /run/vmem0.sock --size 8G --qmp /run/vmem.qmp
+  several devices in one process, configured like QEMU:
+    vfiouser-vmem serve --qmp /run/vmem.qmp \\
+      --object memory-backend-memfd,id=mem0,size=8G \\
+      --device id=vm0,memdev=mem0,socket=/run/vm0.sock,requested-size=1G \\
+      --object memory-backend-memfd,id=mem1,size=4G \\
+      --device id=vm1,memdev=mem1,socket=/run/vm1.sock,node=1
+  the same from a TOML file ([[object]] and [[device]] tables, same keys):
+    vfiouser-vmem serve --config vmem.toml --qmp /run/vmem.qmp
+
+--object keys: memory-backend-memfd (the type, may be omitted), id, size,
+  share=on, hugetlb=on|off, hugetlbsize (the default huge page size only)
+--device keys: virtio-mem (the driver, may be omitted), id, memdev, socket,
+  node, block-size (default 2M), requested-size (default 0)
+Sizes take QEMU's forms: a byte count or a number with K, M, G, T (512M, 8G).
+
+""" + EXIT_CODES_HELP
 
 
 def _size(text: str) -> int:
@@ -36,74 +88,275 @@ def _node(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count")
+    return value
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    one = p.add_argument_group("one device (the original flags)")
+    one.add_argument("--socket", metavar="PATH", help="the vfio-user socket QEMU connects to")
+    one.add_argument("--size", type=_size, metavar="SIZE", help="the device's maximum size (memory backend size)")
+    one.add_argument("--block-size", type=_size, metavar="SIZE", help="the block size (default 2M)")
+    one.add_argument("--requested-size", type=_size, metavar="SIZE",
+                     help="the size the guest should plug at start (default 0)")
+    one.add_argument("--id", help="the device id used over QMP (default vmem0)")
+    one.add_argument("--node", type=_node, metavar="N",
+                     help="the guest NUMA node of the memory (offers VIRTIO_MEM_F_ACPI_PXM)")
+    many = p.add_argument_group("several devices, configured like QEMU")
+    many.add_argument("--object", action="append", default=[], metavar="memory-backend-memfd,id=ID,size=SIZE",
+                      help="a memory backend (repeatable)")
+    many.add_argument("--device", action="append", default=[], metavar="id=ID,memdev=ID,socket=PATH,...",
+                      help="a virtio-mem device using a backend (repeatable)")
+    many.add_argument("--config", metavar="FILE", help="a TOML file with [[object]] and [[device]] tables")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vfiouser-vmem",
         description="An out-of-process virtio-mem device for QEMU's vfio-user-pci.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
     serve = sub.add_parser(
         "serve",
-        help="serve a virtio-mem device on a vfio-user socket",
-        description="Serve a virtio-mem PCI device on a vfio-user socket, with a QMP control socket. "
-        "Sizes take QEMU's forms: a byte count or a number with K, M, G, T (e.g. 512M, 8G).",
+        help="serve virtio-mem devices on vfio-user sockets",
+        description="Serve virtio-mem PCI devices on vfio-user sockets, with a QMP control socket.\n"
+        "Prints one line once every socket listens; stops on SIGTERM/SIGINT, removing its sockets.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--socket", required=True, metavar="PATH", help="the vfio-user socket QEMU connects to")
-    serve.add_argument("--size", required=True, type=_size, metavar="SIZE", help="the device's maximum size (memory backend size)")
-    serve.add_argument("--block-size", type=_size, default=2 << 20, metavar="SIZE", help="the block size (default 2M)")
-    serve.add_argument("--requested-size", type=_size, default=0, metavar="SIZE", help="the size the guest should plug at start (default 0)")
-    serve.add_argument("--id", default="vmem0", help="the device id used over QMP (default vmem0)")
-    serve.add_argument("--node", type=_node, default=None, metavar="N", help="the guest NUMA node of the memory (offers VIRTIO_MEM_F_ACPI_PXM)")
-    serve.add_argument("--qmp", required=True, metavar="PATH", help="the UNIX socket on which the server speaks QMP")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
+    _add_device_flags(serve)
+    serve.add_argument("--qmp", metavar="PATH",
+                       help="the UNIX socket on which the server speaks QMP (or qmp= in --config)")
+    serve.add_argument("--socket-group", metavar="GROUP",
+                       help="make the vfio-user and QMP sockets 0660 and owned by GROUP (default: 0600)")
+    serve.add_argument("--metrics", metavar="[HOST]:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
+    serve.add_argument("--metrics-allow-remote", action="store_true",
+                       help="allow a --metrics host that is not a loopback address")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="default info")
+
+    ctl = sub.add_parser(
+        "ctl",
+        help="resize, list and watch devices over QMP",
+        description="Drive a running server (or a QEMU with virtio-mem-pci devices) over QMP.",
+        epilog="--qmp defaults to $VFIOUSER_VMEM_QMP.\n\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ctl.add_argument("--qmp", metavar="PATH", default=None, help="the QMP socket")
+    ctl_sub = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
+    # --qmp is accepted after the subcommand too (SUPPRESS keeps the value
+    # given before it).
+    qmp_again = argparse.ArgumentParser(add_help=False)
+    qmp_again.add_argument("--qmp", metavar="PATH", default=argparse.SUPPRESS, help="the QMP socket")
+    resize = ctl_sub.add_parser(
+        "resize", parents=[qmp_again], help="set a device's requested-size",
+        description="Set a device's requested-size; with --wait, wait until the guest has plugged or\n"
+        "unplugged its way there, and say where it got stuck if it does not.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    resize.add_argument("id", metavar="ID", help="the device id")
+    resize.add_argument("size", metavar="SIZE", type=_size, help="the new requested size (e.g. 1G, 512M, 0)")
+    resize.add_argument("--wait", action="store_true", help="wait until the device's size reaches SIZE")
+    resize.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+                        help="give up waiting after S seconds (default 60; exit code 3)")
+    info = ctl_sub.add_parser("info", parents=[qmp_again], help="list the memory devices",
+                              description="List the memory devices (query-memory-devices) as a table.")
+    info.add_argument("--json", action="store_true", help="print the QMP reply as JSON")
+    watch = ctl_sub.add_parser("watch", parents=[qmp_again], help="print size changes as they happen",
+                               description="Print a line per MEMORY_DEVICE_SIZE_CHANGE event until Ctrl-C.")
+    watch.add_argument("ids", nargs="*", metavar="ID", help="only these devices (default: all)")
+    watch.add_argument("--count", type=_positive_int, metavar="N", help="stop after N size changes")
+    watch.add_argument("--json", action="store_true", help="print the events as JSON lines")
+
+    qargs = sub.add_parser(
+        "qemu-args",
+        help="print the QEMU options for a configuration",
+        description="Print the QEMU options that attach the devices of a configuration (same device flags\n"
+        "as serve): shared guest RAM, one vfio-user-pci device per socket, and -cpu/-numa options\n"
+        "when the devices need them (see the README). Advice goes to stderr.",
+        epilog="example:\n  eval \"qemu-system-x86_64 $(vfiouser-vmem qemu-args --config vmem.toml) -kernel ...\"\n\n"
+        + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_device_flags(qargs)
+    qargs.add_argument("--ram", type=_size, default=1 << 30, metavar="SIZE", help="the guest's boot RAM (default 1G)")
+    qargs.add_argument("--format", choices=["shell", "json"], default="shell",
+                       help="shell: quoted for sh (default); json: a JSON list of argv strings")
+    qargs.add_argument("--qmp", metavar="PATH", help=argparse.SUPPRESS)  # accepted, so serve's flags can be reused
     return parser
 
 
-def _check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+_SINGLE_FLAGS = ("socket", "size", "block_size", "requested_size", "id", "node")
+
+
+def _device_configs(parser: argparse.ArgumentParser, args: argparse.Namespace, *, qmp_path: str | None,
+                    file_config: FileConfig | None) -> list:
+    """The DeviceConfigs the flags describe; parser.error (exit 2) otherwise."""
+    from vfiouser_vmem.server import DeviceConfig
+
+    qemu_style = args.object or args.device
+    try:
+        if file_config is not None:
+            return build_configs(file_config.objects, file_config.devices, qmp_path=qmp_path)
+        if qemu_style:
+            if not args.device:
+                raise ConfigError("--object given without any --device using it")
+            return build_configs([object_spec(t) for t in args.object], [device_spec(t) for t in args.device],
+                                 qmp_path=qmp_path)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+    missing = [flag for flag, value in (("--socket", args.socket), ("--size", args.size)) if value is None]
+    if missing:
+        if args.command == "serve" and qmp_path is None:
+            missing.append("--qmp")
+        parser.error(f"the following arguments are required: {', '.join(missing)} "
+                     "(or --object/--device, or --config)")
+    block_size = 2 << 20 if args.block_size is None else args.block_size
+    requested = 0 if args.requested_size is None else args.requested_size
+    try:
+        _check_single(args.size, block_size, requested)
+        check_socket_path(args.socket, "--socket")
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if qmp_path is not None and os.path.abspath(args.socket) == os.path.abspath(qmp_path):
+        parser.error("--socket and --qmp must be different paths")
+    return [DeviceConfig(socket=args.socket, size_bytes=args.size, block_size_bytes=block_size,
+                         requested_size_bytes=requested, id=args.id or "vmem0", node=args.node)]
+
+
+def _check_single(size: int, block_size: int, requested: int) -> None:
+    """The single-device checks, with the flags' names in the messages."""
     from vfiouser_vmem.device import validate_block_size
 
     try:
-        validate_block_size(args.block_size)
+        validate_block_size(block_size)
     except ValueError as exc:
-        parser.error(f"--block-size: {exc}")
-    if args.size == 0 or args.size % args.block_size:
-        parser.error(f"--size {format_size(args.size)} is not a positive multiple of the block size {format_size(args.block_size)}")
-    if args.size > 1 << 40:
-        parser.error(f"--size {format_size(args.size)} is above the supported maximum of 1T")
-    if args.requested_size > args.size:
-        parser.error(f"--requested-size {format_size(args.requested_size)} is above --size {format_size(args.size)}")
-    if args.requested_size % args.block_size:
-        parser.error(f"--requested-size {format_size(args.requested_size)} is not a multiple of the block size {format_size(args.block_size)}")
-    if args.socket == args.qmp:
-        parser.error("--socket and --qmp must be different paths")
+        raise ConfigError(f"--block-size: {exc}") from None
+    if size == 0 or size % block_size:
+        raise ConfigError(f"--size {format_size(size)} is not a positive multiple of the block size {format_size(block_size)}")
+    if size > MAX_DEVICE_SIZE_BYTES:
+        raise ConfigError(f"--size {format_size(size)} is above the supported maximum of 1T")
+    if requested > size:
+        raise ConfigError(f"--requested-size {format_size(requested)} is above --size {format_size(size)}")
+    if requested % block_size:
+        raise ConfigError(f"--requested-size {format_size(requested)} is not a multiple of the block size {format_size(block_size)}")
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from vfiouser_vmem.server import DeviceConfig, SocketPathInUse, serve
+def _load_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FileConfig | None:
+    """Check that one way of giving devices is used; load --config."""
+    single = [f for f in _SINGLE_FLAGS if getattr(args, f) is not None]
+    qemu_style = args.object or args.device
+    if single and (qemu_style or args.config):
+        flags = ", ".join("--" + f.replace("_", "-") for f in single)
+        parser.error(f"{flags} (one device) cannot be combined with --object/--device/--config")
+    if args.config and qemu_style:
+        parser.error("--config cannot be combined with --object/--device")
+    if not args.config:
+        return None
+    try:
+        return load_config_file(args.config)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable
 
-    config = DeviceConfig(
-        socket=args.socket,
-        size_bytes=args.size,
-        block_size_bytes=args.block_size,
-        requested_size_bytes=args.requested_size,
-        id=args.id,
-        node=args.node,
-    )
+
+def _group_id(parser: argparse.ArgumentParser, group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        pass
+    if group.isdigit():
+        return int(group)
+    parser.error(f"--socket-group: no group named {group!r}")
+    raise AssertionError  # unreachable
+
+
+def _describe(config) -> str:
+    return (f"{config.id} on {config.socket} (max {format_size(config.size_bytes)}, "
+            f"block {format_size(config.block_size_bytes)}, requested {format_size(config.requested_size_bytes)})")
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import trio
+
+    from vfiouser_vmem.metrics import MetricsAddressError, MetricsExporter, parse_metrics_address
+    from vfiouser_vmem.server import SocketPathInUse, serve
+
+    file_config = _load_file(parser, args)
+    qmp_path = args.qmp or (file_config.qmp if file_config else None)
+    configs = _device_configs(parser, args, qmp_path=qmp_path, file_config=file_config)
+    if qmp_path is None:
+        parser.error("the following arguments are required: --qmp")
+    try:
+        check_socket_path(qmp_path, "--qmp")
+    except ConfigError as exc:
+        parser.error(str(exc))
+    group = args.socket_group or (file_config.socket_group if file_config else None)
+    gid = None if group is None else _group_id(parser, group)
+    exporter = None
+    if args.metrics is not None:
+        try:
+            host, port = parse_metrics_address(args.metrics, allow_remote=args.metrics_allow_remote)
+        except MetricsAddressError as exc:
+            parser.error(f"--metrics: {exc}")
+        exporter = MetricsExporter(host, port)
+    elif args.metrics_allow_remote:
+        parser.error("--metrics-allow-remote needs --metrics")
 
     def ready() -> None:
-        print(
-            f"vfiouser-vmem {__version__}: {config.id} ready on {config.socket} "
-            f"(max {format_size(config.size_bytes)}, block {format_size(config.block_size_bytes)}, "
-            f"requested {format_size(config.requested_size_bytes)}), QMP on {args.qmp}",
-            flush=True,
-        )
+        if len(configs) == 1:  # the original wording
+            c = configs[0]
+            line = (f"vfiouser-vmem {__version__}: {c.id} ready on {c.socket} (max {format_size(c.size_bytes)}, "
+                    f"block {format_size(c.block_size_bytes)}, requested {format_size(c.requested_size_bytes)}), "
+                    f"QMP on {qmp_path}")
+        else:
+            line = (f"vfiouser-vmem {__version__}: ready: " + ", ".join(_describe(c) for c in configs)
+                    + f"; QMP on {qmp_path}")
+        if exporter is not None:
+            line += f", metrics on {exporter.url}"
+        print(line, flush=True)
 
     try:
-        trio.run(functools.partial(serve, [config], args.qmp, ready=ready))
+        trio.run(functools.partial(serve, configs, qmp_path, ready=ready, metrics=exporter, socket_group=gid))
     except (SocketPathInUse, ValueError, OSError) as exc:
         logging.getLogger("vfiouser_vmem").error("%s", exc)
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _qemu_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    file_config = _load_file(parser, args)
+    configs = _device_configs(parser, args, qmp_path=None, file_config=file_config)
+    if args.ram == 0:
+        parser.error("--ram must be positive")
+    try:
+        argv, notes = qemu_args(configs, args.ram)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps(argv) if args.format == "json" else format_shell(argv))
     return EXIT_OK
 
 
@@ -111,13 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO) if hasattr(args, "log_level") else logging.INFO,
+        level=getattr(logging, args.log_level.upper(), logging.INFO) if hasattr(args, "log_level") else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    subparser = parser._subparsers._group_actions[0].choices[args.command]  # for errors that name the command
     if args.command == "serve":
-        _check_serve_args(parser, args)
-        return _serve(args)
+        return _serve(subparser, args)
+    if args.command == "qemu-args":
+        return _qemu_args(subparser, args)
+    if args.command == "ctl":
+        from vfiouser_vmem import ctl
+
+        return ctl.run(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 

@@ -22,7 +22,7 @@ from vfiouser_vmem import __version__
 from vfiouser_vmem.backend import MemfdBackend
 from vfiouser_vmem.blocks import RangeState
 from vfiouser_vmem.control import PropertyNotFound, PropertyReadOnly
-from vfiouser_vmem.device import VirtioMemDevice
+from vfiouser_vmem.device import DiscardFailed, VirtioMemDevice
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.vfu import (
     CAP_FLAG_READONLY,
@@ -54,6 +54,8 @@ class DeviceConfig:
     id: str = "vmem0"
     node: int | None = None
     memdev: str = ""
+    #: The memfd uses huge pages (``memory-backend-memfd,hugetlb=on``).
+    hugetlb: bool = False
 
     def __post_init__(self) -> None:
         if not self.memdev:
@@ -118,9 +120,14 @@ class DeviceServer:
         self.config = config
         self.log = logging.LoggerAdapter(log, {})
         self.bar_size = vp.memory_bar_size(config.size_bytes)
-        self.backend = MemfdBackend(self.bar_size, name=f"vfiouser-vmem:{config.id}")
+        self.backend = MemfdBackend(self.bar_size, name=f"vfiouser-vmem:{config.id}", hugetlb=config.hugetlb)
         self.clients_total = 0
         self.connected = False
+        #: Fault injection (QOM property x-fail-discards): this many of the
+        #: next discards fail, so that the guest's BUSY path can be tested.
+        self.fail_discards = 0
+        #: Resets seen, by kind (DEVICE, LOST_CONN, PCI_FLR): metrics.
+        self.resets_total: dict[str, int] = {t.name: 0 for t in ResetType}
         try:
             self.model = VirtioMemDevice(
                 region_size_bytes=config.size_bytes,
@@ -128,7 +135,7 @@ class DeviceServer:
                 requested_size_bytes=config.requested_size_bytes,
                 node_id=config.node,
                 page_size_bytes=self.backend.page_size_bytes,
-                discard=self.backend.discard,
+                discard=self._discard,
                 name=config.id,
             )
             claim_socket_path(config.socket)
@@ -184,6 +191,12 @@ class DeviceServer:
         ctx.on_dma_unregister = self._dma_unregister
         ctx.realize()
 
+    def _discard(self, offset_bytes: int, length_bytes: int) -> None:
+        if self.fail_discards > 0:
+            self.fail_discards -= 1
+            raise DiscardFailed(f"injected discard failure (x-fail-discards, {self.fail_discards} left)")
+        self.backend.discard(offset_bytes, length_bytes)
+
     # -- region callbacks (quick: the vCPU waits for the reply) -------------
     def _bar0_access(self, offset: int, buf: memoryview, is_write: bool) -> None:
         self.transport.bar0_access(offset, buf, is_write)
@@ -237,6 +250,7 @@ class DeviceServer:
 
     # -- resets ---------------------------------------------------------
     def _reset(self, reset_type: ResetType) -> None:
+        self.resets_total[reset_type.name] += 1
         plugged = self.model.plugged_size
         if reset_type == ResetType.LOST_CONN:
             self.transport.memory.clear()
@@ -308,8 +322,6 @@ class DeviceServer:
 class ControlledVmem:
     """A DeviceServer as the control plane sees it (control.ControlledDevice)."""
 
-    _READ_ONLY = ("size", "block-size", "max-size", "memaddr", "node", "memdev")
-
     def __init__(self, server: DeviceServer) -> None:
         self.server = server
         self.id = server.config.id
@@ -325,6 +337,10 @@ class ControlledVmem:
             "memaddr": ("uint64", lambda: self.server.transport.memory_bar_addr),
             "node": ("uint32", lambda: m.node_id or 0),
             "memdev": ("link<memory-backend>", lambda: f"/objects/{self.server.config.memdev}"),
+            "x-fail-discards": ("uint32", lambda: self.server.fail_discards),
+            "x-hold-requests": ("bool", lambda: self.server.transport.hold_requests),
+            # True while a held kick waits (read-only): requests are in the queue.
+            "x-requests-pending": ("bool", lambda: self.server.transport.kick_pending),
         }
 
     def qom_get(self, prop: str) -> Any:
@@ -341,6 +357,24 @@ class ControlledVmem:
             old = self.server.model.requested_size
             self.server.model.set_requested_size(value)
             log.info("%s: requested-size %s -> %s", self.id, format_size(old), format_size(value))
+            return
+        if prop == "x-hold-requests":
+            # Testing aid: requests wait in the queue until released, so that
+            # a test can change requested-size while a PLUG is in flight.
+            if not isinstance(value, bool):
+                raise TypeError(f"Parameter 'x-hold-requests' expects bool, got {value!r}")
+            transport = self.server.transport
+            transport.hold_requests = value
+            log.warning("%s: virtio-mem requests %s (x-hold-requests)", self.id, "held" if value else "released")
+            if not value:
+                transport.process_queue()
+            return
+        if prop == "x-fail-discards":
+            # Like QEMU's x- properties: for testing, not a stable interface.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TypeError(f"Parameter 'x-fail-discards' expects uint32, got {value!r}")
+            self.server.fail_discards = value
+            log.warning("%s: the next %d discard(s) will fail (x-fail-discards)", self.id, value)
             return
         if prop in self._props():
             raise PropertyReadOnly(f"Property '{self.id}.{prop}' is read-only")
@@ -368,19 +402,40 @@ class ControlledVmem:
         return lambda: listeners.remove(listener) if listener in listeners else None
 
 
-async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[], None] | None = None) -> None:
-    """Run the devices and the QMP server until SIGTERM/SIGINT."""
+def share_socket_with_group(path: str, gid: int) -> None:
+    """Make a socket file 0660 and owned by group ``gid`` (``--socket-group``)."""
+    os.chown(path, -1, gid)
+    os.chmod(path, 0o660)
+
+
+async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[], None] | None = None,
+                metrics: Any = None, socket_group: int | None = None) -> None:
+    """Run the devices and the QMP server until SIGTERM/SIGINT.
+
+    ``metrics``: a ``metrics.MetricsExporter`` to serve beside them (it gets
+    every DeviceServer, and listens before ``ready`` is called).
+    ``socket_group``: a gid; the vfio-user and QMP sockets are then 0660 and
+    owned by that group instead of 0600."""
     from vfiouser_vmem.qmp import QmpServer
 
     servers: list[DeviceServer] = []
     try:
         for config in configs:
             servers.append(DeviceServer(config))
+            if socket_group is not None:
+                share_socket_with_group(config.socket, socket_group)
         controlled = {s.config.id: ControlledVmem(s) for s in servers}
         qmp = QmpServer(controlled, version=__version__)
+        if metrics is not None:
+            for s in servers:
+                metrics.add_device(s)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(qmp.serve, qmp_path)
+                if socket_group is not None:
+                    share_socket_with_group(qmp_path, socket_group)
+                if metrics is not None:
+                    await nursery.start(metrics.serve)
                 for s in servers:
                     nursery.start_soon(s.run)
                 if ready is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from typing import Callable
 
 from vfiouser_vmem.device import CONFIG_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, ProtocolViolation, VirtioMemDevice
@@ -142,6 +143,10 @@ class VirtioPciTransport:
         self.queue = SplitQueue(QUEUE_MAX_SIZE)
         self.kick_pending = False
         self.broken_reason: str | None = None
+        #: Called as observe(request_type, response_code, service_seconds)
+        #: after each request (parse, bitmap, discard, response): metrics.
+        self.request_observers: list[Callable[[int, int, float], None]] = []
+        self.hold_requests = False
         device.on_config_change = self.notify_config
         self.virtio_reset()
 
@@ -368,6 +373,10 @@ class VirtioPciTransport:
         region callback."""
         if not self.kick_pending:
             return 0
+        if self.hold_requests:
+            # Testing aid (QOM x-hold-requests): leave the requests in the
+            # queue, as a host too slow to answer would.
+            return 0
         self.kick_pending = False
         q = self.queue
         if self.broken_reason or not (q.enabled and self.status & VIRTIO_CONFIG_S_DRIVER_OK):
@@ -381,9 +390,16 @@ class VirtioPciTransport:
                         f"chain {chain.head} has {chain.writable_bytes} device-writable bytes, "
                         f"a response needs {RESPONSE_SIZE}"
                     )
+                started = time.perf_counter()
                 response = self.device.handle_request(chain.readable)
                 q.push(self.memory, chain, response)
                 handled += 1
+                if self.request_observers:
+                    elapsed_s = time.perf_counter() - started
+                    request_type = int.from_bytes(chain.readable[:2], "little")
+                    response_code = int.from_bytes(response[:2], "little")
+                    for observe in self.request_observers:
+                        observe(request_type, response_code, elapsed_s)
             if handled and not q.interrupts_suppressed(self.memory):
                 self._interrupt(q.msix_vector, 1)
         except (QueueError, ProtocolViolation, GuestMemoryError) as exc:

@@ -1,0 +1,243 @@
+"""Benchmarks without a guest: the discard loop, the block bitmap, and the
+server's start-up time and RSS.
+
+Each function returns plain data (seconds, bytes) for bench/run.py's report;
+sizes are parameters so that tests/test_bench.py can run them tiny.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from vfiouser_vmem.blocks import BlockBitmap, allocated_bytes, discard_runs
+
+from bench.procinfo import proc_rss
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+GIB = 1 << 30
+TIB = 1 << 40
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def python_discard_loop(fd: int, ranges: list[tuple[int, int]]) -> None:
+    """The plain Python/ctypes loop: one fallocate(PUNCH_HOLE|KEEP_SIZE) per (offset, length)."""
+    fallocate = _libc.fallocate
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    for offset, length in ranges:
+        if fallocate(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"fallocate at {offset}: {os.strerror(err)}")
+
+
+def alternating_bitmap(nb_blocks: int, stride: int = 2) -> BlockBitmap:
+    """Every ``stride``-th block plugged: the most runs a bitmap can have (stride 2)."""
+    bitmap = BlockBitmap(nb_blocks)
+    for i in range(0, nb_blocks, stride):
+        bitmap.set_range(i, 1)
+    return bitmap
+
+
+def _touch(view: memoryview, ranges: list[tuple[int, int]], page: int) -> None:
+    for offset, length in ranges:
+        for p in range(offset, offset + length, page):
+            view[p] = 1
+
+
+def bench_discard(device_bytes: int, block_bytes: int = 2 * MIB, *, touch: bool = False, reps: int = 3,
+                  stride: int = 2) -> dict:
+    """The C ``discard_runs`` against ``python_discard_loop`` over the same
+    ranges (every ``stride``-th block of a ``device_bytes`` memfd).
+
+    Untouched (sparse) memory measures the loop's own cost per fallocate;
+    ``touch=True`` writes every page of the ranges first (outside the
+    timing), so the kernel's freeing of pages is included."""
+    nb_blocks = device_bytes // block_bytes
+    bitmap = alternating_bitmap(nb_blocks, stride)
+    ranges = [(first * block_bytes, count * block_bytes) for first, count in bitmap.runs()]
+    fd = os.memfd_create("vfiouser-vmem-bench", os.MFD_CLOEXEC)
+    page = os.sysconf("SC_PAGE_SIZE")
+    times: dict[str, list[float]] = {"c": [], "python": []}
+    freed: dict[str, list[int]] = {"c": [], "python": []}
+    try:
+        os.ftruncate(fd, device_bytes)
+        mm = mmap.mmap(fd, device_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) if touch else None
+        view = memoryview(mm) if mm is not None else None
+        try:
+            for _ in range(reps):
+                for kind in ("c", "python"):
+                    if view is not None:
+                        _touch(view, ranges, page)
+                    before = allocated_bytes(fd)
+                    started = time.perf_counter()
+                    if kind == "c":
+                        discard_runs(fd, bitmap, block_bytes)
+                    else:
+                        python_discard_loop(fd, ranges)
+                    times[kind].append(time.perf_counter() - started)
+                    after = allocated_bytes(fd)
+                    if after != 0:
+                        raise AssertionError(f"{kind} discard left {after} bytes allocated")
+                    freed[kind].append(before - after)
+        finally:
+            if view is not None:
+                view.release()
+                mm.close()
+    finally:
+        os.close(fd)
+    return {"device_bytes": device_bytes, "block_bytes": block_bytes, "ranges": len(ranges), "touch": touch,
+            "times": times, "freed_bytes": freed}
+
+
+def _time_op(fn: Callable[[], object], *, min_total_s: float = 0.05, max_calls: int = 10_000) -> float:
+    """Seconds per call of ``fn``: the best of 3 batches sized to take ~min_total_s."""
+    calls = 1
+    while True:
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_total_s or calls >= max_calls:
+            break
+        calls = min(max_calls, calls * max(2, int(min_total_s / max(elapsed, 1e-9))))
+    best = elapsed / calls
+    for _ in range(2):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best
+
+
+def bench_bitmap(nb_blocks: int = 524288, request_blocks: int = 64, *, min_total_s: float = 0.05) -> dict[str, float]:
+    """Seconds per call of the bitmap operations on ``nb_blocks`` blocks
+    (524288 = 1 TiB in 2 MiB blocks).  "request" rows are the size of one
+    Linux request (64 blocks = one 128 MiB memory block) in the middle."""
+    full = BlockBitmap(nb_blocks)
+    full.set_range(0, nb_blocks)
+    empty = BlockBitmap(nb_blocks)
+    alt = alternating_bitmap(nb_blocks)
+    mid = max(0, nb_blocks // 2 - request_blocks // 2)
+    req = min(request_blocks, nb_blocks)
+
+    def set_clear_request() -> None:
+        empty.set_range(mid, req)
+        empty.clear_range(mid, req)
+
+    def set_clear_all() -> None:
+        empty.set_range(0, nb_blocks)
+        empty.clear_range(0, nb_blocks)
+
+    ops: dict[str, Callable[[], object]] = {
+        "set_range + clear_range, one request": set_clear_request,
+        "range_state, one request": lambda: full.range_state(mid, req),
+        "set_range + clear_range, whole device": set_clear_all,
+        "range_state, whole device (all plugged)": lambda: full.range_state(0, nb_blocks),
+        "count_plugged, whole device": full.count_plugged,
+        "runs(), whole device plugged (1 run)": lambda: list(full.runs()),
+        "runs(), every other block plugged": lambda: list(alt.runs()),
+    }
+    out = {name: _time_op(fn, min_total_s=min_total_s) for name, fn in ops.items()}
+    out["_alternating_runs"] = sum(1 for _ in alt.runs())
+    return out
+
+
+# -- the server's start-up ------------------------------------------------------
+
+def vfiouser_vmem_exe() -> str:
+    return shutil.which("vfiouser-vmem", path=str(Path(sys.executable).parent)) or "vfiouser-vmem"
+
+
+def cli_takes_many_devices() -> bool:
+    """Whether ``vfiouser-vmem serve`` takes repeatable --object/--device."""
+    out = subprocess.run([vfiouser_vmem_exe(), "serve", "--help"], capture_output=True, text=True).stdout
+    return "--device" in out and "--object" in out
+
+
+def _start_and_measure(cmd: list[str], timeout_s: float = 60) -> dict:
+    """Spawn ``cmd``, wait for its first stdout line ("ready"), read its RSS, stop it (SIGTERM)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout_s):
+            raise TimeoutError(f"no ready line within {timeout_s} s from {cmd}")
+        line = proc.stdout.readline()
+        ready_s = time.monotonic() - started
+        if "ready" not in line:
+            proc.wait(timeout=10)
+            raise RuntimeError(f"{cmd[:4]}... did not start: {line!r}\n{proc.stderr.read()[-3000:]}")
+        rss = proc_rss(proc.pid)
+        return {"ready_s": ready_s, "rss": rss}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def bench_startup(*, size: str = "1T", devices: int = 1, device_size: str = "8G", reps: int = 3,
+                  prefer_cli: bool = True) -> dict:
+    """Spawn -> "ready" line, and VmRSS at ready, of one ``size`` device or of
+    ``devices`` devices of ``device_size`` in one process.
+
+    Several devices go through the CLI's repeatable --object/--device when it
+    has them, else through bench/served.py --devices (server.serve directly)."""
+    results: list[dict] = []
+    how = "cli"
+    for _ in range(reps):
+        tmp = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
+        try:
+            qmp = os.path.join(tmp, "q.qmp")
+            if devices == 1:
+                cmd = [vfiouser_vmem_exe(), "serve", "--socket", os.path.join(tmp, "v.sock"), "--size", size,
+                       "--qmp", qmp]
+            elif prefer_cli and cli_takes_many_devices():
+                cmd = [vfiouser_vmem_exe(), "serve", "--qmp", qmp]
+                for i in range(devices):
+                    cmd += ["--object", f"memory-backend-memfd,id=mem{i},size={device_size}",
+                            "--device", f"id=vm{i},memdev=mem{i},socket={os.path.join(tmp, f'vm{i}.sock')}"]
+            else:
+                how = "served.py"
+                cmd = [sys.executable, str(REPO / "bench" / "served.py"), "--devices", str(devices), "--dir", tmp,
+                       "--size", device_size, "--qmp", qmp]
+            try:
+                results.append(_start_and_measure(cmd))
+            except RuntimeError:
+                if how == "cli" and devices > 1:
+                    # The CLI's syntax is not the one expected here: measure
+                    # through server.serve directly instead.
+                    prefer_cli = False
+                    how = "served.py"
+                    cmd = [sys.executable, str(REPO / "bench" / "served.py"), "--devices", str(devices), "--dir",
+                           tmp, "--size", device_size, "--qmp", qmp]
+                    results.append(_start_and_measure(cmd))
+                else:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"size": size if devices == 1 else device_size, "devices": devices, "how": how if devices > 1 else "cli",
+            "ready_s": [r["ready_s"] for r in results], "rss": [r["rss"] for r in results]}

@@ -1,0 +1,725 @@
+"""vfiouser-vmem against QEMU's own virtio-mem-pci, side by side, in one run.
+
+    .venv/bin/python bench/run.py [--reps 3] [--sizes 1G,4G] [--profile cprofile|py-spy]
+
+Boots the integration kit's guest (QEMU 11, Linux 6.12, busybox /init) twice:
+once with QEMU's in-process ``virtio-mem-pci`` (memfd backend, block size
+2M, 8G maximum) and once with ``vfiouser-vmem serve`` (same sizes) through
+``vfio-user-pci``, and measures both the same way (bench/README.md).  Writes
+results.json, table.md, timelines.png and service_times.png to
+bench/results/<timestamp>/ and prints the table.  Timings are reported, never
+asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "integration"))
+
+from harness import GIB, MIB, Guest, GuestError, Kit, QmpClient, kvm_works, short_tmpdir, wait_for  # noqa: E402
+
+from bench import micro, report  # noqa: E402
+from bench.procinfo import add_rss, cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402
+from bench.qemu_vmem import QemuVmem  # noqa: E402
+from vfiouser_vmem.sizes import format_size, parse_size  # noqa: E402
+
+BOOT_TIMEOUT_S = 240
+RESIZE_TIMEOUT_S = 180
+QMP_POLL_S = 0.01
+SETTLE_S = 0.3
+#: "Back at ~0": the backend holds at most this much above its level before plug.
+ALLOC_SLACK_BYTES = 2 * MIB
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- the two devices, one surface ------------------------------------------------
+
+class OursVmem:
+    """``vfiouser-vmem serve`` (through bench/served.py, which records the
+    server's per-request service times) and a guest attached to it."""
+
+    def __init__(self, kit: Kit, workdir: Path, *, size: str, block_size: str, stats_path: Path,
+                 cprofile_path: Path | None = None, name: str = "ours") -> None:
+        self.id = "vmem0"
+        self.workdir = workdir
+        self.socket = str(workdir / "vmem0.sock")
+        self.qmp_path = str(workdir / "vmem0.qmp")
+        self.log_path = workdir / "server.log"
+        self.stats_path = stats_path
+        cmd = [sys.executable, str(REPO / "bench" / "served.py"), "--stats", str(stats_path)]
+        if cprofile_path is not None:
+            cmd += ["--cprofile", str(cprofile_path)]
+        cmd += ["--", "serve", "--socket", self.socket, "--size", size, "--block-size", block_size,
+                "--id", self.id, "--qmp", self.qmp_path]
+        self.log_file = open(self.log_path, "wb")
+        started = time.monotonic()
+        self.server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log_file)
+        self.guest: Guest | None = None
+        self.qmp: QmpClient | None = None
+        line = self.server.stdout.readline().decode()
+        self.server_ready_s = time.monotonic() - started
+        if "ready" not in line:
+            self.stop()
+            raise GuestError(f"server did not start: {line!r}\n{self.server_log()[-3000:]}")
+        self.qmp = QmpClient(self.qmp_path)
+        self.guest = Guest(kit, workdir, [self.socket], name=name)
+
+    @property
+    def pid(self) -> int:
+        return self.guest.proc.pid
+
+    def connect_qmp(self) -> None:
+        pass  # connected before QEMU started
+
+    def get(self, prop: str) -> int:
+        return self.qmp.execute("qom-get", path=self.id, property=prop)
+
+    def set_requested_size(self, size_bytes: int) -> None:
+        self.qmp.execute("qom-set", path=self.id, property="requested-size", value=size_bytes)
+
+    def allocated_bytes(self) -> int:
+        return memfd_allocated_bytes(self.server.pid, name_prefix=f"vfiouser-vmem:{self.id} ")
+
+    def rss(self) -> dict[str, int]:
+        return add_rss(proc_rss(self.pid), proc_rss(self.server.pid))
+
+    def cpu(self) -> dict[str, float]:
+        return {"qemu": cpu_seconds(self.pid), "server": cpu_seconds(self.server.pid)}
+
+    def server_log(self) -> str:
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.guest is not None:
+            self.guest.stop()
+        try:
+            if self.qmp is not None:
+                self.qmp.close()
+        except OSError:
+            pass
+        if self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+        self.log_file.close()
+
+
+# -- measuring a guest ---------------------------------------------------------
+
+class GuestMemWatch:
+    """The guest's MemTotal as a stream: one shell loop in the guest that
+    prints it every ~20 ms with builtins only (read -t on the command
+    channel is the sleep, and any line from us ends it), so that watching
+    costs the guest no fork (a fork per poll would load the vCPUs that do
+    the guest's side of the resize, and allocate in the memory in question)."""
+
+    LOOP = b'while ! read -t 0.02 x; do read a b c < /proc/meminfo; echo "@@M $b"; done\n'
+    LINE = re.compile(rb"@@M (\d+)\r?\n")
+    END = re.compile(rb"@@RC (\d+)\r?\n")
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+        self.buf = guest._buf
+        guest._buf = b""
+        guest.conn.sendall(self.LOOP)
+
+    def next(self, timeout_s: float) -> int | None:
+        """The next MemTotal in kB, or None after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = self.LINE.search(self.buf)
+            if m:
+                self.buf = self.buf[m.end():]
+                return int(m.group(1))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if self.guest.proc.poll() is not None:
+                raise GuestError(f"QEMU exited with {self.guest.proc.returncode}")
+            self.guest.conn.settimeout(min(remaining, 1.0))
+            try:
+                data = self.guest.conn.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise GuestError("the guest's command channel closed")
+            self.buf += data
+
+    def stop(self) -> None:
+        """End the loop; the channel is back to one command at a time."""
+        self.guest.conn.sendall(b"\n")
+        self.guest._buf = self.LINE.sub(b"", self.buf)
+        m = self.guest._read_until(self.END, 30)
+        self.guest._buf = self.guest._buf[m.end():]
+
+
+def memtotal_kib(guest: Guest) -> int:
+    # MemTotal is /proc/meminfo's first line; `read` is a shell builtin, so a
+    # poll costs the guest one fork of sh and nothing else.
+    return int(guest.run("read a b c < /proc/meminfo; echo $b").split()[-1])
+
+
+def track_resize(dev, target_bytes: int, base_kib: int, *, alloc_floor: int | None = None,
+                 timeout_s: float = RESIZE_TIMEOUT_S) -> dict:
+    """Ask for ``target_bytes`` and follow the guest's MemTotal (a stream on
+    the command channel, this thread), the device's size (QMP, every 10 ms,
+    another thread) and the backend's allocated bytes (with ``alloc_floor``:
+    until they are back at ``alloc_floor`` + slack).  Times are from just
+    before the qom-set."""
+    guest = dev.guest
+    target_kib = base_kib + target_bytes // 1024
+    samples: dict[str, list[tuple[float, int]]] = {"size": [], "memtotal_kib": [], "allocated": []}
+    result: dict = {"target": target_bytes, "size_s": None, "memtotal_s": None, "alloc_s": None}
+    errors: list[str] = []
+    stop = threading.Event()
+    t0 = 0.0
+
+    def host_side() -> None:
+        try:
+            while not stop.is_set():
+                t = time.monotonic() - t0
+                if result["size_s"] is None:
+                    size = dev.get("size")
+                    t = time.monotonic() - t0
+                    samples["size"].append((t, size))
+                    if size == target_bytes:
+                        result["size_s"] = t
+                if alloc_floor is None or result["alloc_s"] is None:
+                    # Followed in every resize: a shrink of "untouched"
+                    # memory shows what the guest itself touched meanwhile.
+                    alloc = dev.allocated_bytes()
+                    samples["allocated"].append((t, alloc))
+                    if alloc_floor is not None and alloc <= alloc_floor + ALLOC_SLACK_BYTES:
+                        result["alloc_s"] = t
+                if result["size_s"] is not None and (alloc_floor is None or result["alloc_s"] is not None):
+                    return
+                if t > timeout_s:
+                    return
+                time.sleep(QMP_POLL_S)
+        except Exception as exc:  # reported below
+            errors.append(f"host side: {exc!r}")
+
+    dev.qmp.events.clear()
+    # The guest's MemTotal stream runs before the request, so that the
+    # first sample after it is at most one interval late.
+    watch = GuestMemWatch(guest)
+    try:
+        if watch.next(30) is None:
+            raise GuestError("the guest's MemTotal stream did not start")
+        cpu_before = dev.cpu()
+        t0 = time.monotonic()
+        dev.set_requested_size(target_bytes)
+        result["qom_set_s"] = time.monotonic() - t0
+        thread = threading.Thread(target=host_side, daemon=True)
+        thread.start()
+        try:
+            while result["memtotal_s"] is None:
+                kib = watch.next(timeout_s - (time.monotonic() - t0))
+                if kib is None:
+                    break
+                t = time.monotonic() - t0
+                samples["memtotal_kib"].append((t, kib))
+                if kib == target_kib:
+                    result["memtotal_s"] = t
+            thread.join(max(1.0, timeout_s - (time.monotonic() - t0)) + 5)
+        finally:
+            stop.set()
+            thread.join(5)
+    finally:
+        watch.stop()
+    cpu_after = dev.cpu()
+    result["cpu_s"] = {k: cpu_after[k] - cpu_before[k] for k in cpu_before}
+    mem_ts = [t for t, _ in samples["memtotal_kib"]]
+    gaps = [b - a for a, b in zip(mem_ts, mem_ts[1:])]
+    result["guest_poll_rtt_s"] = report.percentile(gaps, 50) if gaps else None
+    result["samples"] = samples
+    result["window"] = [t0, time.monotonic()]
+    if errors or result["size_s"] is None or result["memtotal_s"] is None or (
+            alloc_floor is not None and result["alloc_s"] is None):
+        last_size = samples["size"][-1][1] if samples["size"] else None
+        last_kib = samples["memtotal_kib"][-1][1] if samples["memtotal_kib"] else None
+        raise TimeoutError(f"resize to {format_size(target_bytes)} did not complete within {timeout_s:.0f} s "
+                           f"({'; '.join(errors)}): device size {last_size}, MemTotal {last_kib} kB "
+                           f"(target {target_kib} kB)")
+    return result
+
+
+def boot(dev, t_spawn: float) -> dict:
+    guest = dev.guest
+    guest.wait_ready(BOOT_TIMEOUT_S)
+    ready_s = time.monotonic() - t_spawn
+    dev.connect_qmp()
+    guest.run("mount -o remount,size=8G /tmp")
+    wait_for(lambda: "virtio" in guest.run("ls /sys/bus/virtio/drivers/virtio_mem/ 2>/dev/null || true"),
+             60, "virtio_mem to bind", 0.02)
+    bound_s = time.monotonic() - t_spawn
+    return {"ready_s": ready_s, "bound_s": bound_s, "base_kib": memtotal_kib(guest),
+            "kernel": guest.run("uname -r").strip()}
+
+
+def run_series(dev, sizes: list[int], reps: int, touch_fraction: float, log_prefix: str) -> dict:
+    """The scenarios, ``reps`` times: per size, grow and shrink untouched,
+    then grow, write ``touch_fraction`` of it in the guest, shrink."""
+    guest = dev.guest
+    base_kib = memtotal_kib(guest)
+    out: dict = {"base_kib": base_kib, "reps": []}
+    for rep in range(reps):
+        rep_out: dict = {}
+        out["reps"].append(rep_out)
+        for size in sizes:
+            name = format_size(size)
+            r: dict = {}
+            rep_out[name] = r
+            alloc_floor = dev.allocated_bytes()
+            r["alloc_before"] = alloc_floor
+            r["rss_before"] = dev.rss()
+            r["grow"] = track_resize(dev, size, base_kib)
+            r["alloc_grown"] = dev.allocated_bytes()
+            say(f"{log_prefix} rep {rep + 1}: grow 0 -> {name}: size {r['grow']['size_s']:.2f} s, "
+                f"MemTotal {r['grow']['memtotal_s']:.2f} s")
+            time.sleep(SETTLE_S)
+            r["shrink_untouched"] = track_resize(dev, 0, base_kib)
+            r["alloc_after_untouched"] = dev.allocated_bytes()
+            say(f"{log_prefix} rep {rep + 1}: shrink {name} -> 0 untouched: size {r['shrink_untouched']['size_s']:.2f} s, "
+                f"MemTotal {r['shrink_untouched']['memtotal_s']:.2f} s")
+            time.sleep(SETTLE_S)
+            r["grow_again"] = track_resize(dev, size, base_kib)
+            time.sleep(SETTLE_S)
+            count = int(size // MIB * touch_fraction)
+            started = time.monotonic()
+            guest.run(f"dd if=/dev/zero of=/tmp/fill bs=1M count={count} 2>/dev/null", timeout_s=900)
+            r["touch_s"] = time.monotonic() - started
+            r["touch_bytes"] = count * MIB
+            r["alloc_touched"] = dev.allocated_bytes()
+            r["rss_touched"] = dev.rss()
+            guest.run("rm /tmp/fill")
+            time.sleep(SETTLE_S)
+            r["shrink_touched"] = track_resize(dev, 0, base_kib, alloc_floor=alloc_floor)
+            r["alloc_after"] = dev.allocated_bytes()
+            r["rss_after"] = dev.rss()
+            plugged_touched = r["alloc_touched"] - alloc_floor
+            r["returned_fraction"] = ((r["alloc_touched"] - r["alloc_after"]) / plugged_touched
+                                      if plugged_touched > 0 else None)
+            say(f"{log_prefix} rep {rep + 1}: wrote {count} MiB in {r['touch_s']:.1f} s (backend "
+                f"{r['alloc_touched'] >> 20} MiB); shrink -> 0: size {r['shrink_touched']['size_s']:.2f} s, "
+                f"MemTotal {r['shrink_touched']['memtotal_s']:.2f} s, backend back to "
+                f"{r['alloc_after'] >> 20} MiB after {r['shrink_touched']['alloc_s']:.2f} s")
+            time.sleep(SETTLE_S)
+    return out
+
+
+class PySpy:
+    """py-spy record --pid, stopped with SIGINT (it then writes its output)."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+        if exe is None:
+            raise RuntimeError("py-spy is not installed (.venv/bin/pip install py-spy)")
+        self.out = out
+        self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                                      "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def measure_device(kind: str, kit: Kit, args: argparse.Namespace, outdir: Path) -> dict:
+    workdir = short_tmpdir()
+    dev = None
+    spy = None
+    result: dict = {"kind": kind}
+    try:
+        t_spawn = time.monotonic()
+        if kind == "qemu":
+            dev = QemuVmem(kit, workdir, size=args.device_size, block_size=args.block_size)
+        else:
+            dev = OursVmem(kit, workdir, size=args.device_size, block_size=args.block_size,
+                           stats_path=outdir / "service_times.json",
+                           cprofile_path=outdir / "server.prof" if args.profile == "cprofile" else None)
+            result["server_ready_s"] = dev.server_ready_s
+        result["boot"] = boot(dev, t_spawn)
+        say(f"{kind}: guest ready after {result['boot']['ready_s']:.2f} s, virtio_mem bound after "
+            f"{result['boot']['bound_s']:.2f} s, MemTotal {result['boot']['base_kib'] >> 10} MiB")
+        if kind == "ours" and args.profile == "py-spy":
+            spy = PySpy(dev.server.pid, outdir / "server-py-spy.txt")
+        result["series"] = run_series(dev, args.sizes, args.reps, args.touch_fraction, kind)
+    except Exception as exc:
+        result["error"] = f"{exc!r}"
+        say(f"{kind}: FAILED: {exc}\n{traceback.format_exc()}")
+        if dev is not None and dev.guest is not None:
+            say(f"----- {kind} guest console (tail) -----\n{dev.guest.console()[-4000:]}")
+            say(f"----- {kind} QEMU output (tail) -----\n{dev.guest.qemu_log()[-2000:]}")
+        if isinstance(dev, OursVmem):
+            say(f"----- server log (tail) -----\n{dev.server_log()[-4000:]}")
+    finally:
+        if spy is not None:
+            spy.stop()
+        if dev is not None:
+            dev.stop()
+        if isinstance(dev, OursVmem):
+            (outdir / "server.log").write_text(dev.server_log() if not dev.log_file.closed else
+                                               dev.log_path.read_text(errors="replace"))
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+# -- the report ----------------------------------------------------------------
+
+def _vals(series: dict | None, size_name: str, *path: str) -> list[float]:
+    if not series:
+        return []
+    out = []
+    for rep in series.get("reps", []):
+        v = rep.get(size_name)
+        for key in path:
+            if v is None:
+                break
+            v = v.get(key) if isinstance(v, dict) else None
+        if v is not None:
+            out.append(v)
+    return out
+
+
+def comparison_rows(results: dict, sizes: list[int]) -> list[report.Row]:
+    q = results["devices"].get("qemu", {})
+    o = results["devices"].get("ours", {})
+    qs, os_ = q.get("series"), o.get("series")
+    S = report.Summary.of
+    rows = [
+        report.Row("boot: QEMU spawn -> guest /init ready", "s",
+                   S([q["boot"]["ready_s"]]) if "boot" in q else None,
+                   S([o["boot"]["ready_s"]]) if "boot" in o else None),
+    ]
+    for size in sizes:
+        n = format_size(size)
+        both = lambda *path, unit="s": (S(_vals(qs, n, *path)), S(_vals(os_, n, *path)))  # noqa: E731
+        rows += [
+            report.Row(f"grow 0 -> {n}: device size (QMP)", "s", *both("grow", "size_s")),
+            report.Row(f"grow 0 -> {n}: guest MemTotal", "s", *both("grow", "memtotal_s")),
+            report.Row(f"shrink {n} -> 0 untouched: guest MemTotal", "s", *both("shrink_untouched", "memtotal_s")),
+            report.Row(f"shrink {n} -> 0 untouched: device size (QMP)", "s", *both("shrink_untouched", "size_s")),
+            report.Row(f"guest writes {results['touch_fraction']:.0%} of {n} (dd to tmpfs)", "s", *both("touch_s")),
+            report.Row(f"shrink {n} -> 0 after writes: guest MemTotal", "s", *both("shrink_touched", "memtotal_s")),
+            report.Row(f"shrink {n} -> 0 after writes: device size (QMP)", "s", *both("shrink_touched", "size_s")),
+            report.Row(f"shrink {n} -> 0 after writes: backend back at ~0", "s", *both("shrink_touched", "alloc_s")),
+            report.Row(f"{n}: backend allocated after writes", "bytes", *both("alloc_touched")),
+            report.Row(f"{n}: backend allocated after unplug", "bytes", *both("alloc_after")),
+            report.Row(f"{n}: unplugged memory the host got back", "fraction", *both("returned_fraction")),
+        ]
+        for key, label in (("grow", f"grow 0 -> {n}"), ("shrink_untouched", f"shrink {n} -> 0 untouched"),
+                           ("shrink_touched", f"shrink {n} -> 0 after writes")):
+            cpu = lambda series: [sum(v.values()) for v in _vals(series, n, key, "cpu_s")]  # noqa: E731
+            rows.append(report.Row(f"{label}: host CPU time (QEMU + server)", "s", S(cpu(qs)), S(cpu(os_))))
+        for key, label in (("rss_before", "before plug"), ("rss_touched", "after writes"),
+                           ("rss_after", "after unplug")):
+            for field in ("VmRSS", "RssShmem"):
+                rows.append(report.Row(f"{n}: QEMU (+ server) {field} {label}", "bytes", *both(key, field)))
+    svc = results.get("service_times", {}).get("all_seconds", [])
+    if svc:
+        rows.append(report.Row("device service time per request, p50 (ours only)", "s", None,
+                               S([report.percentile(svc, 50)])))
+        rows.append(report.Row("device service time per request, p99 (ours only)", "s", None,
+                               S([report.percentile(svc, 99)])))
+    rows.append(report.Row("resolution: interval between two MemTotal samples", "s",
+                           S(_poll_rtts(qs)), S(_poll_rtts(os_))))
+    return rows
+
+
+def _poll_rtts(series: dict | None) -> list[float]:
+    if not series:
+        return []
+    return [t["guest_poll_rtt_s"] for rep in series["reps"] for r in rep.values()
+            for key, t in r.items() if isinstance(t, dict) and t.get("guest_poll_rtt_s") is not None]
+
+
+def micro_tables(results: dict) -> str:
+    parts = []
+    m = results.get("micro", {})
+    disc = m.get("discard", [])
+    if disc:
+        rows = []
+        for d in disc:
+            c = report.Summary.of(d["times"]["c"])
+            p = report.Summary.of(d["times"]["python"])
+            label = (f"{format_size(d['device_bytes'])} memfd, {d['ranges']} runs of "
+                     f"{format_size(d['block_bytes'])}, {'touched' if d['touch'] else 'untouched (sparse)'}")
+            rows.append([label, report.fmt_summary(c, "s"), report.fmt_summary(p, "s"),
+                         report.fmt_ratio(report.ratio(c.median, p.median)),
+                         report.fmt_seconds(c.median / d["ranges"]), report.fmt_seconds(p.median / d["ranges"])])
+        parts.append("Discard loop: C `discard_runs` vs a Python/ctypes `fallocate(PUNCH_HOLE|KEEP_SIZE)` loop "
+                     "over the same ranges\n\n" + report.markdown_table(
+                         ["ranges", "C", "Python/ctypes", "C / Python", "C per range", "Python per range"], rows))
+    bm = m.get("bitmap")
+    if bm:
+        rows = [[k, report.fmt_seconds(v)] for k, v in bm["ops"].items() if not k.startswith("_")]
+        parts.append(f"Block bitmap, {bm['nb_blocks']} blocks ({format_size(bm['nb_blocks'] * bm['block_bytes'])} "
+                     f"device, {format_size(bm['block_bytes'])} blocks; every other block plugged = "
+                     f"{bm['ops'].get('_alternating_runs')} runs), time per call\n\n"
+                     + report.markdown_table(["operation", "per call"], rows))
+    st = m.get("startup", [])
+    if st:
+        rows = []
+        for s in st:
+            label = (f"1 device, max {s['size']}" if s["devices"] == 1
+                     else f"{s['devices']} devices of {s['size']} in one process ({s['how']})")
+            rss = report.Summary.of([r["VmRSS"] for r in s["rss"]])
+            rows.append([label, report.fmt_summary(report.Summary.of(s["ready_s"]), "s"),
+                         report.fmt_summary(rss, "bytes")])
+        parts.append("Server start-up (spawn -> \"ready\" line) and RSS at ready\n\n"
+                     + report.markdown_table(["server", "start-up", "VmRSS"], rows))
+    return "\n\n".join(parts)
+
+
+def service_time_section(results: dict) -> str:
+    st = results.get("service_times")
+    if not st or not st.get("records"):
+        return ""
+    recs = st["records"]
+    return (f"Device-side service time per request (vfiouser-vmem's own timing, hook: {st['hook']}; "
+            f"QEMU's device has no such hook)\n\n" + report.service_time_table(recs) + "\n\n"
+            + report.histogram_table(recs))
+
+
+def scenario_service(results: dict) -> str:
+    """Per scenario of rep 1: how many requests and how much device time."""
+    st = results.get("service_times")
+    o = results["devices"].get("ours", {}).get("series")
+    if not st or not st.get("records") or not o:
+        return ""
+    recs = st["records"]
+    rows = []
+    for rep_i, rep in enumerate(o["reps"]):
+        for size_name, r in rep.items():
+            for key in ("grow", "shrink_untouched", "grow_again", "shrink_touched"):
+                t = r.get(key)
+                if not t:
+                    continue
+                lo, hi = t["window"]
+                inside = [x for x in recs if lo <= x[0] <= hi]
+                busy = sum(x[3] for x in inside)
+                wall = (t["size_s"] or 0)
+                cpu = t.get("cpu_s", {})
+                rows.append([f"rep {rep_i + 1} {key.replace('_', ' ')} {size_name}", str(len(inside)),
+                             report.fmt_seconds(busy), report.fmt_seconds(wall),
+                             report.fmt_percent(busy / wall) if wall else "-",
+                             report.fmt_seconds(cpu.get("server", 0)), report.fmt_seconds(cpu.get("qemu", 0))])
+    return ("Where the time of a resize goes (ours): requests served, device busy time, wall time to the "
+            "device's size\n\n" + report.markdown_table(["scenario", "requests", "device busy", "wall (size)",
+                                                           "busy / wall", "server CPU", "QEMU CPU"], rows))
+
+
+def write_plots(results: dict, sizes: list[int], outdir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib is not installed (.venv/bin/pip install matplotlib): no plots")
+        return []
+    written = []
+    scenarios = [("grow", "grow 0 -> {n}"), ("shrink_untouched", "shrink {n} -> 0, untouched"),
+                 ("shrink_touched", "shrink {n} -> 0, after writes")]
+    colors = {"qemu": "tab:blue", "ours": "tab:red"}
+    labels = {"qemu": "QEMU virtio-mem-pci", "ours": "vfiouser-vmem"}
+    fig, axes = plt.subplots(len(sizes), len(scenarios), figsize=(5 * len(scenarios), 3.6 * len(sizes)),
+                             squeeze=False)
+    for i, size in enumerate(sizes):
+        n = format_size(size)
+        for j, (key, title) in enumerate(scenarios):
+            ax = axes[i][j]
+            for kind in ("qemu", "ours"):
+                d = results["devices"].get(kind, {})
+                series = d.get("series")
+                if not series:
+                    continue
+                base = series["base_kib"]
+                for rep_i, rep in enumerate(series["reps"]):
+                    t = rep.get(n, {}).get(key)
+                    if not t:
+                        continue
+                    mem = t["samples"]["memtotal_kib"]
+                    size_s = t["samples"]["size"]
+                    lbl = labels[kind] if rep_i == 0 else None
+                    start = 0 if key == "grow" else size / MIB  # the state before the request
+                    ax.step([0] + [x for x, _ in mem], [start] + [(v - base) / 1024 for _, v in mem],
+                            where="post", color=colors[kind], alpha=0.8,
+                            label=f"{lbl}: guest MemTotal - base" if lbl else None)
+                    ax.step([0] + [x for x, _ in size_s], [start] + [v / MIB for _, v in size_s],
+                            where="post", color=colors[kind], alpha=0.5, linestyle="--",
+                            label=f"{lbl}: device size" if lbl else None)
+            ax.set_title(title.format(n=n))
+            ax.set_xlabel("seconds after qom-set requested-size")
+            ax.set_ylabel("MiB plugged (MemTotal - base)")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"virtio-mem resize timelines, {results['env']['accel']}, {results['env']['date']}")
+    fig.tight_layout()
+    path = outdir / "timelines.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path))
+
+    st = results.get("service_times", {})
+    recs = st.get("records") or []
+    if recs:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        counts = report.histogram(r[3] * 1e6 for r in recs)
+        ax.bar(range(len(counts)), counts, color="tab:red")
+        ax.set_xticks(range(len(counts)), [report.bucket_label(k) for k in range(len(counts))], rotation=45,
+                      ha="right", fontsize=7)
+        ax.set_ylabel("requests")
+        ax.set_title("vfiouser-vmem: device-side service time per request")
+        fig.tight_layout()
+        path = outdir / "service_times.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def environment(kit: Kit) -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    qemu_version = "?"
+    try:
+        qemu_version = (kit.dir / "qemu-version").read_text().strip()
+    except OSError:
+        pass
+    return {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "host": f"{platform.node()}, {os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}",
+            "accel": "KVM" if kvm_works() else "TCG", "qemu": qemu_version}
+
+
+def render(results: dict, sizes: list[int]) -> str:
+    env = results["env"]
+    head = (f"vfiouser-vmem vs QEMU's virtio-mem-pci, {env['date']}; {env['host']}; {env['qemu']}, "
+            f"{env['accel']}, 2 vCPUs, guest Linux {results.get('guest_kernel', '?')}; 8G maximum, 2M blocks, "
+            f"{results['reps']} repetition(s): median (min - max); ratio = ours / QEMU's medians")
+    rows = [r for r in comparison_rows(results, sizes) if r.qemu is not None or r.ours is not None]
+    parts = [head]
+    if rows:
+        parts.append(report.comparison_table(rows))
+    for kind in ("qemu", "ours"):
+        err = results["devices"].get(kind, {}).get("error")
+        if err:
+            parts.append(f"**{kind}: failed:** {err}")
+    for section in (service_time_section(results), scenario_service(results), micro_tables(results)):
+        if section:
+            parts.append(section)
+    return "\n\n".join(parts) + "\n"
+
+
+def run_micro(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    say("micro: discard loop (C vs Python/ctypes)")
+    out["discard"] = [
+        micro.bench_discard(args.micro_device, touch=False, reps=args.reps),
+        micro.bench_discard(args.micro_touch, touch=True, reps=args.reps),
+    ]
+    say("micro: block bitmap")
+    nb = args.micro_device // (2 * MIB)
+    out["bitmap"] = {"nb_blocks": nb, "block_bytes": 2 * MIB, "ops": micro.bench_bitmap(nb)}
+    say("micro: server start-up")
+    out["startup"] = [
+        micro.bench_startup(size=args.device_size, reps=args.reps),
+        micro.bench_startup(size=format_size(args.micro_device), reps=args.reps),
+        micro.bench_startup(devices=8, device_size=args.device_size, reps=args.reps),
+    ]
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=3, help="repetitions of every measure (default 3)")
+    p.add_argument("--sizes", default="1G,4G", help="grow/shrink targets (default 1G,4G)")
+    p.add_argument("--device-size", default="8G", help="both devices' maximum (default 8G)")
+    p.add_argument("--block-size", default="2M", help="both devices' block size (default 2M)")
+    p.add_argument("--touch-fraction", type=float, default=0.9, help="share of the plugged memory the guest writes")
+    p.add_argument("--micro-device", default="1T", help="device size of the bitmap/discard/start-up benchmarks")
+    p.add_argument("--micro-touch", default="512M", help="memfd size of the touched discard benchmark")
+    p.add_argument("--only", choices=["all", "guests", "micro", "qemu", "ours"], default="all")
+    p.add_argument("--profile", choices=["none", "cprofile", "py-spy"], default="none",
+                   help="profile the server during the guest runs (perturbs the timings)")
+    p.add_argument("--out", help="results folder (default bench/results/<timestamp>)")
+    args = p.parse_args(argv)
+    args.sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+    args.micro_device = parse_size(args.micro_device)
+    args.micro_touch = parse_size(args.micro_touch)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    outdir = Path(args.out) if args.out else REPO / "bench" / "results" / datetime.datetime.now().strftime(
+        "%Y%m%d-%H%M%S")
+    outdir.mkdir(parents=True, exist_ok=True)
+    kit = Kit.build()
+    results: dict = {"env": environment(kit), "reps": args.reps, "sizes": args.sizes,
+                     "touch_fraction": args.touch_fraction, "devices": {}}
+    if args.only in ("all", "micro"):
+        results["micro"] = run_micro(args)
+    kinds = {"all": ["qemu", "ours"], "guests": ["qemu", "ours"], "qemu": ["qemu"], "ours": ["ours"]}.get(args.only, [])
+    for kind in kinds:
+        results["devices"][kind] = measure_device(kind, kit, args, outdir)
+        if "boot" in results["devices"][kind]:
+            results["guest_kernel"] = results["devices"][kind]["boot"]["kernel"]
+    stats_path = outdir / "service_times.json"
+    if stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+        recs = [r for dev_recs in stats["devices"].values() for r in dev_recs]
+        results["service_times"] = {"hook": stats["hook"], "records": recs,
+                                    "all_seconds": [r[3] for r in recs]}
+    results["elapsed_s"] = time.monotonic() - started
+    (outdir / "results.json").write_text(json.dumps(results, indent=1))
+    text = render(results, args.sizes)
+    (outdir / "table.md").write_text(text)
+    plots = write_plots(results, args.sizes, outdir)
+    print(text)
+    print(f"results: {outdir} ({', '.join(Path(p).name for p in plots) or 'no plots'}); "
+          f"took {results['elapsed_s']:.0f} s", flush=True)
+    failed = [k for k, d in results["devices"].items() if "error" in d]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

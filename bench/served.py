@@ -1,0 +1,128 @@
+"""``vfiouser-vmem serve`` with the server's own per-request timing recorded.
+
+Runs the real command line (``vfiouser_vmem.cli.main``) in this process, with
+an observer appended to every ``DeviceServer``'s
+``transport.request_observers``: each request's service time (parse, bitmap,
+discard, response push; measured by the transport) is kept, and written as
+JSON to ``--stats`` when the server exits (SIGTERM/SIGINT, as the CLI does).
+
+    python bench/served.py --stats OUT.json [--cprofile OUT.prof] -- serve --socket ... --qmp ...
+    python bench/served.py --stats OUT.json --devices 8 --dir DIR --size 8G --qmp PATH
+
+The second form starts N devices in one process through
+``vfiouser_vmem.server.serve`` directly (for a ``serve`` that takes one
+device only); it prints one "ready" line like the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from vfiouser_vmem import server as _server  # noqa: E402
+
+#: device id -> list of [monotonic time, request type, response code, seconds]
+RECORDS: dict[str, list[list[float]]] = {}
+HOOK = {"kind": "none"}
+
+
+def _install_observer() -> None:
+    orig_init = _server.DeviceServer.__init__
+
+    def init(self, config, *args, **kwargs):
+        orig_init(self, config, *args, **kwargs)
+        records = RECORDS.setdefault(config.id, [])
+        observers = getattr(self.transport, "request_observers", None)
+        if observers is not None:
+            HOOK["kind"] = "request_observers"
+
+            def observe(request_type: int, response_code: int, seconds: float) -> None:
+                records.append([time.monotonic(), request_type, response_code, seconds])
+
+            observers.append(observe)
+            return
+        # An older transport without the hook: time the device model's
+        # handle_request (parse, bitmap, discard; not the response push).
+        HOOK["kind"] = "handle_request"
+        model = self.model
+        handle = model.handle_request
+
+        def timed(data):
+            started = time.perf_counter()
+            response = handle(data)
+            elapsed = time.perf_counter() - started
+            records.append([time.monotonic(), int.from_bytes(bytes(data[:2]), "little"),
+                            int.from_bytes(response[:2], "little"), elapsed])
+            return response
+
+        model.handle_request = timed
+
+    _server.DeviceServer.__init__ = init
+
+
+def _serve_many(args: argparse.Namespace) -> int:
+    import trio
+
+    from vfiouser_vmem.sizes import parse_size
+
+    size = parse_size(args.size)
+    configs = [
+        _server.DeviceConfig(socket=str(Path(args.dir) / f"vm{i}.sock"), size_bytes=size, id=f"vm{i}")
+        for i in range(args.devices)
+    ]
+
+    def ready() -> None:
+        print(f"served: {len(configs)} devices ready, QMP on {args.qmp}", flush=True)
+
+    trio.run(functools.partial(_server.serve, configs, args.qmp, ready=ready))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stats", help="write the per-request service times here (JSON) at exit")
+    parser.add_argument("--cprofile", help="profile the server (cProfile) and write pstats here at exit")
+    parser.add_argument("--devices", type=int, help="serve this many devices through server.serve() directly")
+    parser.add_argument("--dir", help="with --devices: where the vfio-user sockets go")
+    parser.add_argument("--size", default="8G", help="with --devices: each device's maximum (default 8G)")
+    parser.add_argument("--qmp", help="with --devices: the QMP socket")
+    parser.add_argument("cli", nargs=argparse.REMAINDER, help="-- and the vfiouser-vmem arguments")
+    args = parser.parse_args(argv)
+    cli_args = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
+
+    _install_observer()
+    profiler = None
+    if args.cprofile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        if args.devices:
+            if not (args.dir and args.qmp):
+                parser.error("--devices needs --dir and --qmp")
+            import logging
+
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            return _serve_many(args)
+        from vfiouser_vmem.cli import main as cli_main
+
+        return cli_main(cli_args)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.cprofile)
+        if args.stats:
+            Path(args.stats).write_text(json.dumps({"hook": HOOK["kind"], "devices": RECORDS}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""vfiouser_vmem.metrics: the Prometheus endpoint, scraped over HTTP.
+
+A real DeviceServer and the MetricsExporter run in the test's trio loop;
+the test's virtio-mem driver (tests/virtio_driver.py) makes requests over
+vfio-user; a plain urllib request (in a worker thread, so that the server
+keeps running) scrapes the endpoint; the text is parsed with
+prometheus_client's own parser.  Nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import ExitStack
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from vfio_user_client import BAR2, VfioUserClient
+from virtio_driver import ACK, ERROR, NACK, PLUGGED, UNPLUGGED, VirtioMemDriver
+from vfiouser_vmem.metrics import MetricsAddressError, MetricsExporter, parse_metrics_address
+from vfiouser_vmem.server import DeviceConfig, DeviceServer
+
+MiB = 1 << 20
+BLOCK = 2 * MiB
+TIMEOUT = 10
+
+
+@pytest.mark.parametrize(
+    "text, allow_remote, expected",
+    [
+        (":9100", False, ("127.0.0.1", 9100)),
+        ("127.0.0.1:0", False, ("127.0.0.1", 0)),
+        ("127.1.2.3:80", False, ("127.1.2.3", 80)),
+        ("localhost:9100", False, ("localhost", 9100)),
+        ("[::1]:9100", False, ("::1", 9100)),
+        ("0.0.0.0:9100", True, ("0.0.0.0", 9100)),
+        ("[::]:9100", True, ("::", 9100)),
+    ],
+)
+def test_parse_metrics_address(text, allow_remote, expected):
+    assert parse_metrics_address(text, allow_remote=allow_remote) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("9100", "expected HOST:PORT or :PORT"),
+        (":x", "invalid port 'x'"),
+        (":70000", "expected 0-65535"),
+        ("0.0.0.0:9100", "0.0.0.0 is not a loopback address"),
+        ("192.0.2.1:9100", "--metrics-allow-remote"),
+        ("example.com:9100", "not a loopback address"),
+        ("::1:9100", "in brackets"),
+    ],
+)
+def test_parse_metrics_address_refuses(text, message):
+    with pytest.raises(MetricsAddressError, match=message):
+        parse_metrics_address(text)
+
+
+def fetch(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, str, bytes]:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    status, content_type, body = await trio.to_thread.run_sync(fetch, url)
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def key(name: str, **labels: str) -> tuple[str, tuple]:
+    return name, tuple(sorted(labels.items()))
+
+
+@pytest.fixture
+async def exported():
+    """Two in-process devices (d0: 256 MiB requested, d1: idle) and their exporter."""
+    sock_dir = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
+    servers = []
+    try:
+        for i, requested in enumerate((256 * MiB, 0)):
+            servers.append(DeviceServer(DeviceConfig(socket=f"{sock_dir}/d{i}.sock", size_bytes=1 << 30,
+                                                     requested_size_bytes=requested, id=f"d{i}", memdev=f"m{i}")))
+        exporter = MetricsExporter("127.0.0.1", 0)
+        for s in servers:
+            exporter.add_device(s)
+        async with trio.open_nursery() as nursery:
+            for s in servers:
+                nursery.start_soon(s.run)
+            await nursery.start(exporter.serve)
+            yield exporter, servers
+            nursery.cancel_scope.cancel()
+    finally:
+        for s in servers:
+            s.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+async def test_metrics_after_requests(exported) -> None:
+    exporter, (d0, d1) = exported
+    before = await scrape(exporter.url)
+    assert before[key("vfiouser_vmem_client_connected", id="d0")] == 0
+    assert before[key("vfiouser_vmem_requested_size_bytes", id="d0")] == 256 * MiB
+    assert before[key("vfiouser_vmem_max_size_bytes", id="d1")] == 1 << 30
+    assert not any(name == "vfiouser_vmem_requests_total" for name, _ in before)
+
+    with ExitStack() as stack:
+        with trio.fail_after(TIMEOUT):
+            client = await VfioUserClient.connect(d0.config.socket)
+        stack.callback(client.close)
+        driver = VirtioMemDriver(client)
+        stack.callback(driver.close)
+        with trio.fail_after(TIMEOUT):
+            await driver.initialize()
+            addr = (await driver.read_config()).addr
+            assert await driver.plug(addr, 4) == ACK               # 8 MiB
+            assert await driver.plug(addr + 4 * BLOCK, 64) == ACK  # 128 MiB more
+            assert await driver.plug(addr, 1) == ERROR             # already plugged
+            assert await driver.plug(addr + 68 * BLOCK, 100) == NACK  # beyond requested-size
+            assert await driver.state(addr, 68) == (ACK, PLUGGED)
+            assert await driver.unplug(addr + 64 * BLOCK, 4) == ACK
+            assert await driver.state(addr + 64 * BLOCK, 4) == (ACK, UNPLUGGED)
+        # The guest writes 16 MiB of plugged memory: the backend holds it.
+        info = await client.region_info(BAR2)
+        import mmap
+
+        bar = mmap.mmap(info.fd, 16 * MiB, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        stack.callback(bar.close)
+        bar[:] = b"\x5a" * (16 * MiB)
+
+        s = await scrape(exporter.url)
+        assert s[key("vfiouser_vmem_requests_total", id="d0", type="plug", response="ack")] == 2
+        assert s[key("vfiouser_vmem_requests_total", id="d0", type="plug", response="error")] == 1
+        assert s[key("vfiouser_vmem_requests_total", id="d0", type="plug", response="nack")] == 1
+        assert s[key("vfiouser_vmem_requests_total", id="d0", type="state", response="ack")] == 2
+        assert s[key("vfiouser_vmem_requests_total", id="d0", type="unplug", response="ack")] == 1
+        assert s[key("vfiouser_vmem_request_duration_seconds_count", id="d0", type="plug")] == 4
+        assert s[key("vfiouser_vmem_request_duration_seconds_bucket", id="d0", type="plug", le="+Inf")] == 4
+        assert 0 < s[key("vfiouser_vmem_request_duration_seconds_sum", id="d0", type="plug")] < 4 * 1.0
+        # Buckets from microseconds up.
+        assert key("vfiouser_vmem_request_duration_seconds_bucket", id="d0", type="plug", le="5e-06") in s
+        assert s[key("vfiouser_vmem_plugged_size_bytes", id="d0")] == 128 * MiB
+        assert s[key("vfiouser_vmem_requested_size_bytes", id="d0")] == 256 * MiB
+        assert s[key("vfiouser_vmem_block_size_bytes", id="d0")] == BLOCK
+        assert s[key("vfiouser_vmem_usable_region_size_bytes", id="d0")] == 512 * MiB
+        assert 16 * MiB <= s[key("vfiouser_vmem_backend_allocated_bytes", id="d0")] <= 17 * MiB
+        assert s[key("vfiouser_vmem_client_connected", id="d0")] == 1
+        assert s[key("vfiouser_vmem_client_connections_total", id="d0")] == 1
+        assert s[key("vfiouser_vmem_device_info", id="d0", memdev="m0", socket=d0.config.socket, node="")] == 1
+        # The other device is untouched.
+        assert s[key("vfiouser_vmem_plugged_size_bytes", id="d1")] == 0
+        assert s[key("vfiouser_vmem_client_connections_total", id="d1")] == 0
+        assert not any(name == "vfiouser_vmem_requests_total" and ("id", "d1") in labels for name, labels in s)
+
+        with trio.fail_after(TIMEOUT):
+            await client.reset()  # DEVICE_RESET: everything unplugged and discarded
+        s = await scrape(exporter.url)
+        assert s[key("vfiouser_vmem_resets_total", id="d0", kind="device")] == 1
+        assert s[key("vfiouser_vmem_resets_total", id="d0", kind="lost_conn")] == 0
+        assert s[key("vfiouser_vmem_plugged_size_bytes", id="d0")] == 0
+        assert s[key("vfiouser_vmem_backend_allocated_bytes", id="d0")] == 0
+
+
+async def test_http_details(exported) -> None:
+    exporter, _ = exported
+    base = exporter.url.rsplit("/", 1)[0]
+    status, _, body = await trio.to_thread.run_sync(fetch, base + "/")
+    assert status == 404 and b"/metrics" in body
+    status, _, _ = await trio.to_thread.run_sync(lambda: fetch(exporter.url, "POST"))
+    assert status == 405
+    status, content_type, body = await trio.to_thread.run_sync(
+        lambda: fetch(exporter.url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}))
+    assert status == 200 and content_type.startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    status, _, body = await trio.to_thread.run_sync(lambda: fetch(exporter.url, "HEAD"))
+    assert status == 200 and body == b""
+
+    def garbage() -> bytes:
+        host, port = exporter.address
+        with socket.create_connection((host, port), timeout=TIMEOUT) as s:
+            s.sendall(b"nonsense\r\n\r\n")
+            return s.recv(100)
+
+    assert (await trio.to_thread.run_sync(garbage)).startswith(b"HTTP/1.0 400")
+
+    def oversize() -> int:
+        conn = http.client.HTTPConnection(*exporter.address, timeout=TIMEOUT)
+        try:
+            conn.putrequest("GET", "/metrics")
+            conn.putheader("X-Big", "x" * (20 << 10))
+            conn.endheaders()
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert await trio.to_thread.run_sync(oversize) == 431
+    # Still serving after all that.
+    assert (await scrape(exporter.url))[key("vfiouser_vmem_client_connected", id="d1")] == 0
+
+
+async def test_own_registry_not_the_global_one(exported) -> None:
+    from prometheus_client import REGISTRY
+
+    exporter, _ = exported
+    assert exporter.registry is not REGISTRY
+    assert REGISTRY.get_sample_value("vfiouser_vmem_plugged_size_bytes", {"id": "d0"}) is None
+    assert exporter.registry.get_sample_value("vfiouser_vmem_plugged_size_bytes", {"id": "d0"}) == 0

@@ -1,0 +1,506 @@
+"""Device configuration in QEMU's vocabulary: ``--object``/``--device``
+options in QEMU's ``key=value,...`` syntax, a TOML file with the same keys,
+or the single-device flags of ``serve``.
+
+Everything is checked before anything is created: :func:`build_configs`
+either returns the complete list of :class:`~vfiouser_vmem.server.DeviceConfig`
+or raises :class:`ConfigError` whose message names the option (or the file
+and table) and the key that is wrong.
+
+Syntax (QEMU's QemuOpts, as ``-object``/``-device`` take it)::
+
+    --object memory-backend-memfd,id=mem0,size=8G[,hugetlb=on][,hugetlbsize=2M][,share=on]
+    --device [virtio-mem,|driver=virtio-mem,]id=vm0,memdev=mem0,socket=PATH
+             [,node=N][,block-size=2M][,requested-size=1G]
+
+Items are separated by ``,``; a ``,,`` is a literal comma inside a value.
+The first item may be bare: it is the object's ``qom-type`` / the device's
+``driver``.  Both default to the only accepted value
+(``memory-backend-memfd`` / ``virtio-mem``; ``virtio-mem-pci`` is accepted
+too).  A key may be given once.  Sizes take QEMU's forms (``512M``, ``8G``,
+a byte count).
+
+The TOML file has the same keys, in ``[[object]]`` and ``[[device]]`` tables
+(integers are byte counts, strings take the size forms, booleans or
+``"on"``/``"off"`` for flags), plus optional top-level ``qmp`` (the QMP
+socket path) and ``socket-group``::
+
+    qmp = "/run/vmem.qmp"
+
+    [[object]]
+    qom-type = "memory-backend-memfd"
+    id = "mem0"
+    size = "8G"
+
+    [[device]]
+    id = "vm0"
+    memdev = "mem0"
+    socket = "/run/vm0.sock"
+    requested-size = "1G"
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from vfiouser_vmem.sizes import format_size, parse_size
+
+#: The largest device the server supports (DESIGN.md section 2: 1 TiB BARs).
+MAX_DEVICE_SIZE_BYTES = 1 << 40
+DEFAULT_BLOCK_SIZE_BYTES = 2 << 20
+#: sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+OBJECT_TYPES = ("memory-backend-memfd",)
+DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-pci")
+OBJECT_KEYS = ("qom-type", "id", "size", "share", "hugetlb", "hugetlbsize")
+DEVICE_KEYS = ("driver", "id", "memdev", "socket", "node", "block-size", "requested-size")
+FILE_TOP_LEVEL_KEYS = ("qmp", "socket-group", "object", "device")
+
+# QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+#: Why some keys QEMU knows are refused here (the default: "unknown key").
+_REFUSED_KEYS = {
+    "size": "the device's maximum size is its memdev's size; use requested-size for what the guest should plug",
+    "memaddr": "the guest's firmware places the device's memory BAR; it cannot be chosen here",
+    "prealloc": "not supported: memory is allocated when the guest touches it",
+    "mem-path": "not supported: only memory-backend-memfd is",
+    "prealloc-threads": "not supported",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names where and what."""
+
+
+# ---------------------------------------------------------------------------
+# QEMU's key=value syntax
+
+
+def parse_keyval(text: str, implied_key: str | None = None, *, what: str = "option") -> dict[str, str]:
+    """Split ``key=value,key=value`` (``,,`` is a literal comma) into a dict.
+
+    The first item may be a bare value for ``implied_key``.  ConfigError for
+    an empty option, an empty key, an item without ``=``, a repeated key.
+    """
+    if not text.strip():
+        raise ConfigError(f"{what}: empty")
+    items: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if text[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    items.append("".join(current))
+
+    result: dict[str, str] = {}
+    for index, item in enumerate(items):
+        if item == "":
+            raise ConfigError(f"{what}: empty item (a stray ',' ?); write ',,' for a comma inside a value")
+        if "=" not in item:
+            if index == 0 and implied_key is not None:
+                key, value = implied_key, item
+            else:
+                raise ConfigError(f"{what}: expected key=value, got {item!r}")
+        else:
+            key, value = item.split("=", 1)
+            if key == "":
+                raise ConfigError(f"{what}: empty key in {item!r}")
+        if key in result:
+            raise ConfigError(f"{what}: key {key!r} given twice")
+        result[key] = value
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Specs: what the user wrote, with where they wrote it
+
+
+@dataclass
+class Spec:
+    """One ``--object``/``--device`` (or table) before validation."""
+
+    kind: str  # "object" or "device"
+    values: dict[str, Any]
+    where: str  # e.g. "--device 'id=vm0,...'" or "vmem.toml: [[device]] #2"
+
+
+def object_spec(text: str) -> Spec:
+    where = f"--object {text!r}"
+    return Spec("object", parse_keyval(text, "qom-type", what=where), where)
+
+
+def device_spec(text: str) -> Spec:
+    where = f"--device {text!r}"
+    return Spec("device", parse_keyval(text, "driver", what=where), where)
+
+
+@dataclass
+class FileConfig:
+    objects: list[Spec]
+    devices: list[Spec]
+    qmp: str | None = None
+    socket_group: str | None = None
+
+
+def load_config_file(path: str) -> FileConfig:
+    """Read a TOML configuration file (see the module docstring)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
+    for key in data:
+        if key not in FILE_TOP_LEVEL_KEYS:
+            raise ConfigError(f"{path}: unknown top-level key {key!r} (known: {', '.join(FILE_TOP_LEVEL_KEYS)})")
+    specs: dict[str, list[Spec]] = {"object": [], "device": []}
+    for kind in ("object", "device"):
+        tables = data.get(kind, [])
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            raise ConfigError(f"{path}: {kind!r} must be an array of tables, written [[{kind}]]")
+        for n, table in enumerate(tables, 1):
+            specs[kind].append(Spec(kind, dict(table), f"{path}: [[{kind}]] #{n}"))
+    qmp = data.get("qmp")
+    if qmp is not None and not isinstance(qmp, str):
+        raise ConfigError(f"{path}: qmp must be a string (a socket path)")
+    group = data.get("socket-group")
+    if group is not None and not isinstance(group, (str, int)):
+        raise ConfigError(f"{path}: socket-group must be a group name or number")
+    return FileConfig(specs["object"], specs["device"], qmp, None if group is None else str(group))
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+def _check_keys(spec: Spec, known: tuple[str, ...]) -> None:
+    for key in spec.values:
+        if key in known:
+            continue
+        why = _REFUSED_KEYS.get(key)
+        if why:
+            raise ConfigError(f"{spec.where}: {key}= is not accepted: {why}")
+        raise ConfigError(f"{spec.where}: unknown key {key!r} (known: {', '.join(known)})")
+
+
+def _str(spec: Spec, key: str) -> str | None:
+    value = spec.values.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{spec.where}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _required_str(spec: Spec, key: str, why: str) -> str:
+    value = _str(spec, key)
+    if value is None or value == "":
+        raise ConfigError(f"{spec.where}: {key}= is required ({why})")
+    return value
+
+
+def _size(spec: Spec, key: str, default: int | None = None) -> int | None:
+    value = spec.values.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{spec.where}: {key}: expected a size (e.g. 512M, 8G), got {value!r}")
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{spec.where}: {key}: {exc}") from None
+
+
+def _flag(spec: Spec, key: str, default: bool) -> bool:
+    value = spec.values.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in ("on", "yes", "true"):
+        return True
+    if isinstance(value, str) and value in ("off", "no", "false"):
+        return False
+    raise ConfigError(f"{spec.where}: {key}: expected on or off, got {value!r}")
+
+
+def _id(spec: Spec) -> str:
+    value = _required_str(spec, "id", "the name used over QMP" if spec.kind == "device" else "the name memdev= refers to")
+    if not _ID_RE.match(value):
+        raise ConfigError(
+            f"{spec.where}: id {value!r} is not a valid QEMU id "
+            "(a letter, then letters, digits, '-', '.' or '_')"
+        )
+    return value
+
+
+def default_huge_page_size() -> int | None:
+    """The kernel's default huge page size (/proc/meminfo), or None."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("Hugepagesize:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class _Backend:
+    id: str
+    size: int
+    hugetlb: bool
+    page_size: int
+    spec: Spec
+
+
+def _backend(spec: Spec) -> _Backend:
+    qom_type = _str(spec, "qom-type") or "memory-backend-memfd"
+    if qom_type not in OBJECT_TYPES:
+        raise ConfigError(
+            f"{spec.where}: {qom_type} is not supported: only memory-backend-memfd is "
+            "(the server owns the device's memory and hands its fd to QEMU)"
+        )
+    _check_keys(spec, OBJECT_KEYS)
+    obj_id = _id(spec)
+    size = _size(spec, "size")
+    if size is None:
+        raise ConfigError(f"{spec.where}: size= is required (the device's maximum size, e.g. 8G)")
+    if size == 0:
+        raise ConfigError(f"{spec.where}: size must be positive")
+    if size > MAX_DEVICE_SIZE_BYTES:
+        raise ConfigError(f"{spec.where}: size {format_size(size)} is above the supported maximum of 1T")
+    if not _flag(spec, "share", True):
+        raise ConfigError(f"{spec.where}: share=off is not possible: QEMU maps the server's memory, so it is always shared")
+    hugetlb = _flag(spec, "hugetlb", False)
+    page_size = 4096
+    hugetlbsize = _size(spec, "hugetlbsize")
+    if hugetlbsize is not None and not hugetlb:
+        raise ConfigError(f"{spec.where}: hugetlbsize= needs hugetlb=on")
+    if hugetlb:
+        default = default_huge_page_size()
+        if default is None:
+            raise ConfigError(f"{spec.where}: hugetlb=on, but this kernel has no huge pages")
+        if hugetlbsize is not None and hugetlbsize != default:
+            raise ConfigError(
+                f"{spec.where}: hugetlbsize {format_size(hugetlbsize)} is not supported: "
+                f"only the default huge page size ({format_size(default)}) is"
+            )
+        page_size = default
+    return _Backend(obj_id, size, hugetlb, page_size, spec)
+
+
+def _node(spec: Spec) -> int | None:
+    value = spec.values.get("node")
+    if value is None:
+        return None
+    if isinstance(value, str) and re.fullmatch(r"\d+", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+        raise ConfigError(f"{spec.where}: node: expected a NUMA node number 0-65535, got {value!r}")
+    return value
+
+
+def check_socket_path(path: str, where: str) -> None:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(f"{where}: path {path!r} is longer than the {MAX_SOCKET_PATH_BYTES} bytes a UNIX socket path may have")
+
+
+def check_device(*, where: str, size: int, block_size: int, requested_size: int, page_size: int = 4096) -> None:
+    """The size rules of one device; ConfigError naming ``where``."""
+    from vfiouser_vmem.device import validate_block_size
+
+    try:
+        validate_block_size(block_size, page_size_bytes=page_size)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if size == 0 or size % block_size:
+        raise ConfigError(
+            f"{where}: size {format_size(size)} is not a positive multiple of the block size {format_size(block_size)}"
+        )
+    if size > MAX_DEVICE_SIZE_BYTES:
+        raise ConfigError(f"{where}: size {format_size(size)} is above the supported maximum of 1T")
+    if requested_size > size:
+        raise ConfigError(f"{where}: requested-size {format_size(requested_size)} is above the size {format_size(size)}")
+    if requested_size % block_size:
+        raise ConfigError(
+            f"{where}: requested-size {format_size(requested_size)} is not a multiple of the block size {format_size(block_size)}"
+        )
+
+
+def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path: str | None = None) -> list:
+    """Check every spec and return the DeviceConfigs, in device order."""
+    from vfiouser_vmem.server import DeviceConfig
+
+    objects, devices = list(objects), list(devices)
+    if not devices:
+        raise ConfigError("no device configured: give at least one --device (or a [[device]] table)")
+    backends: dict[str, _Backend] = {}
+    for spec in objects:
+        if spec.kind != "object":
+            raise ConfigError(f"{spec.where}: not an object")
+        backend = _backend(spec)
+        if backend.id in backends:
+            raise ConfigError(f"{spec.where}: duplicate object id {backend.id!r} (also {backends[backend.id].spec.where})")
+        backends[backend.id] = backend
+
+    configs = []
+    used_memdevs: dict[str, str] = {}
+    ids: dict[str, str] = {}
+    sockets: dict[str, str] = {}
+    for spec in devices:
+        _check_keys(spec, DEVICE_KEYS)
+        driver = _str(spec, "driver") or "virtio-mem"
+        if driver not in DEVICE_DRIVERS:
+            raise ConfigError(f"{spec.where}: driver {driver!r} is not supported: this server provides virtio-mem devices only")
+        dev_id = _id(spec)
+        if dev_id in ids:
+            raise ConfigError(f"{spec.where}: duplicate device id {dev_id!r} (also {ids[dev_id]})")
+        ids[dev_id] = spec.where
+        memdev = _required_str(spec, "memdev", "the id of a memory-backend-memfd object holding the memory")
+        if memdev not in backends:
+            known = ", ".join(sorted(backends)) or "none"
+            raise ConfigError(f"{spec.where}: memdev {memdev!r} is not an object id (objects: {known})")
+        if memdev in used_memdevs:
+            raise ConfigError(f"{spec.where}: memdev {memdev!r} is already used by {used_memdevs[memdev]}")
+        used_memdevs[memdev] = spec.where
+        socket = _required_str(spec, "socket", "the vfio-user socket path QEMU connects to")
+        check_socket_path(socket, f"{spec.where}: socket")
+        key = os.path.abspath(socket)
+        if key in sockets:
+            raise ConfigError(f"{spec.where}: socket {socket!r} is already used by {sockets[key]}")
+        if qmp_path is not None and key == os.path.abspath(qmp_path):
+            raise ConfigError(f"{spec.where}: socket {socket!r} is the QMP socket too; use different paths")
+        sockets[key] = spec.where
+        backend = backends[memdev]
+        block_size = _size(spec, "block-size", max(DEFAULT_BLOCK_SIZE_BYTES, backend.page_size))
+        requested = _size(spec, "requested-size", 0)
+        check_device(where=spec.where, size=backend.size, block_size=block_size, requested_size=requested,
+                     page_size=backend.page_size)
+        configs.append(DeviceConfig(
+            socket=socket,
+            size_bytes=backend.size,
+            block_size_bytes=block_size,
+            requested_size_bytes=requested,
+            id=dev_id,
+            node=_node(spec),
+            memdev=memdev,
+            hugetlb=backend.hugetlb,
+        ))
+    unused = [b for b in backends.values() if b.id not in used_memdevs]
+    if unused:
+        raise ConfigError(f"{unused[0].spec.where}: object {unused[0].id!r} is not used by any device (memdev=)")
+    return configs
+
+
+# ---------------------------------------------------------------------------
+# The QEMU side of a configuration (``vfiouser-vmem qemu-args``)
+
+#: BARs up to this size were placed by SeaBIOS with QEMU's default 40
+#: physical address bits (README, "Large devices").
+DEFAULT_PHYS_BITS_MAX_BAR_BYTES = 256 << 30
+PHYS_BITS = 46
+NUMA_RAM_ALIGN_BYTES = 2 << 20
+
+
+def qemu_args(configs: list, ram_bytes: int) -> tuple[list[str], list[str]]:
+    """The QEMU options for guests of these devices: (argv, notes).
+
+    - Guest RAM is a shared memfd (the server must read the virtqueues):
+      ``-machine q35,memory-backend=ram0 -m RAM -object
+      memory-backend-memfd,id=ram0,size=RAM,share=on``.
+    - One ``-device {"driver":"vfio-user-pci","socket":{...}}`` per device,
+      in configuration order (the guest enumerates them in that order).
+    - ``-cpu qemu64,phys-bits=46`` when a device's memory BAR is above
+      256 GiB, or all BARs together are (only 256 GiB was placed with the
+      default 40 bits here).
+    - When a device has a ``node``: the guest needs that NUMA node, so the
+      guest RAM is split over nodes 0 to the highest node used, one shared
+      memfd each (``-object memory-backend-memfd,id=ramN,...,share=on
+      -numa node,nodeid=N,memdev=ramN``; node 0 takes the remainder, the
+      others a multiple of 2 MiB), instead of ``-machine memory-backend``
+      (QEMU refuses both at once).  A node without memory and CPUs would be
+      unknown to the guest.
+    ``notes`` are advice for people (printed on stderr).
+    """
+    import json
+
+    from vfiouser_vmem.virtio_pci import memory_bar_size
+
+    ram = format_size(ram_bytes)
+    nodes = sorted({c.node for c in configs if c.node is not None})
+    notes: list[str] = []
+    if nodes:
+        # Every node up to the highest one used gets a share of the guest
+        # RAM, so that it exists for the guest (an ACPI node without memory
+        # or CPUs is unknown to Linux, which then puts the device's memory
+        # on node 0).  Node 0 takes the remainder.
+        count = nodes[-1] + 1
+        share = ram_bytes // count // NUMA_RAM_ALIGN_BYTES * NUMA_RAM_ALIGN_BYTES
+        if share == 0:
+            raise ConfigError(f"--ram {ram} is too small to give each of {count} NUMA nodes "
+                              f"{format_size(NUMA_RAM_ALIGN_BYTES)}")
+        argv = ["-machine", "q35", "-m", ram]
+        for node in range(count):
+            part = ram_bytes - share * (count - 1) if node == 0 else share
+            argv += ["-object", f"memory-backend-memfd,id=ram{node},size={format_size(part)},share=on",
+                     "-numa", f"node,nodeid={node},memdev=ram{node}"]
+        if count > 1:
+            notes.append(
+                f"guest RAM is split over NUMA nodes 0-{nodes[-1]} so that the guest knows them; "
+                "QEMU assigns the vCPUs to the nodes round robin unless -numa node,...,cpus= says otherwise"
+            )
+    else:
+        argv = ["-machine", "q35,memory-backend=ram0", "-m", ram,
+                "-object", f"memory-backend-memfd,id=ram0,size={ram},share=on"]
+    bars = [memory_bar_size(c.size_bytes) for c in configs]
+    if max(bars, default=0) > DEFAULT_PHYS_BITS_MAX_BAR_BYTES or sum(bars) > DEFAULT_PHYS_BITS_MAX_BAR_BYTES:
+        argv += ["-cpu", f"qemu64,phys-bits={PHYS_BITS}"]
+        notes.append(
+            f"memory BARs of {format_size(sum(bars))} in total need more than 40 guest physical address bits: "
+            f"-cpu qemu64,phys-bits={PHYS_BITS} (with KVM: -cpu host,host-phys-bits=on)"
+        )
+    for c in configs:
+        device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": c.socket}}
+        argv += ["-device", json.dumps(device, separators=(",", ":"))]
+    return argv, notes
+
+
+def format_shell(argv: list[str]) -> str:
+    """One option (with its value) per line, quoted for sh, continued with ``\\``."""
+    import shlex
+
+    pairs: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i].startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            pairs.append(f"{shlex.quote(argv[i])} {shlex.quote(argv[i + 1])}")
+            i += 2
+        else:
+            pairs.append(shlex.quote(argv[i]))
+            i += 1
+    lines: list[str] = []
+    for pair in pairs:
+        if lines and pair.startswith("-m "):
+            lines[-1] += " " + pair  # -machine ... -m RAM: one line
+        else:
+            lines.append(pair)
+    return " \\\n  ".join(lines)

@@ -1,0 +1,345 @@
+"""``vfiouser-vmem ctl``: resize, inspect and watch devices over QMP.
+
+Works against this server's QMP socket, and against a QEMU whose own
+``virtio-mem-pci`` devices it should manage (same commands, same events).
+
+Commands::
+
+    ctl [--qmp PATH] resize ID SIZE [--wait] [--timeout S]
+    ctl [--qmp PATH] info [--json]
+    ctl [--qmp PATH] watch [ID ...] [--count N] [--json]
+
+``resize`` sets ``requested-size`` (``qom-set``).  With ``--wait`` it waits
+until the device's ``size`` (what the guest has plugged) equals the
+requested size, on ``MEMORY_DEVICE_SIZE_CHANGE`` events and a ``qom-get
+size`` poll every 0.1 s (events are rate-limited to one a second per device,
+and one may be missed); after ``--timeout``
+seconds (default 60) it reports the size reached, the size requested and
+hints, and exits 3.
+
+``info`` prints ``query-memory-devices`` as a table with readable sizes
+(``--json``: the QMP reply as it came).
+
+``watch`` prints one line per ``MEMORY_DEVICE_SIZE_CHANGE`` (QMP rate
+limits these to one per second per device, always delivering the final
+size), for the given device ids or all; ``--count N`` stops after N lines;
+Ctrl-C stops it (exit 0).  It says on stderr when it is subscribed.
+
+``--qmp`` defaults to ``$VFIOUSER_VMEM_QMP``.
+
+Exit codes: 0 success; 1 runtime error (QMP socket unreachable, a QMP
+error: its ``desc`` is printed); 2 bad usage; 3 ``resize --wait`` timed out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import sys
+import time
+from datetime import datetime
+from typing import Any, TextIO
+
+from vfiouser_vmem.sizes import format_size
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"
+#: qom-get size this often while waiting: QMP events are rate-limited to one a
+#: second per device, so they alone would make the wait up to 1 s late.
+POLL_INTERVAL_S = 0.1
+MAX_LINE_BYTES = 16 << 20
+
+
+class QmpError(Exception):
+    """A QMP error reply (``desc`` is the message) or a broken connection."""
+
+    def __init__(self, desc: str, error_class: str = "") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+class QmpConnection:
+    """A small synchronous QMP client: commands with ids, events queued.
+
+    Every message from the server is one line of JSON (QEMU and this server
+    both end each with a newline).  Replies are matched by ``id``; events
+    that arrive meanwhile are kept for :meth:`next_event`.
+    """
+
+    def __init__(self, path: str, timeout_s: float = 10.0) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout_s)
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            raise QmpError(f"cannot connect to the QMP socket {path}: {exc.strerror or exc}") from None
+        self._buf = b""
+        self._next_id = 1
+        self.events: list[dict[str, Any]] = []
+        greeting = self._read(time.monotonic() + timeout_s)
+        if "QMP" not in greeting:
+            self.close()
+            raise QmpError(f"{path} does not speak QMP (first message: {json.dumps(greeting)[:200]})")
+        self.greeting = greeting
+        self.execute("qmp_capabilities")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "QmpConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read(self, deadline: float | None) -> dict[str, Any]:
+        """The next message; TimeoutError at ``deadline`` (None: wait forever)."""
+        while b"\n" not in self._buf:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                ready, _, _ = select.select([self.sock], [], [], remaining)
+                if not ready:
+                    raise TimeoutError
+            else:
+                select.select([self.sock], [], [])
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                raise QmpError(f"QMP connection to {self.path} failed: {exc.strerror or exc}") from None
+            if not data:
+                raise QmpError(f"the QMP server at {self.path} closed the connection")
+            self._buf += data
+            if len(self._buf) > MAX_LINE_BYTES:
+                raise QmpError("QMP message too long")
+        line, self._buf = self._buf.split(b"\n", 1)
+        if not line.strip():
+            return self._read(deadline)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise QmpError(f"the QMP server sent something that is not JSON: {line[:200]!r}") from None
+        if not isinstance(message, dict):
+            raise QmpError(f"the QMP server sent something that is not a JSON object: {line[:200]!r}")
+        return message
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        """Run a command; its ``return`` value, or QmpError with its desc."""
+        msg_id = f"ctl-{self._next_id}"
+        self._next_id += 1
+        msg: dict[str, Any] = {"execute": command, "id": msg_id}
+        if arguments:
+            msg["arguments"] = arguments
+        try:
+            self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as exc:
+            raise QmpError(f"QMP connection to {self.path} failed: {exc.strerror or exc}") from None
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                reply = self._read(deadline)
+            except TimeoutError:
+                raise QmpError(f"no reply to {command} within {self.timeout_s:.0f} s") from None
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if reply.get("id") != msg_id:
+                continue  # not ours (cannot happen on a connection of our own)
+            if "error" in reply:
+                error = reply["error"]
+                raise QmpError(str(error.get("desc", error)), str(error.get("class", "")))
+            return reply.get("return")
+
+    def next_event(self, timeout_s: float | None) -> dict[str, Any] | None:
+        """The next event, or None after ``timeout_s`` (None: wait forever)."""
+        if self.events:
+            return self.events.pop(0)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                message = self._read(deadline)
+            except TimeoutError:
+                return None
+            if "event" in message:
+                return message
+
+
+# ---------------------------------------------------------------------------
+# formatting
+
+
+def human(size_bytes: int) -> str:
+    """``0 B``, ``2 MiB``, ``1.5 GiB``, ``1023.99 MiB``: readable, at most
+    two decimals (trailing zeros dropped)."""
+    for suffix, unit in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size_bytes >= unit:
+            text = f"{size_bytes / unit:.2f}".rstrip("0").rstrip(".")
+            return f"{text} {suffix}"
+    return f"{size_bytes} B"
+
+
+def _state(data: dict[str, Any]) -> str:
+    size, requested = data.get("size", 0), data.get("requested-size", 0)
+    if size == requested:
+        return "ok"
+    return "growing" if size < requested else "shrinking"
+
+
+def format_table(devices: list[dict[str, Any]]) -> str:
+    """query-memory-devices as a table (like QEMU's ``info memory-devices``)."""
+    header = ["ID", "TYPE", "SIZE", "REQUESTED", "MAX", "BLOCK", "NODE", "MEMADDR", "MEMDEV", "STATE"]
+    rows = [header]
+    total = 0
+    for entry in devices:
+        data = entry.get("data", {})
+        total += int(data.get("size", 0))
+        memaddr = data.get("memaddr")
+        rows.append([
+            str(data.get("id", "")),
+            str(entry.get("type", "")),
+            human(int(data.get("size", 0))),
+            human(int(data.get("requested-size", 0))),
+            human(int(data.get("max-size", 0))),
+            human(int(data.get("block-size", 0))),
+            str(data.get("node", "")),
+            "-" if not memaddr else f"{memaddr:#x}",
+            str(data.get("memdev", "")),
+            _state(data),
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if not devices:
+        lines.append("(no memory devices)")
+    lines.append(f"plugged in total: {human(total)}")
+    return "\n".join(lines)
+
+
+def format_event(event: dict[str, Any]) -> str:
+    stamp = event.get("timestamp", {})
+    when = datetime.fromtimestamp(stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6)
+    data = event.get("data", {})
+    size = int(data.get("size", 0))
+    return f"{when.isoformat(timespec='milliseconds')} {data.get('id', '?')} size {human(size)} ({size})"
+
+
+# ---------------------------------------------------------------------------
+# commands
+
+
+def _find(devices: list[dict[str, Any]], dev_id: str) -> dict[str, Any] | None:
+    for entry in devices:
+        if entry.get("data", {}).get("id") == dev_id:
+            return entry["data"]
+    return None
+
+
+def resize(qmp: QmpConnection, dev_id: str, size_bytes: int, *, wait: bool, timeout_s: float,
+           out: TextIO, err: TextIO) -> int:
+    start = time.monotonic()
+    qmp.execute("qom-set", path=dev_id, property="requested-size", value=size_bytes)
+    if not wait:
+        size = qmp.execute("qom-get", path=dev_id, property="size")
+        print(f"{dev_id}: requested-size {human(size_bytes)} (size now {human(size)})", file=out)
+        return EXIT_OK
+    deadline = start + timeout_s
+    size = qmp.execute("qom-get", path=dev_id, property="size")
+    next_poll = time.monotonic() + POLL_INTERVAL_S
+    while size != size_bytes:
+        now = time.monotonic()
+        if now >= deadline:
+            return _stuck(qmp, dev_id, size_bytes, timeout_s, err)
+        event = qmp.next_event(min(deadline, next_poll) - now)
+        if event is not None and event.get("event") == SIZE_CHANGE_EVENT \
+                and event.get("data", {}).get("id") == dev_id:
+            size = event["data"].get("size")
+        if time.monotonic() >= next_poll or event is None:
+            size = qmp.execute("qom-get", path=dev_id, property="size")
+            next_poll = time.monotonic() + POLL_INTERVAL_S
+    print(f"{dev_id}: size {human(size_bytes)} reached after {time.monotonic() - start:.2f} s", file=out)
+    return EXIT_OK
+
+
+def _stuck(qmp: QmpConnection, dev_id: str, size_bytes: int, timeout_s: float, err: TextIO) -> int:
+    size = qmp.execute("qom-get", path=dev_id, property="size")
+    requested = qmp.execute("qom-get", path=dev_id, property="requested-size")
+    lines = [f"{dev_id}: timed out after {timeout_s:g} s: size is {human(size)} ({size}), "
+             f"requested {human(size_bytes)} ({size_bytes})"]
+    if requested != size_bytes:
+        lines.append(f"  requested-size is now {human(requested)}: someone else changed it meanwhile")
+    elif size == 0 and size_bytes > 0:
+        lines.append("  the guest plugged nothing: is a guest running with the virtio_mem driver bound "
+                     "(and memhp_default_state=online_movable or memory onlining)?")
+    elif size < size_bytes:
+        lines.append(f"  the guest is still plugging ({human(size_bytes - size)} to go) or ran out of "
+                     "memory it can online; try a longer --timeout")
+    else:
+        lines.append(f"  the guest is still unplugging ({human(size - size_bytes)} to go): Linux can only "
+                     "unplug movable memory; online it as movable (memhp_default_state=online_movable)")
+    print("\n".join(lines), file=err)
+    return EXIT_TIMEOUT
+
+
+def info(qmp: QmpConnection, *, as_json: bool, out: TextIO) -> int:
+    devices = qmp.execute("query-memory-devices")
+    if as_json:
+        print(json.dumps(devices, indent=2), file=out)
+    else:
+        print(format_table(devices), file=out)
+    return EXIT_OK
+
+
+def watch(qmp: QmpConnection, ids: list[str], *, count: int | None, as_json: bool,
+          out: TextIO, err: TextIO) -> int:
+    if ids:
+        known = {entry.get("data", {}).get("id") for entry in qmp.execute("query-memory-devices")}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            raise QmpError(f"Device '{missing[0]}' not found")
+    print(f"watching size changes of {', '.join(ids) if ids else 'all devices'} on {qmp.path} (Ctrl-C to stop)",
+          file=err, flush=True)
+    seen = 0
+    while count is None or seen < count:
+        event = qmp.next_event(None)
+        if event is None or event.get("event") != SIZE_CHANGE_EVENT:
+            continue
+        if ids and event.get("data", {}).get("id") not in ids:
+            continue
+        print(json.dumps(event) if as_json else format_event(event), file=out, flush=True)
+        seen += 1
+    return EXIT_OK
+
+
+def run(args: Any, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Run a parsed ``ctl`` command line (see cli.py)."""
+    qmp_path = args.qmp or os.environ.get("VFIOUSER_VMEM_QMP")
+    if not qmp_path:
+        print("vfiouser-vmem ctl: error: --qmp PATH is required (or set VFIOUSER_VMEM_QMP)", file=err)
+        return EXIT_USAGE
+    try:
+        with QmpConnection(qmp_path) as qmp:
+            if args.ctl_command == "resize":
+                return resize(qmp, args.id, args.size, wait=args.wait, timeout_s=args.timeout, out=out, err=err)
+            if args.ctl_command == "info":
+                return info(qmp, as_json=args.json, out=out)
+            if args.ctl_command == "watch":
+                return watch(qmp, args.ids, count=args.count, as_json=args.json, out=out, err=err)
+    except QmpError as exc:
+        print(f"vfiouser-vmem ctl: {exc.desc}", file=err)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        return EXIT_OK
+    raise AssertionError(f"unknown ctl command {args.ctl_command}")
+
+
+__all__ = ["QmpConnection", "QmpError", "format_table", "format_size", "human", "run"]

@@ -1,0 +1,241 @@
+"""Prometheus metrics for ``serve --metrics HOST:PORT``.
+
+The exporter has its own ``prometheus_client`` registry (never the global
+one) and a small HTTP/1.0 server on the trio thread, beside the devices and
+QMP: a scrape reads the devices' state directly, with no lock and no thread,
+and stopping the server is cancelling its task.  ``GET /metrics`` answers
+the Prometheus text format (or OpenMetrics when the scraper asks for it);
+any other path is 404, any other method 405.
+
+Metrics (every series has the label ``id``, the device id):
+
+Read from the devices at scrape time:
+    ``vfiouser_vmem_requested_size_bytes``, ``vfiouser_vmem_plugged_size_bytes``,
+    ``vfiouser_vmem_max_size_bytes``, ``vfiouser_vmem_block_size_bytes``,
+    ``vfiouser_vmem_usable_region_size_bytes`` (gauges, from the device model);
+    ``vfiouser_vmem_backend_allocated_bytes`` (gauge: host memory the memfd
+    holds, ``st_blocks * 512``); ``vfiouser_vmem_resets_total{kind}`` (counter;
+    kind ``device``, ``lost_conn``, ``pci_flr``);
+    ``vfiouser_vmem_client_connections_total`` (counter: vfio-user clients
+    accepted); ``vfiouser_vmem_client_connected`` (gauge, 0 or 1);
+    ``vfiouser_vmem_device_info{memdev,socket,node}`` (always 1).
+Counted as requests are served (``VirtioPciTransport.request_observers``):
+    ``vfiouser_vmem_requests_total{type,response}`` (counter; type ``plug``,
+    ``unplug``, ``unplug_all``, ``state``; response ``ack``, ``nack``,
+    ``busy``, ``error``); ``vfiouser_vmem_request_duration_seconds{type}``
+    (histogram from 5 us to 1 s: parsing, bitmap, discard and the response).
+
+The listen address: ``HOST:PORT``, ``:PORT`` (host 127.0.0.1) or
+``[IPV6]:PORT``.  Only loopback hosts (``127.0.0.0/8``, ``::1``,
+``localhost``) are accepted unless remote access is allowed explicitly: the
+metrics are not secret, but nothing authenticates the scraper.  Port 0 picks
+a free port (the server reports the one it got).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any, Iterator
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger("vfiouser_vmem.metrics")
+
+REQUEST_TYPES = {0: "plug", 1: "unplug", 2: "unplug_all", 3: "state"}
+RESPONSES = {0: "ack", 1: "nack", 2: "busy", 3: "error"}
+#: Request service time buckets: microseconds (a STATE) to milliseconds (a
+#: discard of a 2 MiB block), with room for a slow host.
+DURATION_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+                    0.1, 0.25, 1.0, float("inf"))
+
+MAX_REQUEST_HEAD_BYTES = 16 << 10
+REQUEST_TIMEOUT_S = 10.0
+
+
+class MetricsAddressError(ValueError):
+    pass
+
+
+def parse_metrics_address(text: str, *, allow_remote: bool = False) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``[V6]:PORT`` -> (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise MetricsAddressError(f"invalid address {text!r}: expected HOST:PORT or :PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise MetricsAddressError(f"invalid address {text!r}: write an IPv6 host in brackets, e.g. [::1]:9100")
+    host = host or "127.0.0.1"
+    try:
+        port = int(port_text, 10)
+    except ValueError:
+        raise MetricsAddressError(f"invalid port {port_text!r} in {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise MetricsAddressError(f"invalid port {port} in {text!r}: expected 0-65535")
+    if not allow_remote and not is_loopback(host):
+        raise MetricsAddressError(
+            f"{host} is not a loopback address: the metrics endpoint has no authentication; "
+            "add --metrics-allow-remote to serve it on other interfaces"
+        )
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _DeviceCollector:
+    """Reads the devices' state when scraped."""
+
+    def __init__(self, servers: list[Any]) -> None:
+        self.servers = servers
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["id"]
+        requested = GaugeMetricFamily("vfiouser_vmem_requested_size_bytes",
+                                      "The size the guest is asked to plug (requested-size).", labels=labels)
+        plugged = GaugeMetricFamily("vfiouser_vmem_plugged_size_bytes",
+                                    "The size the guest has plugged (QMP size).", labels=labels)
+        maximum = GaugeMetricFamily("vfiouser_vmem_max_size_bytes", "The device's maximum size.", labels=labels)
+        block = GaugeMetricFamily("vfiouser_vmem_block_size_bytes", "The device's block size.", labels=labels)
+        usable = GaugeMetricFamily("vfiouser_vmem_usable_region_size_bytes",
+                                   "The part of the device region the guest may plug in.", labels=labels)
+        allocated = GaugeMetricFamily("vfiouser_vmem_backend_allocated_bytes",
+                                      "Host memory the device's memory backend holds.", labels=labels)
+        resets = CounterMetricFamily("vfiouser_vmem_resets", "Device resets, by kind.", labels=["id", "kind"])
+        connections = CounterMetricFamily("vfiouser_vmem_client_connections",
+                                          "vfio-user clients (QEMU) accepted.", labels=labels)
+        connected = GaugeMetricFamily("vfiouser_vmem_client_connected",
+                                      "1 while a vfio-user client (QEMU) is connected.", labels=labels)
+        info = GaugeMetricFamily("vfiouser_vmem_device_info", "The device's configuration (always 1).",
+                                 labels=["id", "memdev", "socket", "node"])
+        for server in self.servers:
+            cid = server.config.id
+            model = server.model
+            requested.add_metric([cid], model.requested_size)
+            plugged.add_metric([cid], model.plugged_size)
+            maximum.add_metric([cid], model.region_size)
+            block.add_metric([cid], model.block_size)
+            usable.add_metric([cid], model.usable_region_size)
+            if server.backend.fd >= 0:
+                allocated.add_metric([cid], server.backend.allocated_bytes())
+            for kind, count in server.resets_total.items():
+                resets.add_metric([cid, kind.lower()], count)
+            connections.add_metric([cid], server.clients_total)
+            connected.add_metric([cid], 1 if server.connected else 0)
+            node = "" if server.config.node is None else str(server.config.node)
+            info.add_metric([cid, server.config.memdev, server.config.socket, node], 1)
+        yield from (requested, plugged, maximum, block, usable, allocated, resets, connections, connected, info)
+
+
+class MetricsExporter:
+    """The registry and its HTTP endpoint; run :meth:`serve` in a nursery."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.servers: list[Any] = []
+        self.registry.register(_DeviceCollector(self.servers))
+        self.requests = Counter("vfiouser_vmem_requests", "virtio-mem requests served, by type and response.",
+                                ["id", "type", "response"], registry=self.registry)
+        self.durations = Histogram("vfiouser_vmem_request_duration_seconds",
+                                   "Time to serve one virtio-mem request.", ["id", "type"],
+                                   buckets=DURATION_BUCKETS, registry=self.registry)
+        #: (host, port) actually listened on, once serving.
+        self.address: tuple[str, int] | None = None
+
+    def add_device(self, server: Any) -> None:
+        """Export a DeviceServer (its transport must exist)."""
+        cid = server.config.id
+        self.servers.append(server)
+
+        def observe(request_type: int, response_code: int, seconds: float) -> None:
+            kind = REQUEST_TYPES.get(request_type, str(request_type))
+            self.requests.labels(cid, kind, RESPONSES.get(response_code, str(response_code))).inc()
+            self.durations.labels(cid, kind).observe(seconds)
+
+        server.transport.request_observers.append(observe)
+
+    @property
+    def url(self) -> str:
+        if self.address is None:
+            raise RuntimeError("not serving")
+        host, port = self.address
+        return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        try:
+            sockname = listeners[0].socket.getsockname()
+            self.address = (sockname[0], sockname[1])
+            log.info("metrics on %s", self.url)
+            task_status.started(self.address)
+            await trio.serve_listeners(self._handle, listeners)
+        finally:
+            for listener in listeners:
+                await listener.aclose()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                head = b""
+                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+                        data = await stream.receive_some(4096)
+                        if not data:
+                            break
+                        head += data
+                        if len(head) > MAX_REQUEST_HEAD_BYTES:
+                            await self._reply(stream, 431, b"request head too large\n")
+                            return
+                status, body, content_type = self._respond(head)
+                await self._reply(stream, status, body, content_type, head_only=head.startswith(b"HEAD "))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("metrics request failed")
+
+    def _respond(self, head: bytes) -> tuple[int, bytes, str]:
+        lines = head.decode("latin-1").splitlines()
+        parts = lines[0].split() if lines else []
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return 400, b"bad request\n", "text/plain"
+        method, target = parts[0], parts[1]
+        if method not in ("GET", "HEAD"):
+            return 405, b"only GET\n", "text/plain"
+        path = target.split("?", 1)[0]
+        if path != "/metrics":
+            return 404, b"not found: the metrics are at /metrics\n", "text/plain"
+        accept = ""
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "accept":
+                accept = value.strip()
+        body, content_type = self.render(accept)
+        return 200, body, content_type
+
+    @staticmethod
+    async def _reply(stream: trio.SocketStream, status: int, body: bytes, content_type: str = "text/plain",
+                     *, head_only: bool = False) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  431: "Request Header Fields Too Large"}[status]
+        headers = [f"HTTP/1.0 {status} {reason}", f"Content-Type: {content_type}",
+                   f"Content-Length: {len(body)}", "Connection: close"]
+        if status == 405:
+            headers.append("Allow: GET, HEAD")
+        data = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
+        await stream.send_all(data if head_only else data + body)
