@@ -106,6 +106,39 @@ def bench_discard(device_bytes: int, block_bytes: int = 2 * MIB, *, touch: bool 
             "times": times, "freed_bytes": freed}
 
 
+def bench_unplug_all(device_bytes: int, block_bytes: int = 2 * MIB, *, reps: int = 3, stride: int = 2) -> dict:
+    """The server's own path for UNPLUG_ALL and system reset,
+    ``VirtioMemDevice.unplug_all()`` over a ``MemfdBackend`` (a Python loop
+    over the bitmap's runs, one discard each), against the C
+    ``discard_runs`` over the same bitmap: every ``stride``-th block
+    plugged, untouched (the loops' own cost)."""
+    from vfiouser_vmem.backend import MemfdBackend
+    from vfiouser_vmem.device import VirtioMemDevice
+
+    nb_blocks = device_bytes // block_bytes
+    backend = MemfdBackend(device_bytes, name="vfiouser-vmem-bench")
+    times: dict[str, list[float]] = {"unplug_all": [], "c": []}
+    try:
+        model = VirtioMemDevice(region_size_bytes=device_bytes, block_size_bytes=block_bytes,
+                                discard=backend.discard, page_size_bytes=backend.page_size_bytes)
+        for _ in range(reps):
+            for i in range(0, nb_blocks, stride):
+                model.bitmap.set_range(i, 1)
+            started = time.perf_counter()
+            model.unplug_all()
+            times["unplug_all"].append(time.perf_counter() - started)
+            if model.plugged_size:
+                raise AssertionError(f"unplug_all left {model.plugged_size} bytes plugged")
+            bitmap = alternating_bitmap(nb_blocks, stride)
+            started = time.perf_counter()
+            discard_runs(backend.fd, bitmap, block_bytes)
+            times["c"].append(time.perf_counter() - started)
+    finally:
+        backend.close()
+    return {"device_bytes": device_bytes, "block_bytes": block_bytes, "ranges": (nb_blocks + stride - 1) // stride,
+            "times": times}
+
+
 def _time_op(fn: Callable[[], object], *, min_total_s: float = 0.05, max_calls: int = 10_000) -> float:
     """Seconds per call of ``fn``: the best of 3 batches sized to take ~min_total_s."""
     calls = 1

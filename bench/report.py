@@ -183,3 +183,19 @@ def histogram_table(records: Sequence[Sequence[float]]) -> str:
     counts = histogram(r[3] * 1e6 for r in records)
     return markdown_table(["service time", "requests"],
                           [[bucket_label(i), str(c)] for i, c in enumerate(counts)])
+
+
+def model_time_table(records: Sequence[Sequence[float]]) -> str:
+    """Per request type: p50/p99 of wall and thread-CPU time.
+
+    ``records`` are [time, request type, wall seconds, CPU seconds]."""
+    by_type: dict[str, list[tuple[float, float]]] = {}
+    for _, rtype, wall, cpu in records:
+        by_type.setdefault(REQUEST_TYPES.get(int(rtype), str(int(rtype))), []).append((wall, cpu))
+    rows = []
+    for name, vals in by_type.items():
+        walls = [w for w, _ in vals]
+        cpus = [c for _, c in vals]
+        rows.append([name, str(len(vals)), fmt_seconds(percentile(walls, 50)), fmt_seconds(percentile(walls, 99)),
+                     fmt_seconds(percentile(cpus, 50)), fmt_seconds(percentile(cpus, 99))])
+    return markdown_table(["request", "count", "wall p50", "wall p99", "CPU p50", "CPU p99"], rows)

@@ -477,6 +477,15 @@ def micro_tables(results: dict) -> str:
             rows.append([label, report.fmt_summary(c, "s"), report.fmt_summary(p, "s"),
                          report.fmt_ratio(report.ratio(c.median, p.median)),
                          report.fmt_seconds(c.median / d["ranges"]), report.fmt_seconds(p.median / d["ranges"])])
+        ua = m.get("unplug_all")
+        if ua:
+            c = report.Summary.of(ua["times"]["c"])
+            p = report.Summary.of(ua["times"]["unplug_all"])
+            rows.append([f"{format_size(ua['device_bytes'])} device, {ua['ranges']} runs: the server's "
+                         f"VirtioMemDevice.unplug_all() (Python loop over runs) in the Python column",
+                         report.fmt_summary(c, "s"), report.fmt_summary(p, "s"),
+                         report.fmt_ratio(report.ratio(c.median, p.median)),
+                         report.fmt_seconds(c.median / ua["ranges"]), report.fmt_seconds(p.median / ua["ranges"])])
         parts.append("Discard loop: C `discard_runs` vs a Python/ctypes `fallocate(PUNCH_HOLE|KEEP_SIZE)` loop "
                      "over the same ranges\n\n" + report.markdown_table(
                          ["ranges", "C", "Python/ctypes", "C / Python", "C per range", "Python per range"], rows))
@@ -506,9 +515,15 @@ def service_time_section(results: dict) -> str:
     if not st or not st.get("records"):
         return ""
     recs = st["records"]
-    return (f"Device-side service time per request (vfiouser-vmem's own timing, hook: {st['hook']}; "
-            f"QEMU's device has no such hook)\n\n" + report.service_time_table(recs) + "\n\n"
-            + report.histogram_table(recs))
+    text = (f"Device-side service time per request (vfiouser-vmem's own timing, hook: {st['hook']}: parse, "
+            f"bitmap, discard, response; QEMU's device has no such hook)\n\n" + report.service_time_table(recs)
+            + "\n\n" + report.histogram_table(recs))
+    model = st.get("model") or []
+    if model:
+        text += ("\n\nThe device model's handle_request alone (parse, bitmap, discard): wall time vs the server "
+                 "thread's CPU time (the gap is time the thread waited for a CPU, or in the kernel's "
+                 "fallocate sleeping)\n\n" + report.model_time_table(model))
+    return text
 
 
 def scenario_service(results: dict) -> str:
@@ -518,6 +533,7 @@ def scenario_service(results: dict) -> str:
     if not st or not st.get("records") or not o:
         return ""
     recs = st["records"]
+    vfu = st.get("vfu") or {}
     rows = []
     for rep_i, rep in enumerate(o["reps"]):
         for size_name, r in rep.items():
@@ -530,13 +546,29 @@ def scenario_service(results: dict) -> str:
                 busy = sum(x[3] for x in inside)
                 wall = (t["size_s"] or 0)
                 cpu = t.get("cpu_s", {})
+                runs = [x for x in vfu.get("run", []) if lo <= x[0] <= hi]
+                bar0 = [x for x in vfu.get("bar0", []) if lo <= x[0] <= hi]
                 rows.append([f"rep {rep_i + 1} {key.replace('_', ' ')} {size_name}", str(len(inside)),
                              report.fmt_seconds(busy), report.fmt_seconds(wall),
                              report.fmt_percent(busy / wall) if wall else "-",
+                             f"{len(runs)} / {report.fmt_seconds(sum(x[1] for x in runs))}",
+                             f"{sum(1 for x in bar0 if not x[2])} / {sum(1 for x in bar0 if x[2])}",
                              report.fmt_seconds(cpu.get("server", 0)), report.fmt_seconds(cpu.get("qemu", 0))])
-    return ("Where the time of a resize goes (ours): requests served, device busy time, wall time to the "
-            "device's size\n\n" + report.markdown_table(["scenario", "requests", "device busy", "wall (size)",
-                                                           "busy / wall", "server CPU", "QEMU CPU"], rows))
+    text = ("Where the time of a resize goes (ours): requests served, device busy time (the requests' service "
+            "times), wall time to the device's size, vfio-user wake-ups of the server (vfu_run_ctx calls / time "
+            "in them), BAR0 accesses (reads / writes: each a synchronous round trip QEMU -> server), CPU time\n\n"
+            + report.markdown_table(["scenario", "requests", "device busy", "wall (size)", "busy / wall",
+                                     "vfu runs / time", "BAR0 r / w", "server CPU", "QEMU CPU"], rows))
+    runs = [x[1] for x in vfu.get("run", [])]
+    bar0 = vfu.get("bar0", [])
+    if runs:
+        text += (f"\n\nAll vfu_run_ctx calls: {len(runs)}, p50 {report.fmt_seconds(report.percentile(runs, 50))}, "
+                 f"p99 {report.fmt_seconds(report.percentile(runs, 99))}")
+    if bar0:
+        d = [x[4] for x in bar0]
+        text += (f"; BAR0 accesses: {len(bar0)}, p50 {report.fmt_seconds(report.percentile(d, 50))}, "
+                 f"p99 {report.fmt_seconds(report.percentile(d, 99))} (in the server's callback)")
+    return text
 
 
 def write_plots(results: dict, sizes: list[int], outdir: Path) -> list[str]:
@@ -655,6 +687,7 @@ def run_micro(args: argparse.Namespace) -> dict:
         micro.bench_discard(args.micro_device, touch=False, reps=args.reps),
         micro.bench_discard(args.micro_touch, touch=True, reps=args.reps),
     ]
+    out["unplug_all"] = micro.bench_unplug_all(args.micro_device, reps=args.reps)
     say("micro: block bitmap")
     nb = args.micro_device // (2 * MIB)
     out["bitmap"] = {"nb_blocks": nb, "block_bytes": 2 * MIB, "ops": micro.bench_bitmap(nb)}
@@ -707,8 +740,10 @@ def main(argv: list[str] | None = None) -> int:
     if stats_path.exists():
         stats = json.loads(stats_path.read_text())
         recs = [r for dev_recs in stats["devices"].values() for r in dev_recs]
+        model = [r for dev_recs in stats.get("model", {}).values() for r in dev_recs]
         results["service_times"] = {"hook": stats["hook"], "records": recs,
-                                    "all_seconds": [r[3] for r in recs]}
+                                    "all_seconds": [r[3] for r in recs], "model": model,
+                                    "vfu": stats.get("vfu", {})}
     results["elapsed_s"] = time.monotonic() - started
     (outdir / "results.json").write_text(json.dumps(results, indent=1))
     text = render(results, args.sizes)

@@ -31,7 +31,59 @@ from vfiouser_vmem import server as _server  # noqa: E402
 
 #: device id -> list of [monotonic time, request type, response code, seconds]
 RECORDS: dict[str, list[list[float]]] = {}
+#: device id -> list of [monotonic time, request type, wall seconds, thread CPU seconds] of handle_request
+MODEL_RECORDS: dict[str, list[list[float]]] = {}
 HOOK = {"kind": "none"}
+
+
+def _time_model(model, records: list) -> None:
+    """Also time the device model's handle_request alone, in wall and in
+    thread CPU time: the difference is time the server thread was not
+    running (preempted by the vCPU threads on a busy host)."""
+    handle = model.handle_request
+
+    def timed(data):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        response = handle(data)
+        records.append([time.monotonic(), int.from_bytes(bytes(data[:2]), "little"),
+                        time.perf_counter() - wall, time.thread_time() - cpu])
+        return response
+
+    model.handle_request = timed
+
+
+#: vfio-user side: "run" = [monotonic start, seconds] per vfu_run_ctx call (one
+#: wake-up of a device's loop: the messages pending then); "bar0" = [monotonic
+#: start, offset, is_write, length, seconds] per BAR0 access (virtio common,
+#: ISR, device config, notify), each one a synchronous round trip for QEMU.
+VFU_EVENTS: dict[str, list[list[float]]] = {"run": [], "bar0": []}
+
+
+def _install_vfu_timing() -> None:
+    from vfiouser_vmem import vfu
+
+    run = vfu.VfuContext.run
+
+    def timed_run(self):
+        started = time.monotonic()
+        try:
+            return run(self)
+        finally:
+            VFU_EVENTS["run"].append([started, time.monotonic() - started])
+
+    vfu.VfuContext.run = timed_run
+    bar0 = _server.DeviceServer._bar0_access
+
+    def timed_bar0(self, offset, buf, is_write):
+        started = time.monotonic()
+        try:
+            return bar0(self, offset, buf, is_write)
+        finally:
+            VFU_EVENTS["bar0"].append([started, offset, int(bool(is_write)), len(buf), time.monotonic() - started])
+
+    # Patched on the class before any DeviceServer exists: setup_region()
+    # takes the bound method at construction.
+    _server.DeviceServer._bar0_access = timed_bar0
 
 
 def _install_observer() -> None:
@@ -48,6 +100,7 @@ def _install_observer() -> None:
                 records.append([time.monotonic(), request_type, response_code, seconds])
 
             observers.append(observe)
+            _time_model(self.model, MODEL_RECORDS.setdefault(config.id, []))
             return
         # An older transport without the hook: time the device model's
         # handle_request (parse, bitmap, discard; not the response push).
@@ -99,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_args = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
 
     _install_observer()
+    _install_vfu_timing()
     profiler = None
     if args.cprofile:
         import cProfile
@@ -121,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             profiler.disable()
             profiler.dump_stats(args.cprofile)
         if args.stats:
-            Path(args.stats).write_text(json.dumps({"hook": HOOK["kind"], "devices": RECORDS}))
+            Path(args.stats).write_text(json.dumps({"hook": HOOK["kind"], "devices": RECORDS, "model": MODEL_RECORDS,
+                                                "vfu": VFU_EVENTS}))
 
 
 if __name__ == "__main__":

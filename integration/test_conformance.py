@@ -61,7 +61,7 @@ def test_busy_is_retried_by_the_guest(env, timing):
     assert_no_driver_errors(guest)
 
 
-@pytest.mark.parametrize("block_size, bbm", [("64M", False), ("128M", True), ("1G", True)])
+@pytest.mark.parametrize("block_size, bbm", [("1M", False), ("64M", False), ("128M", True), ("1G", True)])
 def test_large_block_sizes_and_big_block_mode(env, timing, block_size, bbm):
     """Block sizes of at least the guest's memory block size (128 MiB on
     x86) make Linux use Big Block Mode; smaller ones Sub Block Mode."""

@@ -273,8 +273,13 @@ def test_two_devices_in_one_process_resized_independently(procs, workdir):
     watch.send_signal(signal.SIGINT)
     assert watch.wait(timeout=30) == 0
     print("\n".join(lines))
-    assert any(re.search(r" vm1 size 1 GiB \(1073741824\)$", line) for line in lines), lines
-    assert any(re.search(r" vm0 size 512 MiB \(536870912\)$", line) for line in lines), lines
+    # (Intermediate sizes may be coalesced by the rate limit: only the
+    # final size of each device is sure to be reported.)
+    assert [line for line in lines if " vm1 " in line][-1].endswith(" vm1 size 1 GiB (1073741824)"), lines
+
+    # QEMU DMA-maps each device's memory BAR to both devices: each server
+    # recognises its sibling's (no "shared guest RAM" false alarm).
+    assert "without a file descriptor" not in server.log(), server.log()
 
     with urllib.request.urlopen(server.metrics_url, timeout=30) as response:
         print("\n".join(line for line in response.read().decode().splitlines()

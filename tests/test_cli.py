@@ -567,3 +567,16 @@ def test_help_documents_exit_codes(capsys):
         assert "3  ctl resize --wait" in out or "exit codes" in out, args
     rc, out, _ = run_main(capsys, "serve", "--help")
     assert "--object" in out and "memory-backend-memfd" in out and "--metrics" in out and "--socket-group" in out
+
+
+def test_serve_metrics_port_in_use_exits_1_and_cleans_up(tmp):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--socket", str(tmp / "s"), "--size", "1G", "--qmp", str(tmp / "q"),
+                         "--metrics", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert f"metrics: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp.iterdir()) == []

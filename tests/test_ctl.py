@@ -31,7 +31,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from vfio_user_client import VfioUserClient
-from virtio_driver import ACK, VirtioMemDriver
+from virtio_driver import ACK, DEFAULT_BAR_ADDR, VirtioMemDriver
 
 EXE = [sys.executable, "-m", "vfiouser_vmem.cli"]
 MiB = 1 << 20
@@ -125,10 +125,10 @@ class Guest:
 
 
 @asynccontextmanager
-async def guest(path: str) -> AsyncIterator[Guest]:
+async def guest(path: str, bar_addr: int = DEFAULT_BAR_ADDR) -> AsyncIterator[Guest]:
     with trio.fail_after(TIMEOUT):
         client = await VfioUserClient.connect(path)
-    driver = VirtioMemDriver(client)
+    driver = VirtioMemDriver(client, bar_addr=bar_addr)
     try:
         with trio.fail_after(TIMEOUT):
             await driver.initialize()
@@ -298,6 +298,16 @@ async def test_ctl_errors(served: ServedDevices) -> None:
         assert message in err, (args, err)
     # Nothing was changed by the refused commands.
     assert await qmp_sizes(served) == {"vm0": (0, 0), "vm1": (0, 0)}
+    # --qmp after the subcommand, or from the environment, works too.
+    with trio.fail_after(TIMEOUT):
+        result = await trio.run_process([*EXE, "ctl", "info", "--qmp", served.qmp, "--json"],
+                                        capture_stdout=True, capture_stderr=True, check=False)
+        assert result.returncode == 0 and len(json.loads(result.stdout)) == 2, result.stderr
+        result = await trio.run_process([*EXE, "ctl", "resize", "vm1", "2M"], capture_stdout=True,
+                                        capture_stderr=True, check=False,
+                                        env={**os.environ, "VFIOUSER_VMEM_QMP": served.qmp})
+        assert result.returncode == 0, result.stderr
+    assert await qmp_sizes(served) == {"vm0": (0, 0), "vm1": (0, 2 * MiB)}
 
 
 async def test_ctl_without_a_server() -> None:
@@ -343,3 +353,31 @@ async def test_one_device_losing_its_client_does_not_disturb_the_other(served: S
     assert samples[("vfiouser_vmem_plugged_size_bytes", (("id", "vm1"),))] == 32 * MiB
     assert samples[("vfiouser_vmem_requests_total", (("id", "vm1"), ("response", "ack"), ("type", "plug")))] == 1
     assert samples[("vfiouser_vmem_requests_total", (("id", "vm0"), ("response", "ack"), ("type", "plug")))] == 1
+
+
+async def test_sibling_memory_bars_are_reachable_and_shutdown_is_clean() -> None:
+    """QEMU DMA-maps every device's memory BAR (without an fd) to every
+    vfio-user device: a sibling's BAR is recognised like the device's own,
+    and stopping the server with such mappings in place is clean."""
+    tmp = Path(tempfile.mkdtemp(prefix="vmem-", dir="/tmp"))
+    served = ServedDevices(tmp)
+    try:
+        vm1_bar = DEFAULT_BAR_ADDR + 4 * GiB
+        async with guest(served.sockets["vm0"]) as g0, guest(served.sockets["vm1"], bar_addr=vm1_bar) as g1:
+            await resize_and_follow(served, g1, "vm1", "16M")
+            with trio.fail_after(TIMEOUT):
+                # vm1's 512 MiB BAR, mapped to vm0 as QEMU does; and vm0's own.
+                await g0.client.dma_map_no_fd(vm1_bar, 512 * MiB)
+                await g0.client.dma_map_no_fd(DEFAULT_BAR_ADDR, GiB)
+                await g1.client.dma_map_no_fd(DEFAULT_BAR_ADDR, GiB)  # and vm0's to vm1
+            # Both devices still serve their guests.
+            await resize_and_follow(served, g0, "vm0", "8M")
+            rc, err = served.stop()  # with both clients still connected
+    finally:
+        served.stop()
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+    assert rc == 0, err
+    assert "Traceback" not in err, err
+    assert "without a file descriptor" not in err, err

@@ -901,19 +901,21 @@ async def test_malformed_chain_sets_needs_reset(vmem: Vmem, kind: str) -> None:
 
 
 async def test_buffer_in_memory_mapped_without_fd(vmem: Vmem, caplog: pytest.LogCaptureFixture) -> None:
-    """Guest RAM without share=on: QEMU maps it without an fd.  The server
-    says so (naming share=on), and a request there breaks the queue only."""
+    """Guest RAM without share=on: QEMU maps it without an fd.  Mapping it is
+    no error (QEMU maps ROMs and other processes' BARs the same way); a
+    request there breaks the queue only, with a message naming share=on."""
     d = vmem.driver
     iova = 0x1_0000_0000
-    with caplog.at_level(logging.ERROR, logger="vfiouser_vmem.server"):
+    with caplog.at_level(logging.ERROR):
         await vmem.client.dma_map_no_fd(iova, 1 * MiB, DMA_RW)
+        assert not caplog.records
+        assert await d.plug(BAR_ADDR, 1) == ACK
+        d.post(Chain([(iova, 24)], [(d.slot_addr(0) + 32, 10)]))
+        d.publish()
+        await d.kick()
+        await d.config_irq.wait(TIMEOUT)
+        assert await d.status() & STATUS_NEEDS_RESET
     assert any("share=on" in r.getMessage() for r in caplog.records)
-    assert await d.plug(BAR_ADDR, 1) == ACK
-    d.post(Chain([(iova, 24)], [(d.slot_addr(0) + 32, 10)]))
-    d.publish()
-    await d.kick()
-    await d.config_irq.wait(TIMEOUT)
-    assert await d.status() & STATUS_NEEDS_RESET
     await vmem.assert_alive()
     await vmem.client.dma_unmap(iova, 1 * MiB)
     await d.start_virtio()
@@ -1077,3 +1079,21 @@ async def test_libvfio_user_translation_matches_the_guest_ram(vmem: Vmem) -> Non
     assert ram.read(at, 4) == b"TRAN"
     with pytest.raises(VfuError):
         vmem.server.ctx.dma_view(0x7000_0000_0000, 16)
+
+
+async def test_virtqueue_in_unshared_guest_ram_is_refused_at_driver_ok(
+        vmem: Vmem, caplog: pytest.LogCaptureFixture) -> None:
+    """The driver's rings in RAM mapped without an fd (QEMU without
+    share=on): the device refuses at DRIVER_OK with a message naming
+    share=on, before any request, and the plugged state is untouched."""
+    d = vmem.driver
+    assert await d.plug(BAR_ADDR, 1) == ACK
+    await vmem.client.dma_unmap(d.ram.iova, d.ram.size)
+    await vmem.client.dma_map_no_fd(d.ram.iova, d.ram.size, DMA_RW)
+    with caplog.at_level(logging.ERROR):
+        await d.start_virtio()
+        assert await d.status() & STATUS_NEEDS_RESET
+    assert any("share=on" in r.getMessage() and "virtqueue is unreachable" in r.getMessage()
+               for r in caplog.records)
+    assert vmem.server.model.plugged_size == BLOCK
+    await vmem.assert_alive()

@@ -339,10 +339,22 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     try:
         trio.run(functools.partial(serve, configs, qmp_path, ready=ready, metrics=exporter, socket_group=gid))
-    except (SocketPathInUse, ValueError, OSError) as exc:
-        logging.getLogger("vfiouser_vmem").error("%s", exc)
+    except BaseException as exc:
+        # Failures to start (a path or port in use, a permission), possibly
+        # wrapped in exception groups by trio's nurseries: a message, exit 1.
+        leaves = _leaf_exceptions(exc)
+        if not all(isinstance(e, (SocketPathInUse, ValueError, OSError)) for e in leaves):
+            raise
+        for e in leaves:
+            logging.getLogger("vfiouser_vmem").error("%s", e)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaf_exceptions(sub)]
+    return [exc]
 
 
 def _qemu_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

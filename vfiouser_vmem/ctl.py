@@ -23,7 +23,7 @@ hints, and exits 3.
 ``watch`` prints one line per ``MEMORY_DEVICE_SIZE_CHANGE`` (QMP rate
 limits these to one per second per device, always delivering the final
 size), for the given device ids or all; ``--count N`` stops after N lines;
-Ctrl-C stops it (exit 0).  It says on stderr when it is subscribed.
+Ctrl-C or SIGTERM stops it (exit 0).  It says on stderr when it is subscribed.
 
 ``--qmp`` defaults to ``$VFIOUSER_VMEM_QMP``.
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import sys
 import time
@@ -318,6 +319,10 @@ def watch(qmp: QmpConnection, ids: list[str], *, count: int | None, as_json: boo
     return EXIT_OK
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: Any, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run a parsed ``ctl`` command line (see cli.py)."""
     qmp_path = args.qmp or os.environ.get("VFIOUSER_VMEM_QMP")
@@ -331,6 +336,10 @@ def run(args: Any, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
             if args.ctl_command == "info":
                 return info(qmp, as_json=args.json, out=out)
             if args.ctl_command == "watch":
+                # Ctrl-C (or SIGTERM) ends the watch with 0, even when the
+                # shell started it with SIGINT ignored (a background job).
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, _interrupt)
                 return watch(qmp, args.ids, count=args.count, as_json=args.json, out=out, err=err)
     except QmpError as exc:
         print(f"vfiouser-vmem ctl: {exc.desc}", file=err)

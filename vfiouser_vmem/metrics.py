@@ -39,7 +39,7 @@ import logging
 from typing import Any, Iterator
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
@@ -141,6 +141,9 @@ class MetricsExporter:
     """The registry and its HTTP endpoint; run :meth:`serve` in a nursery."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        # No ``*_created`` series (a process-wide switch of prometheus_client;
+        # this process has no other metrics).
+        disable_created_metrics()
         self.host = host
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
@@ -178,7 +181,11 @@ class MetricsExporter:
         return encoder(self.registry), content_type
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics: cannot listen on {self.host}:{self.port}: "
+                                     f"{exc.strerror or exc}") from None
         try:
             sockname = listeners[0].socket.getsockname()
             self.address = (sockname[0], sockname[1])

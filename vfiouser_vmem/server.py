@@ -128,6 +128,9 @@ class DeviceServer:
         self.fail_discards = 0
         #: Resets seen, by kind (DEVICE, LOST_CONN, PCI_FLR): metrics.
         self.resets_total: dict[str, int] = {t.name: 0 for t in ResetType}
+        #: The other devices of this process (serve() sets it): a QEMU with
+        #: several of them DMA-maps each one's memory BAR to all of them.
+        self.siblings: list[DeviceServer] = []
         try:
             self.model = VirtioMemDevice(
                 region_size_bytes=config.size_bytes,
@@ -229,20 +232,24 @@ class DeviceServer:
         if view is not None:
             self.transport.memory.add(region.iova, region.length, view)
             return
-        bar_addr = self.transport.memory_bar_addr
-        if bar_addr and bar_addr <= region.iova and region.iova + region.length <= bar_addr + self.bar_size:
-            # QEMU maps the device's own BAR back to us without an fd
-            # (DESIGN.md section 2); reach it through our own mapping.
-            start = region.iova - bar_addr
-            self.transport.memory.add(region.iova, region.length, self.backend.view[start:start + region.length])
-            return
+        # QEMU maps the device's own BAR back to us without an fd (DESIGN.md
+        # section 2), and the memory BARs of the other devices of this
+        # process too; reach them through our own mapping of their backend.
+        for server in (self, *self.siblings):
+            bar_addr = server.transport.memory_bar_addr
+            if bar_addr and bar_addr <= region.iova and region.iova + region.length <= bar_addr + server.bar_size:
+                start = region.iova - bar_addr
+                self.transport.memory.add(region.iova, region.length,
+                                          server.backend.view[start:start + region.length])
+                return
         why = (f"guest memory {region.iova:#x}-{region.iova + region.length:#x} was mapped without a file "
                "descriptor, so this server cannot reach it: start QEMU with shared guest RAM "
                "(-object memory-backend-memfd,id=ram0,size=...,share=on -machine memory-backend=ram0)")
-        # Read-only mappings without an fd are QEMU's ROMs (BIOS, option
-        # ROMs): no virtio buffer lives there.  Writable ones are guest RAM.
-        level = logging.ERROR if region.prot & PROT_WRITE else logging.DEBUG
-        self.log.log(level, "%s: %s", self.config.id, why)
+        # Not an error yet: QEMU also maps its ROMs and the BARs of devices
+        # served by other processes without an fd.  Unshared guest RAM is
+        # reported when the driver puts its virtqueue there (at DRIVER_OK) or
+        # a request lies there, with this message.
+        self.log.debug("%s: %s", self.config.id, why)
         self.transport.memory.add(region.iova, region.length, None, why)
 
     def _dma_unregister(self, region: DmaRegion) -> None:
@@ -424,6 +431,8 @@ async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[
             servers.append(DeviceServer(config))
             if socket_group is not None:
                 share_socket_with_group(config.socket, socket_group)
+        for s in servers:
+            s.siblings = [other for other in servers if other is not s]
         controlled = {s.config.id: ControlledVmem(s) for s in servers}
         qmp = QmpServer(controlled, version=__version__)
         if metrics is not None:
@@ -445,5 +454,11 @@ async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[
                     nursery.cancel_scope.cancel()
                     break
     finally:
+        # A device's guest-memory map may hold views of a sibling's backend:
+        # drop them all before any backend is closed.
+        for s in servers:
+            transport = getattr(s, "transport", None)
+            if transport is not None:
+                transport.memory.clear()
         for s in servers:
             s.close()

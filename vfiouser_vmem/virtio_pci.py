@@ -353,9 +353,24 @@ class VirtioPciTransport:
                 # The driver reads FEATURES_OK back and gives up (spec 3.1.1).
                 log.warning("%s: feature negotiation failed: %s", self.name, why)
                 value &= ~VIRTIO_CONFIG_S_FEATURES_OK
-        if value & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
-            log.info("%s: driver ready (features %#x)", self.name, self.driver_features)
+        newly_ready = value & VIRTIO_CONFIG_S_DRIVER_OK and not self.status & VIRTIO_CONFIG_S_DRIVER_OK
         self.status = value | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET)
+        if newly_ready:
+            log.info("%s: driver ready (features %#x)", self.name, self.driver_features)
+            self._check_rings_reachable()
+
+    def _check_rings_reachable(self) -> None:
+        """The rings must lie in memory this process can reach; guest RAM
+        without share=on is found here, before the first request."""
+        q = self.queue
+        if not q.enabled:
+            return
+        try:
+            self.memory.read(q.desc_addr, 16 * q.size)
+            self.memory.read(q.driver_addr, 6 + 2 * q.size)
+            self.memory.read(q.device_addr, 6 + 8 * q.size)
+        except GuestMemoryError as exc:
+            self._mark_broken(f"the virtqueue is unreachable: {exc}")
 
     # -- BAR1: MSI-X table (emulated by QEMU) and PBA ---------------------
     def bar1_access(self, offset: int, buf: memoryview, is_write: bool) -> None:

@@ -1,0 +1,391 @@
+"""The benchmark's pure parts and tiny runs of its microbenchmarks.
+
+Structure and correctness only: no timing is asserted anywhere (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "integration"))
+
+from bench import micro, report  # noqa: E402
+from bench.procinfo import add_rss, cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+# -- report ---------------------------------------------------------------------
+
+def test_percentile_interpolates_like_numpy():
+    assert report.percentile([1, 2, 3, 4], 50) == 2.5
+    assert report.percentile([4, 1, 3, 2], 0) == 1
+    assert report.percentile([4, 1, 3, 2], 100) == 4
+    assert report.percentile([10], 99) == 10
+    assert report.percentile(list(range(101)), 99) == pytest.approx(99)
+    with pytest.raises(ValueError):
+        report.percentile([], 50)
+    with pytest.raises(ValueError):
+        report.percentile([1], 101)
+
+
+def test_summary_of_values_ignores_missing():
+    s = report.Summary.of([3.0, None, 1.0, 2.0])
+    assert (s.median, s.min, s.max, s.n) == (2.0, 1.0, 3.0, 3)
+    assert report.Summary.of([]) is None
+    assert report.Summary.of([None]) is None
+
+
+def test_histogram_buckets_and_labels():
+    edges = (10, 100, math.inf)
+    assert report.histogram([1, 10, 11, 100, 5000], edges) == [2, 2, 1]
+    assert sum(report.histogram([0.5, 7, 70, 700, 7e6])) == 5
+    assert report.bucket_label(0, edges) == "<= 10 us"
+    assert report.bucket_label(1, edges) == "10 us - 100 us"
+    assert report.bucket_label(2, edges) == "> 100 us"
+    assert report.bucket_label(1, (500, 2000, math.inf)) == "500 us - 2 ms"
+
+
+def test_ratio_and_formatting():
+    assert report.ratio(2.0, 4.0) == 0.5
+    assert report.ratio(None, 4.0) is None
+    assert report.ratio(1.0, 0) is None
+    assert report.fmt_ratio(None) == "-"
+    assert report.fmt_ratio(1.234) == "1.23"
+    assert report.fmt_seconds(2.5) == "2.50 s"
+    assert report.fmt_seconds(0.0123) == "12.3 ms"
+    assert report.fmt_seconds(42e-6) == "42.0 us"
+    assert report.fmt_seconds(5e-9) == "5 ns"
+    assert report.fmt_bytes(3 * GIB) == "3.00 GiB"
+    assert report.fmt_bytes(5 * MIB) == "5 MiB"
+    assert report.fmt_bytes(0) == "0 B"
+    assert report.fmt_percent(1.0) == "100.0 %"
+    assert report.fmt_summary(None, "s") == "-"
+    assert report.fmt_summary(report.Summary(1.0, 1.0, 1.0, 3), "s") == "1.00 s"
+    assert report.fmt_summary(report.Summary(1.0, 0.5, 2.0, 3), "s") == "1.00 s (500.0 ms - 2.00 s)"
+
+
+def _table_cells(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
+
+
+def test_markdown_table_is_well_formed():
+    table = report.markdown_table(["a", "bb"], [["x", "1"], ["yyy", "22"]])
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert len({len(line) for line in lines}) == 1  # columns aligned
+    assert re.fullmatch(r"\|:-+\|-+:\|", lines[1])
+    assert _table_cells(table)[2] == ["x", "1"]
+    with pytest.raises(ValueError):
+        report.markdown_table(["a", "b"], [["only one"]])
+
+
+def test_comparison_table_has_ratio_of_medians():
+    rows = [
+        report.Row("grow", "s", report.Summary.of([0.1, 0.2, 0.3]), report.Summary.of([0.2, 0.4, 0.6])),
+        report.Row("p99 (ours only)", "s", None, report.Summary.of([5e-5])),
+    ]
+    cells = _table_cells(report.comparison_table(rows))
+    assert cells[0] == ["measure (median, min - max)", "QEMU virtio-mem-pci", "vfiouser-vmem", "ours / QEMU"]
+    assert cells[2][0] == "grow" and cells[2][3] == "2.00"
+    assert cells[3][1] == "-" and cells[3][3] == "-"
+
+
+def test_service_time_tables():
+    records = [[0.0, 0, 0, 50e-6], [0.1, 0, 0, 70e-6], [0.2, 1, 0, 0.03], [0.3, 3, 0, 10e-6]]
+    cells = _table_cells(report.service_time_table(records))
+    names = [row[0] for row in cells[2:]]
+    assert names == ["PLUG", "UNPLUG", "STATE", "all"]
+    assert cells[2][1] == "2" and cells[-1][1] == "4"
+    hist = _table_cells(report.histogram_table(records))
+    assert sum(int(row[1]) for row in hist[2:]) == 4
+    model = _table_cells(report.model_time_table([[0.0, 0, 60e-6, 10e-6], [0.1, 1, 0.03, 0.029]]))
+    assert [row[0] for row in model[2:]] == ["PLUG", "UNPLUG"]
+
+
+# -- host-side views ----------------------------------------------------------------
+
+def test_procinfo_reads_own_process():
+    rss = proc_rss(os.getpid())
+    assert rss["VmRSS"] > 0 and set(rss) == {"VmRSS", "RssAnon", "RssFile", "RssShmem"}
+    assert add_rss(rss, rss)["VmRSS"] == 2 * rss["VmRSS"]
+    assert cpu_seconds(os.getpid()) >= 0
+    fd = os.memfd_create("bench-test:a", os.MFD_CLOEXEC)
+    dup = os.dup(fd)  # the same file twice: counted once
+    try:
+        os.ftruncate(fd, 8 * MIB)
+        os.pwrite(fd, b"x" * MIB, 0)
+        got = memfd_allocated_bytes(os.getpid(), name_prefix="bench-test:a", size_bytes=8 * MIB)
+        assert MIB <= got < 2 * MIB
+        with pytest.raises(LookupError):
+            memfd_allocated_bytes(os.getpid(), name_prefix="bench-test:nothing-like-this")
+    finally:
+        os.close(dup)
+        os.close(fd)
+
+
+# -- microbenchmarks, tiny -----------------------------------------------------------
+
+@pytest.mark.parametrize("touch", [False, True])
+def test_discard_benchmark_discards_the_same_ranges(touch):
+    out = micro.bench_discard(16 * MIB, 2 * MIB, touch=touch, reps=1)
+    assert out["ranges"] == 4  # every other block of 8
+    assert len(out["times"]["c"]) == len(out["times"]["python"]) == 1
+    expected = 4 * 2 * MIB if touch else 0
+    assert out["freed_bytes"]["c"] == out["freed_bytes"]["python"] == [expected]
+
+
+def test_unplug_all_benchmark_unplugs_everything():
+    out = micro.bench_unplug_all(16 * MIB, 2 * MIB, reps=1)
+    assert out["ranges"] == 4
+    assert len(out["times"]["unplug_all"]) == len(out["times"]["c"]) == 1
+
+
+def test_python_discard_loop_reports_errors():
+    with pytest.raises(OSError):
+        micro.python_discard_loop(-1, [(0, 4096)])
+
+
+def test_bitmap_benchmark_covers_the_operations():
+    out = micro.bench_bitmap(256, 64, min_total_s=0.0005)
+    assert out["_alternating_runs"] == 128
+    ops = [k for k in out if not k.startswith("_")]
+    for word in ("set_range", "range_state", "count_plugged", "runs()"):
+        assert any(word in k for k in ops), word
+    assert all(out[k] > 0 for k in ops)
+
+
+def test_startup_benchmark_one_device():
+    out = micro.bench_startup(size="256M", reps=1)
+    assert out["devices"] == 1 and len(out["ready_s"]) == 1
+    assert out["rss"][0]["VmRSS"] > 0
+
+
+def test_startup_benchmark_several_devices_through_served():
+    out = micro.bench_startup(devices=2, device_size="256M", reps=1, prefer_cli=False)
+    assert out["how"] == "served.py" and out["devices"] == 2
+    assert out["rss"][0]["VmRSS"] > 0
+
+
+def test_served_records_service_times_at_exit(tmp_path):
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
+    stats = tmp_path / "stats.json"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "served.py"), "--stats", str(stats), "--devices", "2", "--dir", d,
+         "--size", "256M", "--qmp", os.path.join(d, "q.qmp")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+    data = json.loads(stats.read_text())
+    assert data["hook"] in ("request_observers", "handle_request")
+    assert set(data["devices"]) == {"vm0", "vm1"}
+
+
+# -- the guest-side measuring, against a fake guest and device -------------------------
+
+class FakeGuest:
+    """The guest's end of the command channel: runs the MemTotal loop of
+    bench/run.py's GuestMemWatch (one "@@M kB" line every ~5 ms, ended by
+    any line) and answers other commands with "@@RC 0"."""
+
+    def __init__(self, base_kib: int) -> None:
+        from harness import Guest
+
+        self.kib = base_kib
+        self.host, self.far = socket.socketpair()
+        # A harness.Guest without QEMU: the methods GuestMemWatch uses.
+        self.guest = Guest.__new__(Guest)
+        self.guest.conn = self.host
+        self.guest._buf = b""
+        self.guest.proc = type("P", (), {"poll": staticmethod(lambda: None), "returncode": None})()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        buf = b""
+        self.far.settimeout(0.005)
+        looping = False
+        while not self.stop.is_set():
+            try:
+                data = self.far.recv(4096)
+                if not data:
+                    return
+                buf += data
+            except socket.timeout:
+                pass
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if looping:
+                    looping = False
+                    self.far.sendall(b"@@RC 0\n")
+                elif line.startswith(b"while ! read -t"):
+                    looping = True
+                else:
+                    self.far.sendall(b"@@RC 0\n")
+            if looping:
+                self.far.sendall(b"@@M %d\n" % self.kib)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.host.close()
+        self.far.close()
+
+
+class FakeDevice:
+    """A device that reaches a requested size after a short delay, as the
+    guest's MemTotal does (the fake guest's) and the backend empties."""
+
+    def __init__(self, fake: FakeGuest, base_kib: int) -> None:
+        self.fake = fake
+        self.guest = fake.guest
+        self.base_kib = base_kib
+        self.size = 0
+        self.alloc = 64 * MIB
+        self.qmp = type("Q", (), {"events": []})()
+
+    def get(self, prop: str) -> int:
+        assert prop == "size"
+        return self.size
+
+    def set_requested_size(self, size: int) -> None:
+        def later():
+            time.sleep(0.03)
+            self.size = size
+            self.fake.kib = self.base_kib + size // 1024
+            self.alloc = 0
+
+        threading.Thread(target=later, daemon=True).start()
+
+    def allocated_bytes(self) -> int:
+        return self.alloc
+
+    def cpu(self) -> dict[str, float]:
+        return {"qemu": 1.0}
+
+
+def test_track_resize_follows_both_clocks():
+    from bench.run import track_resize
+
+    base = 900 * 1024
+    fake = FakeGuest(base)
+    try:
+        dev = FakeDevice(fake, base)
+        r = track_resize(dev, 1 * GIB, base, alloc_floor=0, timeout_s=10)
+        assert r["size_s"] is not None and r["memtotal_s"] is not None and r["alloc_s"] is not None
+        assert r["samples"]["memtotal_kib"][-1][1] == base + GIB // 1024
+        assert r["samples"]["size"][-1][1] == GIB
+        assert r["cpu_s"] == {"qemu": 0.0}
+        # The command channel is usable again afterwards.
+        assert fake.guest.run("true", timeout_s=5) == ""
+    finally:
+        fake.close()
+
+
+def test_track_resize_times_out_with_the_state_seen():
+    from bench.run import track_resize
+
+    base = 900 * 1024
+    fake = FakeGuest(base)
+    try:
+        dev = FakeDevice(fake, base)
+        dev.set_requested_size = lambda size: None  # the device never moves
+        with pytest.raises(TimeoutError, match="device size 0"):
+            track_resize(dev, 1 * GIB, base, timeout_s=0.3)
+    finally:
+        fake.close()
+
+
+# -- the report of a whole run, from synthetic results ----------------------------------
+
+def _synthetic_results() -> dict:
+    def resize(s):
+        return {"size_s": s, "memtotal_s": s + 0.01, "alloc_s": s, "guest_poll_rtt_s": 0.02,
+                "cpu_s": {"qemu": s, "server": s / 10}, "window": [0.0, 100.0],
+                "samples": {"size": [(s, 0)], "memtotal_kib": [(0.0, 1000), (s, 2000)], "allocated": []}}
+
+    def series(scale):
+        rep = {"1G": {"grow": resize(0.1 * scale), "shrink_untouched": resize(1.0 * scale),
+                      "grow_again": resize(0.1 * scale), "shrink_touched": resize(2.0 * scale), "touch_s": 3.0,
+                      "alloc_before": 0, "alloc_touched": 900 * MIB, "alloc_after": 0, "returned_fraction": 1.0,
+                      "rss_before": {"VmRSS": GIB, "RssShmem": GIB // 2},
+                      "rss_touched": {"VmRSS": 2 * GIB, "RssShmem": GIB},
+                      "rss_after": {"VmRSS": GIB, "RssShmem": GIB // 2}}}
+        return {"base_kib": 1000, "reps": [rep, rep]}
+
+    return {
+        "env": {"date": "2026-11-26", "host": "test", "accel": "TCG", "qemu": "QEMU 11"},
+        "reps": 2, "sizes": [GIB], "touch_fraction": 0.9, "guest_kernel": "6.12",
+        "devices": {"qemu": {"boot": {"ready_s": 3.0}, "series": series(1.0)},
+                    "ours": {"boot": {"ready_s": 3.3}, "series": series(1.1), "server_ready_s": 0.2}},
+        "service_times": {"hook": "request_observers",
+                          "records": [[1.0, 0, 0, 50e-6], [2.0, 1, 0, 0.02]], "all_seconds": [50e-6, 0.02],
+                          "model": [[1.0, 0, 40e-6, 10e-6]]},
+        "micro": {
+            "discard": [{"device_bytes": GIB, "block_bytes": 2 * MIB, "ranges": 256, "touch": False,
+                         "times": {"c": [0.001], "python": [0.002]}}],
+            "bitmap": {"nb_blocks": 512, "block_bytes": 2 * MIB, "ops": {"count_plugged, whole device": 1e-7,
+                                                                         "_alternating_runs": 256}},
+            "startup": [{"size": "1T", "devices": 1, "how": "cli", "ready_s": [0.2],
+                         "rss": [{"VmRSS": 30 * MIB}]}],
+        },
+    }
+
+
+def test_render_has_every_section_and_ratios():
+    from bench.run import render
+
+    text = render(_synthetic_results(), [GIB])
+    assert "| grow 0 -> 1G: device size (QMP)" in text
+    grow = next(line for line in text.splitlines() if line.startswith("| grow 0 -> 1G: device size"))
+    assert _table_cells(grow)[0][-1] == "1.10"
+    assert "unplugged memory the host got back" in text and "100.0 %" in text
+    for section in ("Device-side service time", "Where the time of a resize goes", "Discard loop",
+                    "Block bitmap", "Server start-up", "handle_request alone"):
+        assert section in text, section
+    assert "C / Python" in text and "0.50" in text
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.run import write_plots
+
+    written = write_plots(_synthetic_results(), [GIB], tmp_path)
+    assert {Path(p).name for p in written} == {"timelines.png", "service_times.png"}
+    for p in written:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_arguments_default_to_the_documented_run():
+    from bench.run import parse_args
+
+    args = parse_args([])
+    assert args.reps == 3 and args.sizes == [GIB, 4 * GIB] and args.touch_fraction == 0.9
+    assert args.device_size == "8G" and args.block_size == "2M" and args.micro_device == 1 << 40
