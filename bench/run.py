@@ -76,13 +76,16 @@ class OursVmem:
         self.server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log_file)
         self.guest: Guest | None = None
         self.qmp: QmpClient | None = None
-        line = self.server.stdout.readline().decode()
-        self.server_ready_s = time.monotonic() - started
-        if "ready" not in line:
-            self.stop()
-            raise GuestError(f"server did not start: {line!r}\n{self.server_log()[-3000:]}")
-        self.qmp = QmpClient(self.qmp_path)
-        self.guest = Guest(kit, workdir, [self.socket], name=name)
+        try:
+            line = self.server.stdout.readline().decode()
+            self.server_ready_s = time.monotonic() - started
+            if "ready" not in line:
+                raise GuestError(f"server did not start: {line!r}\n{self.server_log()[-3000:]}")
+            self.qmp = QmpClient(self.qmp_path)
+            self.guest = Guest(kit, workdir, [self.socket], name=name)
+        except BaseException:
+            self.stop()  # nothing this started may outlive it
+            raise
 
     @property
     def pid(self) -> int:
@@ -580,7 +583,9 @@ def write_plots(results: dict, sizes: list[int], outdir: Path) -> list[str]:
     except ImportError:
         say("matplotlib is not installed (.venv/bin/pip install matplotlib): no plots")
         return []
-    written = []
+    written: list[str] = []
+    if not any(d.get("series") for d in results["devices"].values()):
+        return written + _service_plot(results, outdir, plt)
     scenarios = [("grow", "grow 0 -> {n}"), ("shrink_untouched", "shrink {n} -> 0, untouched"),
                  ("shrink_touched", "shrink {n} -> 0, after writes")]
     colors = {"qemu": "tab:blue", "ours": "tab:red"}
@@ -623,7 +628,11 @@ def write_plots(results: dict, sizes: list[int], outdir: Path) -> list[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(str(path))
+    return written + _service_plot(results, outdir, plt)
 
+
+def _service_plot(results: dict, outdir: Path, plt) -> list[str]:
+    written = []
     st = results.get("service_times", {})
     recs = st.get("records") or []
     if recs:

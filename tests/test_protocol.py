@@ -61,6 +61,8 @@ from virtio_driver import (
     PCI_CAP_ID_VNDR,
     PCI_CAPABILITY_LIST,
     PCI_CLASS_PROG,
+    PCI_COMMAND,
+    PCI_COMMAND_MEMORY,
     PCI_DEVICE_ID,
     PCI_MSIX_FLAGS,
     PCI_MSIX_FLAGS_QSIZE,
@@ -1097,3 +1099,46 @@ async def test_virtqueue_in_unshared_guest_ram_is_refused_at_driver_ok(
                for r in caplog.records)
     assert vmem.server.model.plugged_size == BLOCK
     await vmem.assert_alive()
+
+
+async def test_bar_moved_and_decode_toggled_with_memory_plugged(vmem: Vmem) -> None:
+    """Decision: block state is relative to the device region, not to a
+    guest address.  Moving the BAR or turning memory decode off and on
+    (QEMU does it 6 times during enumeration) loses nothing: the blocks
+    stay plugged, their data stays, and requests follow the new address."""
+    d, c = vmem.driver, vmem.client
+    bar = await vmem.memory_bar()
+    assert await d.plug(BAR_ADDR + 3 * BLOCK, 2) == ACK
+    bar.fill(3 * BLOCK, 2 * BLOCK, 0x5A)
+    command = await c.config_read_int(PCI_COMMAND, 2)
+    await c.config_write_int(PCI_COMMAND, 2, command & ~PCI_COMMAND_MEMORY)
+    new_addr = 0x20_0000_0000
+    await d.write_bar_addr(new_addr)
+    await c.config_write_int(PCI_COMMAND, 2, command)
+    assert (await d.read_config()).addr == new_addr
+    assert (await d.read_config()).plugged_size == 2 * BLOCK
+    assert await d.state(new_addr + 3 * BLOCK, 2) == (ACK, PLUGGED)
+    assert await d.state(BAR_ADDR + 3 * BLOCK, 2) == (ERROR, 0)  # the old address is outside now
+    assert bar.pread(3 * BLOCK, 16) == b"\x5a" * 16
+    assert await d.unplug(new_addr + 3 * BLOCK, 2) == ACK
+    assert bar.allocated() == 0
+
+
+async def test_requested_size_drops_while_requests_are_in_flight(vmem_factory: VmemFactory) -> None:
+    """PLUGs queued before requested_size dropped are checked against the
+    size requested when the device handles them: the ones that no longer
+    fit are NACKed, the others ACKed, and the config interrupt tells the
+    driver."""
+    v = await vmem_factory.start(requested=8 * BLOCK)
+    d = v.driver
+    response_addrs = [d.prepare(request(PLUG, BAR_ADDR + 2 * i * BLOCK, 2))[1] for i in range(4)]
+    d.publish()
+    v.server.model.set_requested_size(4 * BLOCK)  # while the four PLUGs are queued
+    await d.config_irq.wait(TIMEOUT)
+    await d.kick()
+    used = await d.wait_used(4)
+    responses = [d.ram.read(addr, 2) for addr in response_addrs]
+    assert len(used) == 4
+    codes = [int.from_bytes(r, "little") for r in responses]
+    assert codes == [ACK, ACK, NACK, NACK], codes
+    assert v.server.model.plugged_size == 4 * BLOCK
