@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "integration"))
 
-from harness import GIB, MIB, Guest, GuestError, Kit, QmpClient, kvm_works, short_tmpdir, wait_for  # noqa: E402
+from harness import MIB, Guest, GuestError, Kit, QmpClient, kvm_works, short_tmpdir, wait_for  # noqa: E402
 
 from bench import micro, report  # noqa: E402
 from bench.procinfo import add_rss, cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402

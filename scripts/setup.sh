@@ -53,9 +53,9 @@ if [[ -f $VENV/.vmem-installed && $(cat "$VENV/.vmem-installed") == "$STAMP_WANT
     && "$VENV/bin/python" -c 'import vfiouser_vmem._vfu, vfiouser_vmem._blocks' 2>/dev/null; then
     :
 else
-    log "installing the package into $VENV (editable, with test dependencies)"
+    log "installing the package into $VENV (editable, with the test and bench extras)"
     "$VENV/bin/python" -m pip install -q -U pip setuptools wheel "cffi>=1.16" >&2
-    "$VENV/bin/python" -m pip install -q --no-build-isolation -e "$ROOT[test]" >&2
+    "$VENV/bin/python" -m pip install -q --no-build-isolation -e "$ROOT[test,bench]" >&2
     echo "$STAMP_WANT" >"$VENV/.vmem-installed"
 fi
 

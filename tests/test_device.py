@@ -290,3 +290,24 @@ def test_bad_block_sizes(block, page, message):
 def test_region_size_must_be_a_multiple_of_the_block_size():
     with pytest.raises(ValueError, match="not a positive multiple"):
         VirtioMemDevice(region_size_bytes=3 * MIB, block_size_bytes=2 * MIB)
+
+
+def test_plugged_size_always_matches_the_bitmap():
+    """plugged_size is kept beside the bitmap: after any mix of requests and
+    resets it equals the bitmap's own count."""
+    import random
+
+    dev, rec = make(size=1 * GIB, requested=1 * GIB)
+    rng = random.Random(7)
+    for _ in range(2000):
+        block, n = rng.randrange(0, 520), rng.randrange(0, 8)
+        op = rng.choice([RequestType.PLUG, RequestType.UNPLUG, RequestType.STATE])
+        req(dev, op, BASE + block * BS, n)
+        if rng.random() < 0.01:
+            rec.fail = rng.random() < 0.5
+            try:
+                dev.system_reset()
+            except DiscardFailed:
+                pass
+            rec.fail = False
+        assert dev.plugged_size == dev.bitmap.count_plugged() * BS
