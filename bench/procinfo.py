@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 
-def memfd_allocated_bytes(pid: int, *, name_prefix: str | None = None, size_bytes: int | None = None) -> int:
-    """Allocated bytes (st_blocks * 512) of the memfds ``pid`` holds open that
-    match ``name_prefix`` (``/memfd:NAME``) and/or have ``size_bytes``.
-
-    The same memfd can be open more than once (libvfio-user keeps its own fd
-    of a region, QEMU dups them): each file is counted once, by inode."""
-    blocks_by_inode: dict[int, int] = {}
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
-        try:
-            target = os.readlink(fd)
-            st = os.stat(fd)
-        except OSError:
-            continue
-        if not target.startswith("/memfd:"):
-            continue
-        if name_prefix is not None and not target.startswith(f"/memfd:{name_prefix}"):
-            continue
-        if size_bytes is not None and st.st_size != size_bytes:
-            continue
-        blocks_by_inode[st.st_ino] = st.st_blocks
-    if not blocks_by_inode:
-        raise LookupError(f"no matching memfd among the fds of PID {pid} (name {name_prefix!r}, size {size_bytes})")
-    return sum(blocks_by_inode.values()) * 512
+# One implementation for the tests and the bench.
+from harness import memfd_allocated_bytes  # noqa: E402,F401
 
 
 def proc_rss(pid: int) -> dict[str, int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import GIB, MIB, Guest, Kit, VmemServer, short_tmpdir, wait_for  # noqa: E402
+from harness import MIB, Guest, Kit, VmemServer, short_tmpdir, wait_for  # noqa: E402
 
 from vfiouser_vmem.sizes import format_size, parse_size  # noqa: E402
 

@@ -130,55 +130,55 @@ class QmpClient:
         self.sock.close()
 
 
-class VmemServer:
-    """``vfiouser-vmem serve`` in a child process."""
+def memfd_allocated_bytes(pid: int, *, name_prefix: str | None = None, size_bytes: int | None = None) -> int:
+    """Allocated bytes (st_blocks * 512) of the memfds ``pid`` holds open that
+    match ``name_prefix`` (``/memfd:NAME``) and/or have ``size_bytes``: the
+    host's own view of the memory in use.
 
-    def __init__(self, workdir: Path, *, size: str, block_size: str = "2M", requested_size: str = "0",
-                 id: str = "vmem0", node: int | None = None, extra: list[str] | None = None) -> None:
+    The same memfd can be open more than once (libvfio-user keeps its own fd
+    of a region, QEMU dups them): each file is counted once, by inode."""
+    blocks_by_inode: dict[int, int] = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            st = os.stat(fd)
+        except OSError:
+            continue
+        if not target.startswith("/memfd:"):
+            continue
+        if name_prefix is not None and not target.startswith(f"/memfd:{name_prefix}"):
+            continue
+        if size_bytes is not None and st.st_size != size_bytes:
+            continue
+        blocks_by_inode[st.st_ino] = st.st_blocks
+    if not blocks_by_inode:
+        raise LookupError(f"no matching memfd among the fds of PID {pid} (name {name_prefix!r}, size {size_bytes})")
+    return sum(blocks_by_inode.values()) * 512
+
+
+VFIOUSER_VMEM = shutil.which("vfiouser-vmem", path=str(Path(sys.executable).parent)) or "vfiouser-vmem"
+
+
+class ServerProcess:
+    """``vfiouser-vmem serve ...`` in a child process, with a QMP client.
+
+    ``argv`` is everything after ``serve`` except ``--qmp``; the server's
+    stderr goes to ``<name>-server.log`` in ``workdir``."""
+
+    def __init__(self, workdir: Path, name: str, argv: list[str]) -> None:
         self.workdir = workdir
-        self.id = id
-        self.socket = str(workdir / f"{id}.sock")
-        self.qmp_path = str(workdir / f"{id}.qmp")
-        self.log_path = workdir / f"{id}-server.log"
-        exe = shutil.which("vfiouser-vmem", path=str(Path(sys.executable).parent)) or "vfiouser-vmem"
-        cmd = [exe, "serve", "--socket", self.socket, "--size", size, "--block-size", block_size,
-               "--requested-size", requested_size, "--id", id, "--qmp", self.qmp_path]
-        if node is not None:
-            cmd += ["--node", str(node)]
-        cmd += extra or []
+        self.name = name
+        self.qmp_path = str(workdir / f"{name}.qmp")
+        self.log_path = workdir / f"{name}-server.log"
         self.log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log_file)
-        # The server prints its first line once both sockets listen.
-        line = self.proc.stdout.readline().decode()
-        if "ready" not in line:
+        self.argv = [VFIOUSER_VMEM, "serve", "--qmp", self.qmp_path, *argv]
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log_file)
+        # The server prints its first line once all its sockets listen.
+        self.first_line = self.proc.stdout.readline().decode()
+        if "ready" not in self.first_line:
             self.stop()
-            raise GuestError(f"server did not start: {line!r}\n{self.log()}")
+            raise GuestError(f"server did not start: {self.first_line!r}\n{self.log()}")
         self.qmp = QmpClient(self.qmp_path)
-
-    def get(self, prop: str) -> int:
-        return self.qmp.execute("qom-get", path=self.id, property=prop)
-
-    def set_requested_size(self, size_bytes: int) -> None:
-        self.qmp.execute("qom-set", path=self.id, property="requested-size", value=size_bytes)
-
-    def allocated_bytes(self) -> int:
-        """The backend memfd's allocated bytes, read from the server's fds:
-        the host's own view of the memory in use."""
-        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
-        blocks_by_inode: dict[int, int] = {}
-        for fd in fd_dir.iterdir():
-            try:
-                target = os.readlink(fd)
-                st = os.stat(fd)
-            except OSError:
-                continue
-            # The same memfd can be open more than once (libvfio-user keeps
-            # its own fd of the region): count each file once.
-            if target.startswith(f"/memfd:vfiouser-vmem:{self.id} "):
-                blocks_by_inode[st.st_ino] = st.st_blocks
-        if not blocks_by_inode:
-            raise GuestError(f"no memfd of {self.id} among the server's fds")
-        return sum(blocks_by_inode.values()) * 512
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -212,6 +212,32 @@ class VmemServer:
                 self.proc.wait()
         self.log_file.close()
         return self.proc.returncode
+
+
+class VmemServer(ServerProcess):
+    """A single-device server (``serve --socket ... --size ...``)."""
+
+    def __init__(self, workdir: Path, *, size: str, block_size: str = "2M", requested_size: str = "0",
+                 id: str = "vmem0", node: int | None = None, extra: list[str] | None = None) -> None:
+        self.id = id
+        self.socket = str(workdir / f"{id}.sock")
+        argv = ["--socket", self.socket, "--size", size, "--block-size", block_size,
+                "--requested-size", requested_size, "--id", id]
+        if node is not None:
+            argv += ["--node", str(node)]
+        super().__init__(workdir, id, argv + (extra or []))
+
+    def get(self, prop: str) -> int:
+        return self.qmp.execute("qom-get", path=self.id, property=prop)
+
+    def set_requested_size(self, size_bytes: int) -> None:
+        self.qmp.execute("qom-set", path=self.id, property="requested-size", value=size_bytes)
+
+    def allocated_bytes(self) -> int:
+        """The backend memfd's allocated bytes, read from the server's fds."""
+        # The trailing space: the link reads "/memfd:NAME (deleted)", and
+        # vmem0 must not match vmem01.
+        return memfd_allocated_bytes(self.proc.pid, name_prefix=f"vfiouser-vmem:{self.id} ")
 
 
 class Guest:

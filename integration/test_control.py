@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import GIB, MIB, Guest, GuestError, QmpClient, kvm_works, wait_for
+from harness import GIB, MIB, Guest, GuestError, ServerProcess, kvm_works, wait_for
 
 BOOT_TIMEOUT_S = 240
 # TCG on two shared cores is slow and sometimes stalls (DESIGN.md section 4).
@@ -34,23 +34,16 @@ RESIZE_TIMEOUT_S = 180
 EXE = shutil.which("vfiouser-vmem", path=str(Path(sys.executable).parent)) or "vfiouser-vmem"
 
 
-class MultiServer:
+class MultiServer(ServerProcess):
     """``vfiouser-vmem serve`` with the given device options, QMP and metrics."""
 
     def __init__(self, workdir: Path, name: str, device_args: list[str]) -> None:
-        self.id = name
-        self.qmp_path = str(workdir / f"{name}.qmp")
-        self.log_path = workdir / f"{name}-server.log"
-        self.log_file = open(self.log_path, "wb")
-        self.argv = [EXE, "serve", "--qmp", self.qmp_path, "--metrics", "127.0.0.1:0", *device_args]
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log_file)
-        self.first_line = self.proc.stdout.readline().decode()
+        super().__init__(workdir, name, ["--metrics", "127.0.0.1:0", *device_args])
         m = re.search(r"metrics on (http://\S+)", self.first_line)
-        if "ready" not in self.first_line or not m:
+        if not m:
             self.stop()
-            raise GuestError(f"server did not start: {self.first_line!r}\n{self.log()}")
+            raise GuestError(f"no metrics address in {self.first_line!r}")
         self.metrics_url = m.group(1)
-        self.qmp = QmpClient(self.qmp_path)
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([EXE, "ctl", "--qmp", self.qmp_path, *args], capture_output=True, text=True,
@@ -74,27 +67,6 @@ class MultiServer:
             body = response.read().decode()
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(body) for s in family.samples}
-
-    def log(self) -> str:
-        if not self.log_file.closed:
-            self.log_file.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int | None:
-        try:
-            if hasattr(self, "qmp"):
-                self.qmp.close()
-        except OSError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
-        return self.proc.returncode
 
 
 class QemuArgsGuest(Guest):

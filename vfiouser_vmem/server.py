@@ -12,8 +12,7 @@ import logging
 import os
 import signal
 import stat
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import trio
@@ -26,7 +25,6 @@ from vfiouser_vmem.device import DiscardFailed, VirtioMemDevice
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.vfu import (
     CAP_FLAG_READONLY,
-    PROT_WRITE,
     ConnectionLost,
     DmaRegion,
     IrqType,
