@@ -245,7 +245,10 @@ class Guest:
 
     def __init__(self, kit: Kit, workdir: Path, sockets: list[str], *, ram: str = "1G", cpus: int = 2,
                  extra_args: list[str] | None = None, cmdline_extra: str = "", name: str = "guest",
-                 suite: str = "trixie", numa_nodes: int = 1) -> None:
+                 suite: str = "trixie", numa_nodes: int = 1, machine_args: list[str] | None = None) -> None:
+        """``machine_args``, when given, replace the memory and device options
+        this class would choose (e.g. the output of ``vfiouser-vmem
+        qemu-args``); they come last, so that their ``-cpu`` wins."""
         self.kit = kit
         self.workdir = workdir
         self.console_path = workdir / f"{name}-console.log"
@@ -260,7 +263,9 @@ class Guest:
         for path in sockets:
             devices += ["-device", json.dumps({"driver": "vfio-user-pci", "socket": {"type": "unix", "path": path}})]
         kernel, initrd, self.kernel_version = kit.guest_files(suite)
-        if numa_nodes == 1:
+        if machine_args is not None:
+            memory, devices = [], machine_args
+        elif numa_nodes == 1:
             memory = ["-machine", "q35,memory-backend=ram0", "-m", ram,
                       "-object", f"memory-backend-memfd,id=ram0,size={ram},share=on"]
         else:

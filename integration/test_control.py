@@ -17,7 +17,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import GIB, MIB, Guest, GuestError, ServerProcess, kvm_works, wait_for
+from harness import GIB, MIB, Guest, GuestError, ServerProcess, wait_for
 
 BOOT_TIMEOUT_S = 240
 # TCG on two shared cores is slow and sometimes stalls (DESIGN.md section 4).
@@ -69,44 +68,6 @@ class MultiServer(ServerProcess):
                 for family in text_string_to_metric_families(body) for s in family.samples}
 
 
-class QemuArgsGuest(Guest):
-    """A guest whose memory and device options are exactly ``qemu_args``;
-    the rest is what harness.Guest adds (accelerator, CPUs, kernel, serial
-    console and command channel).  The methods are harness.Guest's."""
-
-    def __init__(self, kit, workdir: Path, qemu_args: list[str], *, cpus: int = 2, name: str = "guest") -> None:
-        self.kit = kit
-        self.workdir = workdir
-        self.console_path = workdir / f"{name}-console.log"
-        self.stderr_path = workdir / f"{name}-qemu.log"
-        self.cmd_path = str(workdir / f"{name}-cmd.sock")
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.cmd_path)
-        self.listener.listen(1)
-        self.listener.settimeout(1)
-        if hasattr(kit, "guest_files"):
-            kernel, initrd, self.kernel_version = kit.guest_files()
-        else:
-            kernel, initrd = kit.kernel, kit.initrd
-        # qemu-args' own -cpu (phys-bits) comes later and wins.
-        accel = ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg", "-cpu", "qemu64"]
-        self.argv = [
-            kit.qemu, "-nodefaults", "-nographic", "-no-user-config", *accel, "-smp", str(cpus),
-            "-kernel", kernel, "-initrd", initrd,
-            "-append", "console=ttyS0 memhp_default_state=online_movable loglevel=6 panic=-1",
-            "-serial", f"file:{self.console_path}",
-            "-chardev", f"socket,id=cmd,path={self.cmd_path}",
-            "-serial", "chardev:cmd",
-            "-action", "reboot=reset",
-            *qemu_args,
-        ]
-        self.stderr_file = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.stderr_file,
-                                     stderr=subprocess.STDOUT)
-        self.conn = None
-        self._buf = b""
-
-
 @pytest.fixture
 def procs(request, kit, workdir):
     """Servers and guests started by a test; stopped by PID at the end
@@ -119,8 +80,10 @@ def procs(request, kit, workdir):
             started.append(s)
             return s
 
-        def guest(self, qemu_args: list[str], **kw) -> QemuArgsGuest:
-            g = QemuArgsGuest(kit, workdir, qemu_args, **kw)
+        def guest(self, qemu_args: list[str], **kw) -> Guest:
+            # Exactly qemu-args' memory and device options; harness.Guest
+            # adds the accelerator, kernel, console and command channel.
+            g = Guest(kit, workdir, [], machine_args=qemu_args, **kw)
             started.append(g)
             return g
 
