@@ -1142,3 +1142,12 @@ async def test_requested_size_drops_while_requests_are_in_flight(vmem_factory: V
     codes = [int.from_bytes(r, "little") for r in responses]
     assert codes == [ACK, ACK, NACK, NACK], codes
     assert v.server.model.plugged_size == 4 * BLOCK
+
+
+async def test_connection_log_names_the_client_pid(vmem_factory: VmemFactory,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="vfiouser_vmem.server"):
+        v = await vmem_factory.start()
+        await v.sync()
+    # The test client lives in this process: the server names its PID.
+    assert any(f"client 1 (pid {os.getpid()}) connected" in r.getMessage() for r in caplog.records)

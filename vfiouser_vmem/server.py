@@ -308,7 +308,8 @@ class DeviceServer:
             await self._accept()
             self.clients_total += 1
             self.connected = True
-            self.log.info("%s: vfio-user client %d connected on %s", cid, self.clients_total, self.config.socket)
+            self.log.info("%s: vfio-user client %d (pid %s) connected on %s", cid, self.clients_total,
+                          self.ctx.client_pid(), self.config.socket)
             try:
                 await self._serve_client()
             except ConnectionLost as exc:

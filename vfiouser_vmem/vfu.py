@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Callable
 
@@ -244,6 +245,17 @@ class VfuContext:
         if err in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
             raise ConnectionLost(os.strerror(err))
         raise VfuError(err, f"vfu_run_ctx: {os.strerror(err)}")
+
+    def client_pid(self) -> int | None:
+        """The attached client's PID (SO_PEERCRED), for log lines."""
+        conn = socket.socket(fileno=os.dup(self.poll_fd))
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return struct.unpack("3i", creds)[0] or None
+        except OSError:
+            return None
+        finally:
+            conn.close()
 
     def drop_client(self) -> None:
         """Shut the client's connection down; the next ``run()`` then sees
