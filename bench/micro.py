@@ -12,7 +12,6 @@ import ctypes.util
 import mmap
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from vfiouser_vmem.blocks import BlockBitmap, allocated_bytes, discard_runs
 
 from bench.procinfo import proc_rss
+from harness import stop_process  # noqa: E402  (on the path through bench.procinfo)
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -226,13 +226,7 @@ def _start_and_measure(cmd: list[str], timeout_s: float = 60) -> dict:
         rss = proc_rss(proc.pid)
         return {"ready_s": ready_s, "rss": rss}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def bench_startup(*, size: str = "1T", devices: int = 1, device_size: str = "8G", reps: int = 3,

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "integration"))
 
-from harness import MIB, Guest, GuestError, Kit, QmpClient, kvm_works, short_tmpdir, wait_for  # noqa: E402
+from harness import MIB, Guest, GuestError, Kit, QmpClient, kvm_works, short_tmpdir, stop_process, wait_for  # noqa: E402
 
 from bench import micro, report  # noqa: E402
 from bench.procinfo import add_rss, cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402
@@ -122,13 +122,7 @@ class OursVmem:
                 self.qmp.close()
         except OSError:
             pass
-        if self.server.poll() is None:
-            self.server.send_signal(signal.SIGTERM)
-            try:
-                self.server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        stop_process(self.server, timeout_s=30)
         self.log_file.close()
 
 
@@ -348,13 +342,7 @@ class PySpy:
                                       "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT, timeout_s=60)
 
 
 def measure_device(kind: str, kit: Kit, args: argparse.Namespace, outdir: Path) -> dict:

@@ -144,7 +144,6 @@ extern "Python" void vfu_py_log(vfu_ctx_t *, int, const char *);
 extern "Python" int vfu_py_reset(vfu_ctx_t *, vfu_reset_type_t);
 extern "Python" void vfu_py_dma_register(vfu_ctx_t *, vfu_dma_info_t *);
 extern "Python" void vfu_py_dma_unregister(vfu_ctx_t *, vfu_dma_info_t *);
-extern "Python" void vfu_py_irq_state(vfu_ctx_t *, uint32_t, uint32_t, bool);
 extern "Python" ssize_t vfu_py_region0(vfu_ctx_t *, char *, size_t, loff_t, bool);
 extern "Python" ssize_t vfu_py_region1(vfu_ctx_t *, char *, size_t, loff_t, bool);
 extern "Python" ssize_t vfu_py_region2(vfu_ctx_t *, char *, size_t, loff_t, bool);

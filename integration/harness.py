@@ -33,6 +33,19 @@ class GuestError(Exception):
     pass
 
 
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
+    """Send ``sig`` to a child we started, wait for it, kill it if it does
+    not exit within ``timeout_s``; returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class Kit:
     dir: Path
@@ -203,13 +216,7 @@ class ServerProcess:
                 self.qmp.close()
         except OSError:
             pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log_file.close()
         return self.proc.returncode
 
@@ -367,13 +374,7 @@ class Guest:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig)
         self.listener.close()
         try:
             os.unlink(self.cmd_path)

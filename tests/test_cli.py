@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from proc_util import terminate
 from vfiouser_vmem.sizes import format_size, parse_size
 
 EXE = [sys.executable, "-m", "vfiouser_vmem.cli"]
@@ -109,14 +109,7 @@ class Served:
         return s, execute
 
     def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+        return terminate(self.proc)
 
 
 def test_serve_is_ready_before_first_line_and_stops_cleanly(tmp):
@@ -447,12 +440,7 @@ def test_serve_config_file_runs_two_devices(tmp):
         for name in ("vm0.sock", "vm1.sock", "q"):
             assert (os.stat(tmp / name).st_mode & 0o777) == 0o600
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        terminate(proc)
     assert proc.returncode == 0
     assert sorted(p.name for p in tmp.iterdir()) == ["vmem.toml"]
 

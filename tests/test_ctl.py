@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from proc_util import terminate
 from vfio_user_client import VfioUserClient
 from virtio_driver import ACK, DEFAULT_BAR_ADDR, VirtioMemDriver
 
@@ -63,14 +63,7 @@ class ServedDevices:
         self.metrics_url = m.group(1)
 
     def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+        return terminate(self.proc)
 
 
 @pytest.fixture

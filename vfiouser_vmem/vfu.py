@@ -338,9 +338,6 @@ def vfu_py_dma_unregister(vfu_ctx, info):
         ctx.log.exception("DMA unregister callback failed")
 
 
-@ffi.def_extern()
-def vfu_py_irq_state(vfu_ctx, start, count, mask):  # pragma: no cover - not used yet
-    return None
 
 
 def _make_region_callback(index: int):
