@@ -107,20 +107,24 @@ def bench_discard(device_bytes: int, block_bytes: int = 2 * MIB, *, touch: bool 
 
 
 def bench_unplug_all(device_bytes: int, block_bytes: int = 2 * MIB, *, reps: int = 3, stride: int = 2) -> dict:
-    """The server's own path for UNPLUG_ALL and system reset,
-    ``VirtioMemDevice.unplug_all()`` over a ``MemfdBackend`` (a Python loop
-    over the bitmap's runs, one discard each), against the C
-    ``discard_runs`` over the same bitmap: every ``stride``-th block
-    plugged, untouched (the loops' own cost)."""
+    """The server's own path for UNPLUG_ALL and system reset: the answer
+    (``VirtioMemDevice.unplug_all()`` queueing every plugged run on a
+    ``DiscardQueue``) and then the worker's loop that gives the memory back
+    (``DiscardQueue.drain_now``, one fallocate per run: what the worker
+    thread runs), against the C ``discard_runs`` over the same bitmap:
+    every ``stride``-th block plugged, untouched (the loops' own cost)."""
     from vfiouser_vmem.backend import MemfdBackend
     from vfiouser_vmem.device import VirtioMemDevice
+    from vfiouser_vmem.discard import DiscardQueue
 
     nb_blocks = device_bytes // block_bytes
     backend = MemfdBackend(device_bytes, name="vfiouser-vmem-bench")
-    times: dict[str, list[float]] = {"unplug_all": [], "c": []}
+    times: dict[str, list[float]] = {"unplug_all": [], "give_back": [], "c": []}
     try:
+        queue = DiscardQueue(backend.discard, chunk_bytes=32 * MIB)
         model = VirtioMemDevice(region_size_bytes=device_bytes, block_size_bytes=block_bytes,
-                                discard=backend.discard, page_size_bytes=backend.page_size_bytes)
+                                discard=queue.submit, before_plug=queue.claim,
+                                page_size_bytes=backend.page_size_bytes)
         for _ in range(reps):
             for i in range(0, nb_blocks, stride):
                 model.bitmap.set_range(i, 1)
@@ -132,6 +136,11 @@ def bench_unplug_all(device_bytes: int, block_bytes: int = 2 * MIB, *, reps: int
             times["unplug_all"].append(time.perf_counter() - started)
             if model.plugged_size:
                 raise AssertionError(f"unplug_all left {model.plugged_size} bytes plugged")
+            started = time.perf_counter()
+            queue.drain_now()
+            times["give_back"].append(time.perf_counter() - started)
+            if queue.pending_bytes or queue.failures_total:
+                raise AssertionError(f"the discard queue kept {queue.pending_bytes} bytes")
             bitmap = alternating_bitmap(nb_blocks, stride)
             started = time.perf_counter()
             discard_runs(backend.fd, bitmap, block_bytes)

@@ -63,7 +63,7 @@ def main() -> int:
                           "2>/dev/null && rm /tmp/fill")
                 say(f"           guest wrote {n_mib} MiB; host backend holds {server.allocated_bytes() >> 20} MiB")
             else:
-                say(f"           host backend holds {server.allocated_bytes() >> 20} MiB (unplugged memory given back)")
+                say(f"           host backend holds {server.settled_allocated_bytes() >> 20} MiB (unplugged memory given back)")
         say("\nquery-memory-devices: " + str(server.qmp.execute("query-memory-devices")))
         return 0
     finally:

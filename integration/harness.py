@@ -246,6 +246,13 @@ class VmemServer(ServerProcess):
         # vmem0 must not match vmem01.
         return memfd_allocated_bytes(self.proc.pid, name_prefix=f"vfiouser-vmem:{self.id} ")
 
+    def settled_allocated_bytes(self, timeout_s: float = 60) -> int:
+        """``allocated_bytes`` once the memory of every answered UNPLUG is
+        back with the host: the server discards after answering
+        (QOM ``discard-pending``, docs/discard.md)."""
+        wait_for(lambda: self.get("discard-pending") == 0, timeout_s, "the deferred discards to finish")
+        return self.allocated_bytes()
+
 
 class Guest:
     """A Linux guest in QEMU 11 with our device(s) attached."""

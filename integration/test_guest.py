@@ -83,7 +83,7 @@ def test_grow_1g_touch_and_shrink_gives_memory_back(env, timing):
     timing("shrink 1 GiB -> 0 after touching 900 MiB (guest MemTotal)", guest_s)
     assert online_blocks(guest) == blocks_before
     # Every unplugged block was discarded: the host got its memory back.
-    assert server.allocated_bytes() == 0
+    assert server.settled_allocated_bytes() == 0
     assert_no_driver_errors(guest)
 
 
@@ -118,7 +118,7 @@ def test_reboot_with_memory_plugged_replugs_after_discard(env, timing):
     guest.wait_ready(BOOT_TIMEOUT_S)
     wait_for(lambda: server.get("size") == 1 * GIB, RESIZE_TIMEOUT_S, "1 GiB plugged after reboot")
     timing("reboot -f until 1 GiB plugged again", time.monotonic() - start)
-    assert server.allocated_bytes() < touched // 2, "the memory touched before the reboot was not discarded"
+    assert server.settled_allocated_bytes() < touched // 2, "the memory touched before the reboot was not discarded"
     wait_for(lambda: "virtio0" in guest.run("ls /sys/bus/virtio/drivers/virtio_mem/"), 60, "driver bound")
     assert_no_driver_errors(guest)
 
@@ -134,7 +134,7 @@ def test_qemu_sigkill_server_survives_and_serves_the_next_qemu(env, timing):
     # The lost connection unplugs and discards everything; the server lives.
     wait_for(lambda: server.get("size") == 0, 60, "size 0 after QEMU died")
     assert server.alive()
-    assert server.allocated_bytes() == 0
+    assert server.settled_allocated_bytes() == 0
 
     start = time.monotonic()
     guest2 = boot(env, server, name="guest2")
@@ -142,7 +142,7 @@ def test_qemu_sigkill_server_survives_and_serves_the_next_qemu(env, timing):
     timing("second QEMU boot until 1 GiB plugged", time.monotonic() - start)
     base_kib = guest2.meminfo_kib() - 1 * GIB // 1024
     device_s, guest_s = resize(guest2, server, 0, base_kib)
-    assert server.allocated_bytes() == 0
+    assert server.settled_allocated_bytes() == 0
     assert_no_driver_errors(guest2)
 
 
@@ -157,5 +157,5 @@ def test_1t_device_needs_and_works_with_phys_bits_46(env, timing):
     device_s, guest_s = resize(guest, server, 2 * GIB, base_kib)
     timing("grow 0 -> 2 GiB of a 1 TiB device (guest MemTotal)", guest_s)
     device_s, guest_s = resize(guest, server, 0, base_kib)
-    assert server.allocated_bytes() == 0
+    assert server.settled_allocated_bytes() == 0
     assert_no_driver_errors(guest)

@@ -153,7 +153,7 @@ def test_discard_benchmark_discards_the_same_ranges(touch):
 def test_unplug_all_benchmark_unplugs_everything():
     out = micro.bench_unplug_all(16 * MIB, 2 * MIB, reps=1)
     assert out["ranges"] == 4
-    assert len(out["times"]["unplug_all"]) == len(out["times"]["c"]) == 1
+    assert len(out["times"]["unplug_all"]) == len(out["times"]["give_back"]) == len(out["times"]["c"]) == 1
 
 
 def test_python_discard_loop_reports_errors():

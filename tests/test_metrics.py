@@ -169,11 +169,16 @@ async def test_metrics_after_requests(exported) -> None:
 
         with trio.fail_after(TIMEOUT):
             await client.reset()  # DEVICE_RESET: everything unplugged and discarded
+            await d0.discards.wait_idle()  # discards run after the answer (discard.py)
         s = await scrape(exporter.url)
         assert s[key("vfiouser_vmem_resets_total", id="d0", kind="device")] == 1
         assert s[key("vfiouser_vmem_resets_total", id="d0", kind="lost_conn")] == 0
         assert s[key("vfiouser_vmem_plugged_size_bytes", id="d0")] == 0
         assert s[key("vfiouser_vmem_backend_allocated_bytes", id="d0")] == 0
+        assert s[key("vfiouser_vmem_discard_pending_bytes", id="d0")] == 0
+        # The UNPLUG of 8 MiB, then the reset's discard of the 128 MiB left.
+        assert s[key("vfiouser_vmem_discarded_bytes_total", id="d0")] == 136 * MiB
+        assert s[key("vfiouser_vmem_discard_failures_total", id="d0")] == 0
 
 
 async def test_http_details(exported) -> None:

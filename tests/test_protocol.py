@@ -50,6 +50,7 @@ from vfio_user_client import (
 )
 from virtio_driver import (
     ACK,
+    BUSY,
     COMMON_GF,
     COMMON_GFSELECT,
     DEFAULT_FEATURES,
@@ -176,6 +177,12 @@ class Vmem:
         including the virtqueue work of an earlier kick."""
         with trio.fail_after(TIMEOUT):
             await (driver or self.driver).status()
+
+    async def discarded(self) -> None:
+        """Until the memory of every answered UNPLUG is back with the host
+        (discards run after the answer: vfiouser_vmem/discard.py)."""
+        with trio.fail_after(TIMEOUT):
+            await self.server.discards.wait_idle()
 
     async def assert_not_crashed(self) -> None:
         """Once every task is blocked (the server handled what it was sent),
@@ -413,6 +420,7 @@ async def test_8gib_device(vmem_factory: VmemFactory) -> None:
     assert bar.allocated() >= BLOCK
     assert await c.bar_read(BAR2, offset + 4096, 8) == b"\x5a" * 8  # the slow path too
     assert await d.unplug(BAR_ADDR + offset, 1) == ACK
+    await v.discarded()
     assert bar.allocated() == 0
     assert bar.pread(offset, 4096) == bytes(4096)
 
@@ -649,6 +657,7 @@ async def test_unplug_all(vmem_factory: VmemFactory) -> None:
     assert cfg.plugged_size == 0 and model.plugged_size == 0
     assert cfg.usable_region_size == usable_size(64 * MiB, 1 * GiB, BLOCK)
     assert d.config_irq.pending()
+    await v.discarded()
     assert bar.allocated() == 0
     assert bar.pread(0, 4096) == bytes(4096) and bar.pread(100 * BLOCK, 4096) == bytes(4096)
     assert await d.state(BAR_ADDR, 128) == (ACK, UNPLUGGED)
@@ -750,12 +759,73 @@ async def test_unplug_discards_memory_seen_through_the_bar_fd(vmem: Vmem) -> Non
     assert await vmem.client.bar_read(BAR2, 10 * BLOCK + 100, 4) == b"\xa5" * 4
 
     assert await d.unplug(BAR_ADDR + 10 * BLOCK, 1) == ACK
+    await vmem.discarded()
     assert full - bar.allocated() >= BLOCK
     assert bar.pread(10 * BLOCK, BLOCK) == bytes(BLOCK)
     assert bar.pread(11 * BLOCK, 4096) == b"\x5a" * 4096  # the neighbour is untouched
     assert await d.unplug(BAR_ADDR + 11 * BLOCK, 1) == ACK
+    await vmem.discarded()
     assert bar.allocated() == 0
     assert bar.pread(11 * BLOCK, BLOCK) == bytes(BLOCK)
+
+
+async def _until(predicate, what: str) -> None:
+    """Until ``predicate()`` holds (state changed by a worker thread)."""
+    with trio.move_on_after(TIMEOUT):
+        while not predicate():
+            await trio.sleep(0.001)
+        return
+    pytest.fail(f"timed out waiting for {what}")
+
+
+async def test_failed_discards_make_unplug_busy_until_they_are_retried(vmem: Vmem) -> None:
+    """UNPLUG is answered before its memory goes back (discard.py).  When
+    that discard fails the range is kept for a retry, new UNPLUGs are
+    answered BUSY (never ERROR) meanwhile, and nothing plugged is lost."""
+    d, server = vmem.driver, vmem.server
+    bar = await vmem.memory_bar()
+    server.discards.retry_initial_s = 3600  # retried only when the test says so
+    assert await d.plug(BAR_ADDR, 4) == ACK
+    bar.fill(0, 4 * BLOCK, 0x77)
+    server.fail_discards = 1000
+    assert await d.unplug(BAR_ADDR, 1) == ACK
+    await _until(lambda: server.discards.failure is not None, "the discard to fail")
+    assert server.discards.pending_bytes == BLOCK
+    assert await d.unplug(BAR_ADDR + BLOCK, 1) == BUSY
+    assert await d.unplug_all() == BUSY
+    assert server.model.plugged_size == 3 * BLOCK
+    assert bar.pread(BLOCK, 3 * BLOCK) == b"\x77" * 3 * BLOCK
+    # The host recovers: the retry gives the memory back, UNPLUG works again.
+    server.fail_discards = 0
+    server.discards.retry_now()
+    await vmem.discarded()
+    assert server.discards.failure is None
+    assert bar.pread(0, BLOCK) == bytes(BLOCK)
+    assert await d.unplug(BAR_ADDR + BLOCK, 1) == ACK
+    await vmem.discarded()
+    assert bar.pread(BLOCK, BLOCK) == bytes(BLOCK)
+    assert bar.pread(2 * BLOCK, 2 * BLOCK) == b"\x77" * 2 * BLOCK
+
+
+async def test_a_block_plugged_again_keeps_what_the_guest_writes(vmem: Vmem) -> None:
+    """A PLUG of a range whose discard is still queued takes it out of the
+    queue: the guest's new data survives (discard.py, claim)."""
+    d, server = vmem.driver, vmem.server
+    bar = await vmem.memory_bar()
+    server.discards.retry_initial_s = 3600
+    assert await d.plug(BAR_ADDR, 2) == ACK
+    bar.fill(0, 2 * BLOCK, 0x11)
+    server.fail_discards = 1000  # keeps the discard queued
+    assert await d.unplug(BAR_ADDR, 2) == ACK
+    await _until(lambda: server.discards.failure is not None, "the discard to fail")
+    assert await d.plug(BAR_ADDR, 2) == ACK
+    assert server.discards.failure is None and server.discards.pending_bytes == 0
+    bar.fill(0, 2 * BLOCK, 0x22)
+    server.fail_discards = 0
+    assert await d.plug(BAR_ADDR + 8 * BLOCK, 1) == ACK
+    assert await d.unplug(BAR_ADDR + 8 * BLOCK, 1) == ACK  # not BUSY: the failure is over
+    await vmem.discarded()
+    assert bar.pread(0, 2 * BLOCK) == b"\x22" * 2 * BLOCK
 
 
 async def test_bar_slow_path_writes_only_plugged_memory(vmem_factory: VmemFactory) -> None:
@@ -792,6 +862,7 @@ async def test_device_reset_unplugs_and_discards(vmem_factory: VmemFactory) -> N
 
     await c.reset()
     assert model.plugged_size == 0
+    await v.discarded()
     assert bar.allocated() == 0
     assert bar.pread(0, 4096) == bytes(4096)
     assert await d.status() == 0
@@ -838,6 +909,7 @@ async def test_client_disconnect_unplugs_and_a_second_client_plugs(vmem: Vmem) -
     await client2.device_info()
     assert server.clients_total == 2 and server.connected
     assert model.plugged_size == 0
+    await vmem.discarded()
     assert bar.allocated() == 0
     assert len(server.transport.memory) == 0  # the old DMA mappings are gone
 
@@ -1121,6 +1193,7 @@ async def test_bar_moved_and_decode_toggled_with_memory_plugged(vmem: Vmem) -> N
     assert await d.state(BAR_ADDR + 3 * BLOCK, 2) == (ERROR, 0)  # the old address is outside now
     assert bar.pread(3 * BLOCK, 16) == b"\x5a" * 16
     assert await d.unplug(new_addr + 3 * BLOCK, 2) == ACK
+    await vmem.discarded()
     assert bar.allocated() == 0
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from vfiouser_vmem.blocks import BlockBitmap, RangeState
 from vfiouser_vmem.sizes import format_size
@@ -68,8 +67,10 @@ class DiscardFailed(Exception):
     """The backend could not give memory back; the request is answered BUSY."""
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
+    """A virtio-mem request (virtio spec 5.15.6.1).  A named tuple: one is
+    parsed per request, and a frozen dataclass costs several times more."""
+
     type: int
     addr: int
     nb_blocks: int
@@ -112,7 +113,11 @@ class VirtioMemDevice:
 
     ``discard(offset_bytes, length_bytes)`` gives a range of the device's
     memory (offsets relative to the start of the device region) back to the
-    host and raises ``DiscardFailed`` when it cannot.
+    host, now or later, and raises ``DiscardFailed`` when it cannot (the
+    request is then answered BUSY and the blocks stay plugged).
+    ``before_plug(offset_bytes, length_bytes)`` is called before blocks are
+    marked plugged, once the request is known to be accepted: a deferred
+    discard of that range must be dropped or finished by then.
     ``on_config_change()`` is called whenever ``requested_size`` or
     ``usable_region_size`` changed (the transport sends a config interrupt).
     """
@@ -126,6 +131,7 @@ class VirtioMemDevice:
         node_id: int | None = None,
         page_size_bytes: int = 4096,
         discard: Callable[[int, int], None] | None = None,
+        before_plug: Callable[[int, int], None] | None = None,
         on_config_change: Callable[[], None] | None = None,
         name: str = "vmem0",
     ) -> None:
@@ -150,6 +156,7 @@ class VirtioMemDevice:
         # plugged_size is read several times per request and by every query.
         self._plugged_blocks = 0
         self._discard = discard or (lambda offset, length: None)
+        self._before_plug = before_plug
         self.on_config_change = on_config_change
         # A listener per change of plugged_size (the control plane's
         # MEMORY_DEVICE_SIZE_CHANGE); called after the change.
@@ -312,6 +319,8 @@ class VirtioMemDevice:
         first = self._first_block(request)
         if self.bitmap.range_state(first, request.nb_blocks) != RangeState.UNPLUGGED:
             return self._refuse(request, Response.ERROR, "some of the blocks are already plugged")
+        if self._before_plug is not None:
+            self._before_plug(first * self.block_size, size)
         # Plugging is lazy: the host allocates on first guest touch.
         self.bitmap.set_range(first, request.nb_blocks)
         self._plugged_blocks += request.nb_blocks

@@ -14,7 +14,11 @@ Read from the devices at scrape time:
     ``vfiouser_vmem_max_size_bytes``, ``vfiouser_vmem_block_size_bytes``,
     ``vfiouser_vmem_usable_region_size_bytes`` (gauges, from the device model);
     ``vfiouser_vmem_backend_allocated_bytes`` (gauge: host memory the memfd
-    holds, ``st_blocks * 512``); ``vfiouser_vmem_resets_total{kind}`` (counter;
+    holds, ``st_blocks * 512``); ``vfiouser_vmem_discard_pending_bytes``
+    (gauge: unplugged, not yet given back, docs/discard.md);
+    ``vfiouser_vmem_discarded_bytes_total`` and
+    ``vfiouser_vmem_discard_failures_total`` (counters: deferred discards done
+    and failed); ``vfiouser_vmem_resets_total{kind}`` (counter;
     kind ``device``, ``lost_conn``, ``pci_flr``);
     ``vfiouser_vmem_client_connections_total`` (counter: vfio-user clients
     accepted); ``vfiouser_vmem_client_connected`` (gauge, 0 or 1);
@@ -23,7 +27,8 @@ Counted as requests are served (``VirtioPciTransport.request_observers``):
     ``vfiouser_vmem_requests_total{type,response}`` (counter; type ``plug``,
     ``unplug``, ``unplug_all``, ``state``; response ``ack``, ``nack``,
     ``busy``, ``error``); ``vfiouser_vmem_request_duration_seconds{type}``
-    (histogram from 5 us to 1 s: parsing, bitmap, discard and the response).
+    (histogram from 5 us to 1 s: parsing, bitmap, queueing the discard and
+    the response).
 
 The listen address: ``HOST:PORT``, ``:PORT`` (host 127.0.0.1) or
 ``[IPV6]:PORT``.  Only loopback hosts (``127.0.0.0/8``, ``::1``,
@@ -111,6 +116,13 @@ class _DeviceCollector:
                                    "The part of the device region the guest may plug in.", labels=labels)
         allocated = GaugeMetricFamily("vfiouser_vmem_backend_allocated_bytes",
                                       "Host memory the device's memory backend holds.", labels=labels)
+        pending = GaugeMetricFamily("vfiouser_vmem_discard_pending_bytes",
+                                    "Unplugged memory not yet given back to the host.", labels=labels)
+        discarded = CounterMetricFamily("vfiouser_vmem_discarded_bytes",
+                                        "Unplugged memory given back to the host after the UNPLUG was answered.",
+                                        labels=labels)
+        discard_failures = CounterMetricFamily("vfiouser_vmem_discard_failures",
+                                               "Discards that failed (and are retried).", labels=labels)
         resets = CounterMetricFamily("vfiouser_vmem_resets", "Device resets, by kind.", labels=["id", "kind"])
         connections = CounterMetricFamily("vfiouser_vmem_client_connections",
                                           "vfio-user clients (QEMU) accepted.", labels=labels)
@@ -128,13 +140,17 @@ class _DeviceCollector:
             usable.add_metric([cid], model.usable_region_size)
             if server.backend.fd >= 0:
                 allocated.add_metric([cid], server.backend.allocated_bytes())
+            pending.add_metric([cid], server.discards.pending_bytes)
+            discarded.add_metric([cid], server.discards.discarded_bytes_total)
+            discard_failures.add_metric([cid], server.discards.failures_total)
             for kind, count in server.resets_total.items():
                 resets.add_metric([cid, kind.lower()], count)
             connections.add_metric([cid], server.clients_total)
             connected.add_metric([cid], 1 if server.connected else 0)
             node = "" if server.config.node is None else str(server.config.node)
             info.add_metric([cid, server.config.memdev, server.config.socket, node], 1)
-        yield from (requested, plugged, maximum, block, usable, allocated, resets, connections, connected, info)
+        yield from (requested, plugged, maximum, block, usable, allocated, pending, discarded, discard_failures,
+                    resets, connections, connected, info)
 
 
 class MetricsExporter:

@@ -22,6 +22,7 @@ from vfiouser_vmem.backend import MemfdBackend
 from vfiouser_vmem.blocks import RangeState
 from vfiouser_vmem.control import PropertyNotFound, PropertyReadOnly
 from vfiouser_vmem.device import DiscardFailed, VirtioMemDevice
+from vfiouser_vmem.discard import DiscardQueue
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.vfu import (
     CAP_FLAG_READONLY,
@@ -39,6 +40,10 @@ from vfiouser_vmem import virtio_pci as vp
 
 log = logging.getLogger("vfiouser_vmem.server")
 
+#: Deferred discards run in chunks of this much (or of the backend's page size
+#: if larger): a PLUG racing a discard of the same range waits for at most one
+#: chunk, about 6 ms for touched memory here (docs/discard.md).
+DISCARD_CHUNK_BYTES = 32 << 20
 
 
 @dataclass
@@ -129,6 +134,14 @@ class DeviceServer:
         #: The other devices of this process (serve() sets it): a QEMU with
         #: several of them DMA-maps each one's memory BAR to all of them.
         self.siblings: list[DeviceServer] = []
+        #: True while a system reset unplugs everything: its discards are
+        #: queued even while earlier ones fail (a reset cannot answer BUSY).
+        self._resetting = False
+        self.discards = DiscardQueue(
+            self._discard_now,
+            chunk_bytes=max(DISCARD_CHUNK_BYTES, self.backend.page_size_bytes),
+            name=config.id,
+        )
         try:
             self.model = VirtioMemDevice(
                 region_size_bytes=config.size_bytes,
@@ -136,7 +149,8 @@ class DeviceServer:
                 requested_size_bytes=config.requested_size_bytes,
                 node_id=config.node,
                 page_size_bytes=self.backend.page_size_bytes,
-                discard=self._discard,
+                discard=self._queue_discard,
+                before_plug=self.discards.claim,
                 name=config.id,
             )
             claim_socket_path(config.socket)
@@ -192,7 +206,17 @@ class DeviceServer:
         ctx.on_dma_unregister = self._dma_unregister
         ctx.realize()
 
-    def _discard(self, offset_bytes: int, length_bytes: int) -> None:
+    def _queue_discard(self, offset_bytes: int, length_bytes: int) -> None:
+        """The model's discard: queued, done after the answer (discard.py)."""
+        failure = self.discards.failure
+        if failure is not None and not self._resetting:
+            # Like QEMU answering a failed discard BUSY: the guest retries
+            # later, and unreturned memory does not pile up meanwhile.
+            raise DiscardFailed(f"an earlier discard failed and is being retried ({failure})")
+        self.discards.submit(offset_bytes, length_bytes)
+
+    def _discard_now(self, offset_bytes: int, length_bytes: int) -> None:
+        """Punch the hole (a worker thread of the DiscardQueue)."""
         if self.fail_discards > 0:
             self.fail_discards -= 1
             raise DiscardFailed(f"injected discard failure (x-fail-discards, {self.fail_discards} left)")
@@ -259,7 +283,11 @@ class DeviceServer:
         plugged = self.model.plugged_size
         if reset_type == ResetType.LOST_CONN:
             self.transport.memory.clear()
-        self.transport.system_reset()
+        self._resetting = True
+        try:
+            self.transport.system_reset()
+        finally:
+            self._resetting = False
         self.log.info("%s: %s reset: unplugged and discarded %s", self.config.id, reset_type.name,
                       format_size(plugged) if plugged else "nothing")
 
@@ -303,6 +331,13 @@ class DeviceServer:
             self.transport.process_queue()
 
     async def run(self) -> None:
+        """Serve clients one after the other, and give unplugged memory back
+        meanwhile, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.discards.run)
+            await self._serve_clients()
+
+    async def _serve_clients(self) -> None:
         cid = self.config.id
         while True:
             await self._accept()
@@ -322,6 +357,10 @@ class DeviceServer:
         ctx = getattr(self, "ctx", None)
         if ctx is not None:
             ctx.close()
+        if self.discards.pending_bytes:
+            # QEMU may still map the BAR: give the memory back now rather than
+            # when the last mapping goes.
+            self.discards.drain_now()
         self.backend.close()
 
 
@@ -343,6 +382,8 @@ class ControlledVmem:
             "memaddr": ("uint64", lambda: self.server.transport.memory_bar_addr),
             "node": ("uint32", lambda: m.node_id or 0),
             "memdev": ("link<memory-backend>", lambda: f"/objects/{self.server.config.memdev}"),
+            # Unplugged but not yet given back to the host (docs/discard.md).
+            "discard-pending": ("size", lambda: self.server.discards.pending_bytes),
             "x-fail-discards": ("uint32", lambda: self.server.fail_discards),
             "x-hold-requests": ("bool", lambda: self.server.transport.hold_requests),
             # True while a held kick waits (read-only): requests are in the queue.
@@ -381,6 +422,9 @@ class ControlledVmem:
                 raise TypeError(f"Parameter 'x-fail-discards' expects uint32, got {value!r}")
             self.server.fail_discards = value
             log.warning("%s: the next %d discard(s) will fail (x-fail-discards)", self.id, value)
+            if value == 0:
+                # The injected trouble is over: retry a failed range now.
+                self.server.discards.retry_now()
             return
         if prop in self._props():
             raise PropertyReadOnly(f"Property '{self.id}.{prop}' is read-only")

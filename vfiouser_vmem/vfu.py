@@ -136,6 +136,7 @@ class VfuContext:
         self.on_reset: Callable[[ResetType], None] | None = None
         self.on_dma_register: Callable[[DmaRegion], None] | None = None
         self.on_dma_unregister: Callable[[DmaRegion], None] | None = None
+        self._config_view: memoryview | None = None
         ctx = lib.vfu_create_ctx(
             lib.VFU_TRANS_SOCK, socket_path.encode(), lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._handle, lib.VFU_DEV_TYPE_PCI
         )
@@ -163,9 +164,15 @@ class VfuContext:
 
     def config_space(self) -> memoryview:
         """The library's copy of config space; QEMU's config reads are served
-        from it, and its writes land in it."""
-        ptr = ffi.cast("char *", lib.vfu_pci_get_config_space(self._ctx))
-        return memoryview(ffi.buffer(ptr, self._config_size))
+        from it, and its writes land in it.  Allocated once by vfu_pci_init
+        (lib/pci.c), so the view is made once: the device reads it on every
+        request (BAR address, MSI-X enable)."""
+        if self._config_view is None:
+            if self._ctx is None:
+                raise VfuError(errno.EBADF, "config_space: the context is closed")
+            ptr = ffi.cast("char *", lib.vfu_pci_get_config_space(self._ctx))
+            self._config_view = memoryview(ffi.buffer(ptr, self._config_size))
+        return self._config_view
 
     def add_capability(self, data: bytes, *, pos: int = 0, flags: int = 0) -> int:
         """Add a PCI capability (the library links it in); returns its offset."""
@@ -268,6 +275,13 @@ class VfuContext:
             conn.close()
 
     def close(self) -> None:
+        if self._config_view is not None:
+            try:
+                # A use after close then fails in Python, not in freed C memory.
+                self._config_view.release()
+            except BufferError:
+                pass
+            self._config_view = None
         if self._ctx is not None:
             lib.vfu_destroy_ctx(self._ctx)
             self._ctx = None

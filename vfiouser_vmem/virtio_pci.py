@@ -144,7 +144,8 @@ class VirtioPciTransport:
         self.kick_pending = False
         self.broken_reason: str | None = None
         #: Called as observe(request_type, response_code, service_seconds)
-        #: after each request (parse, bitmap, discard, response): metrics.
+        #: for each request served (parse, bitmap, queueing the discard,
+        #: response), after the interrupt that answers them: metrics.
         self.request_observers: list[Callable[[int, int, float], None]] = []
         self.hold_requests = False
         device.on_config_change = self.notify_config
@@ -398,6 +399,7 @@ class VirtioPciTransport:
             return 0
         self.refresh_addr()
         handled = 0
+        served: list[tuple[bytes, bytes, float]] = []
         try:
             while (chain := q.pop(self.memory)) is not None:
                 if chain.writable_bytes < RESPONSE_SIZE:
@@ -408,17 +410,19 @@ class VirtioPciTransport:
                 started = time.perf_counter()
                 response = self.device.handle_request(chain.readable)
                 q.push(self.memory, chain, response)
+                served.append((chain.readable, response, time.perf_counter() - started))
                 handled += 1
-                if self.request_observers:
-                    elapsed_s = time.perf_counter() - started
-                    request_type = int.from_bytes(chain.readable[:2], "little")
-                    response_code = int.from_bytes(response[:2], "little")
-                    for observe in self.request_observers:
-                        observe(request_type, response_code, elapsed_s)
             if handled and not q.interrupts_suppressed(self.memory):
                 self._interrupt(q.msix_vector, 1)
         except (QueueError, ProtocolViolation, GuestMemoryError) as exc:
             self._mark_broken(str(exc))
+        # After the interrupt: the guest is not kept waiting for metrics.
+        if self.request_observers:
+            for request, response, elapsed_s in served:
+                request_type = int.from_bytes(request[:2], "little")
+                response_code = int.from_bytes(response[:2], "little")
+                for observe in self.request_observers:
+                    observe(request_type, response_code, elapsed_s)
         return handled
 
     def _mark_broken(self, why: str) -> None:

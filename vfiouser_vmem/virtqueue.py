@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -26,19 +26,29 @@ class GuestMemoryError(Exception):
     """A guest address the device cannot reach."""
 
 
-@dataclass(order=True)
 class _Mapping:
-    iova: int
-    length: int = field(compare=False)
-    buffer: memoryview | None = field(compare=False)
-    why_unreachable: str = field(default="", compare=False)
+    __slots__ = ("iova", "end", "buffer", "why_unreachable")
+
+    def __init__(self, iova: int, length: int, buffer: memoryview | None, why_unreachable: str) -> None:
+        self.iova = iova
+        self.end = iova + length
+        self.buffer = buffer
+        self.why_unreachable = why_unreachable
 
 
 class GuestMemory:
-    """The client's DMA mappings, looked up by guest physical address."""
+    """The client's DMA mappings, looked up by guest physical address.
+
+    Every virtio-mem request costs about ten small accesses (ring indices,
+    descriptors, request, response, used element), nearly always inside the
+    one mapping that holds the rings: the last mapping found is tried first
+    and single-mapping accesses go straight to its buffer.
+    """
 
     def __init__(self) -> None:
-        self._mappings: list[_Mapping] = []
+        self._mappings: list[_Mapping] = []  # sorted by iova
+        self._starts: list[int] = []
+        self._last: _Mapping | None = None
 
     def __len__(self) -> int:
         return len(self._mappings)
@@ -49,21 +59,31 @@ class GuestMemory:
         if buffer is not None and len(buffer) < length:
             raise ValueError(f"mapping at {iova:#x}: buffer of {len(buffer)} bytes for {length} bytes")
         self.remove(iova, length)
-        bisect.insort(self._mappings, _Mapping(iova, length, buffer, why_unreachable))
+        i = bisect.bisect_right(self._starts, iova)
+        self._starts.insert(i, iova)
+        self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable))
 
     def remove(self, iova: int, length: int) -> None:
-        self._mappings = [m for m in self._mappings if not (m.iova == iova and m.length == length)]
+        self._mappings = [m for m in self._mappings if not (m.iova == iova and m.end - m.iova == length)]
+        self._starts = [m.iova for m in self._mappings]
+        self._last = None
 
     def clear(self) -> None:
         self._mappings.clear()
+        self._starts.clear()
+        self._last = None
 
     def _find(self, addr: int) -> _Mapping:
-        i = bisect.bisect_right(self._mappings, _Mapping(addr, 0, None)) - 1
+        m = self._last
+        if m is not None and m.iova <= addr < m.end:
+            return m
+        i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0:
             m = self._mappings[i]
-            if m.iova <= addr < m.iova + m.length:
+            if m.iova <= addr < m.end:
                 if m.buffer is None:
                     raise GuestMemoryError(f"guest address {addr:#x}: {m.why_unreachable}")
+                self._last = m
                 return m
         raise GuestMemoryError(f"guest address {addr:#x} is not in any DMA mapping")
 
@@ -73,22 +93,47 @@ class GuestMemory:
         while length > 0:
             m = self._find(addr)
             start = addr - m.iova
-            n = min(length, m.length - start)
+            n = min(length, m.end - addr)
             yield m.buffer[start : start + n]
             addr += n
             length -= n
 
+    def _within_one(self, addr: int, length: int) -> tuple[memoryview, int] | None:
+        """(buffer, offset) when [addr, addr + length) lies in one mapping."""
+        if addr < 0:
+            return None
+        m = self._find(addr)
+        if addr + length <= m.end:
+            return m.buffer, addr - m.iova
+        return None
+
     def read(self, addr: int, length: int) -> bytes:
+        one = self._within_one(addr, length) if length > 0 else None
+        if one is not None:
+            buf, start = one
+            return bytes(buf[start : start + length])
         return b"".join(bytes(chunk) for chunk in self._chunks(addr, length))
 
     def write(self, addr: int, data: bytes) -> None:
+        one = self._within_one(addr, len(data)) if data else None
+        if one is not None:
+            buf, start = one
+            buf[start : start + len(data)] = data
+            return
         pos = 0
         for chunk in self._chunks(addr, len(data)):
             chunk[:] = data[pos : pos + len(chunk)]
             pos += len(chunk)
 
+    def unpack(self, fmt: struct.Struct, addr: int) -> tuple:
+        """``fmt.unpack`` of the guest bytes at ``addr``, without a copy when they lie in one mapping."""
+        one = self._within_one(addr, fmt.size)
+        if one is not None:
+            return fmt.unpack_from(*one)
+        return fmt.unpack(self.read(addr, fmt.size))
+
     def read_u16(self, addr: int) -> int:
-        return _U16.unpack(self.read(addr, 2))[0]
+        return self.unpack(_U16, addr)[0]
 
 
 class QueueError(Exception):
@@ -149,7 +194,7 @@ class SplitQueue:
         for _ in range(self.size):
             if index >= self.size:
                 raise QueueError(f"descriptor index {index} is beyond the queue size {self.size}")
-            addr, length, flags, nxt = _DESC.unpack(mem.read(self.desc_addr + 16 * index, 16))
+            addr, length, flags, nxt = mem.unpack(_DESC, self.desc_addr + 16 * index)
             if flags & VRING_DESC_F_INDIRECT:
                 raise QueueError("indirect descriptor, but VIRTIO_RING_F_INDIRECT_DESC was not offered")
             if flags & VRING_DESC_F_WRITE:
