@@ -59,7 +59,7 @@ class OursVmem:
     server's per-request service times) and a guest attached to it."""
 
     def __init__(self, kit: Kit, workdir: Path, *, size: str, block_size: str, stats_path: Path,
-                 cprofile_path: Path | None = None, name: str = "ours") -> None:
+                 cprofile_path: Path | None = None, name: str = "ours", model_timing: bool = False) -> None:
         self.id = "vmem0"
         self.workdir = workdir
         self.socket = str(workdir / "vmem0.sock")
@@ -69,6 +69,8 @@ class OursVmem:
         cmd = [sys.executable, str(REPO / "bench" / "served.py"), "--stats", str(stats_path)]
         if cprofile_path is not None:
             cmd += ["--cprofile", str(cprofile_path)]
+        if model_timing:
+            cmd.append("--model-timing")
         cmd += ["--", "serve", "--socket", self.socket, "--size", size, "--block-size", block_size,
                 "--id", self.id, "--qmp", self.qmp_path]
         self.log_file = open(self.log_path, "wb")
@@ -357,7 +359,8 @@ def measure_device(kind: str, kit: Kit, args: argparse.Namespace, outdir: Path) 
         else:
             dev = OursVmem(kit, workdir, size=args.device_size, block_size=args.block_size,
                            stats_path=outdir / "service_times.json",
-                           cprofile_path=outdir / "server.prof" if args.profile == "cprofile" else None)
+                           cprofile_path=outdir / "server.prof" if args.profile == "cprofile" else None,
+                           model_timing=args.model_timing)
             result["server_ready_s"] = dev.server_ready_s
         result["boot"] = boot(dev, t_spawn)
         say(f"{kind}: guest ready after {result['boot']['ready_s']:.2f} s, virtio_mem bound after "
@@ -719,6 +722,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-device", default="1T", help="device size of the bitmap/discard/start-up benchmarks")
     p.add_argument("--micro-touch", default="512M", help="memfd size of the touched discard benchmark")
     p.add_argument("--only", choices=["all", "guests", "micro", "qemu", "ours"], default="all")
+    p.add_argument("--model-timing", action="store_true",
+                   help="also time the device model's handle_request in wall and thread CPU time "
+                        "(a diagnostic: its clock reads inflate the service times)")
     p.add_argument("--profile", choices=["none", "cprofile", "py-spy"], default="none",
                    help="profile the server during the guest runs (perturbs the timings)")
     p.add_argument("--out", help="results folder (default bench/results/<timestamp>)")

@@ -311,3 +311,25 @@ def test_plugged_size_always_matches_the_bitmap():
                 pass
             rec.fail = False
         assert dev.plugged_size == dev.bitmap.count_plugged() * BS
+
+
+def test_deferred_size_events_are_sent_once_at_flush_with_the_final_size():
+    """The transport defers size listeners until the guest has its answer
+    (defer_size_events): a batch of requests makes one call, final size."""
+    dev, rec = make(requested=1 * GIB)
+    dev.defer_size_events = True
+    assert plug(dev, 0, 4) == Response.ACK
+    assert plug(dev, 8, 2) == Response.ACK
+    assert unplug(dev, 0, 1) == Response.ACK
+    assert plug(dev, 1, 1) == Response.ERROR  # a refusal changes nothing
+    assert rec.sizes == []
+    dev.flush_size_events()
+    assert rec.sizes == [5 * BS]
+    dev.flush_size_events()  # nothing new: no call
+    assert rec.sizes == [5 * BS]
+    assert state(dev, 0, 1) == (Response.ACK, 1)
+    dev.flush_size_events()  # STATE changes no size
+    assert rec.sizes == [5 * BS]
+    dev.defer_size_events = False
+    assert unplug(dev, 8, 2) == Response.ACK
+    assert rec.sizes == [5 * BS, 3 * BS]

@@ -39,6 +39,9 @@ class RangeState(enum.IntEnum):
     MIXED = lib.VMEM_RANGE_MIXED
 
 
+_RANGE_STATES = {state.value: state for state in RangeState}
+
+
 class DiscardError(OSError):
     """A hole could not be punched: the memory was not given back to the host.
 
@@ -82,35 +85,51 @@ class BlockBitmap:
     def __repr__(self) -> str:
         return f"BlockBitmap(nb_blocks={self.nb_blocks}, plugged={self.count_plugged()})"
 
-    def _check(self, rc: int, first_block: int, nb_blocks: int) -> int:
-        if rc < 0:
-            if rc == -_errno.EINVAL:
-                reason = "empty range"
-            elif rc == -_errno.ERANGE:
-                reason = "range ends beyond the bitmap"
-            else:
-                reason = os.strerror(-rc)
-            raise ValueError(
-                f"bad block range: first block {first_block}, {nb_blocks} blocks "
-                f"(bitmap of {self.nb_blocks} blocks): {reason}"
-            )
-        return rc
+    # set_range, clear_range and range_state run once or twice per guest
+    # request: arguments go to cffi as they are, and are validated (for a
+    # precise message) only when cffi or the C helper refuses them.
+    def _refused(self, first_block: object, nb_blocks: object, rc: int | None = None) -> ValueError:
+        first_block, nb_blocks = _u64(first_block, "first block"), _u64(nb_blocks, "number of blocks")
+        if rc is None:  # cffi refused a value that _u64 accepts: cannot happen
+            return ValueError(f"bad block range: first block {first_block}, {nb_blocks} blocks")
+        if rc == -_errno.EINVAL:
+            reason = "empty range"
+        elif rc == -_errno.ERANGE:
+            reason = "range ends beyond the bitmap"
+        else:
+            reason = os.strerror(-rc)
+        return ValueError(
+            f"bad block range: first block {first_block}, {nb_blocks} blocks "
+            f"(bitmap of {self.nb_blocks} blocks): {reason}"
+        )
 
     def set_range(self, first_block: int, nb_blocks: int) -> None:
         """Mark blocks [first_block, first_block + nb_blocks) plugged."""
-        first_block, nb_blocks = _u64(first_block, "first block"), _u64(nb_blocks, "number of blocks")
-        self._check(lib.vmem_bitmap_set(self.words, self.nb_blocks, first_block, nb_blocks), first_block, nb_blocks)
+        try:
+            rc = lib.vmem_bitmap_set(self.words, self.nb_blocks, first_block, nb_blocks)
+        except (TypeError, OverflowError):
+            raise self._refused(first_block, nb_blocks) from None
+        if rc < 0:
+            raise self._refused(first_block, nb_blocks, rc)
 
     def clear_range(self, first_block: int, nb_blocks: int) -> None:
         """Mark blocks [first_block, first_block + nb_blocks) unplugged."""
-        first_block, nb_blocks = _u64(first_block, "first block"), _u64(nb_blocks, "number of blocks")
-        self._check(lib.vmem_bitmap_clear(self.words, self.nb_blocks, first_block, nb_blocks), first_block, nb_blocks)
+        try:
+            rc = lib.vmem_bitmap_clear(self.words, self.nb_blocks, first_block, nb_blocks)
+        except (TypeError, OverflowError):
+            raise self._refused(first_block, nb_blocks) from None
+        if rc < 0:
+            raise self._refused(first_block, nb_blocks, rc)
 
     def range_state(self, first_block: int, nb_blocks: int) -> RangeState:
         """Whether blocks [first_block, first_block + nb_blocks) are all plugged, all unplugged or mixed."""
-        first_block, nb_blocks = _u64(first_block, "first block"), _u64(nb_blocks, "number of blocks")
-        rc = lib.vmem_bitmap_range_state(self.words, self.nb_blocks, first_block, nb_blocks)
-        return RangeState(self._check(rc, first_block, nb_blocks))
+        try:
+            rc = lib.vmem_bitmap_range_state(self.words, self.nb_blocks, first_block, nb_blocks)
+        except (TypeError, OverflowError):
+            raise self._refused(first_block, nb_blocks) from None
+        if rc < 0:
+            raise self._refused(first_block, nb_blocks, rc)
+        return _RANGE_STATES[rc]
 
     def count_plugged(self) -> int:
         """Number of plugged blocks."""

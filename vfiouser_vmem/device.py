@@ -89,6 +89,11 @@ def pack_response(response: Response, state: int = 0) -> bytes:
     return _RESPONSE.pack(response, state)
 
 
+_PLUG, _UNPLUG, _UNPLUG_ALL, _STATE = (int(t) for t in RequestType)
+#: The answers without a state, packed once.
+_PACKED = {response: pack_response(response) for response in Response}
+
+
 def unpack_response(data: bytes) -> tuple[int, int]:
     return _RESPONSE.unpack_from(data)
 
@@ -161,6 +166,11 @@ class VirtioMemDevice:
         # A listener per change of plugged_size (the control plane's
         # MEMORY_DEVICE_SIZE_CHANGE); called after the change.
         self.size_listeners: list[Callable[[int], None]] = []
+        #: The transport sets this: listeners then hear of PLUG/UNPLUG
+        #: answers at flush_size_events(), after the guest got its
+        #: interrupt, not while the guest waits (QMP events, metrics).
+        self.defer_size_events = False
+        self._size_event_due = False
         self.set_requested_size(requested_size_bytes)
 
     # -- configuration -------------------------------------------------
@@ -251,42 +261,60 @@ class VirtioMemDevice:
         for listener in list(self.size_listeners):
             listener(size)
 
+    def _request_changed_size(self) -> None:
+        if self.defer_size_events:
+            self._size_event_due = True
+        else:
+            self._size_changed()
+
+    def flush_size_events(self) -> None:
+        """Tell the size listeners about requests served since the last
+        call (with ``defer_size_events``): once, with the current size."""
+        if self._size_event_due:
+            self._size_event_due = False
+            self._size_changed()
+
     # -- requests ------------------------------------------------------
     def handle_request(self, data: bytes | memoryview) -> bytes:
         """Handle one request; returns the 10-byte response.
 
         Raises ProtocolViolation for requests no driver may send.
         """
-        request = Request.parse(data)
-        if request.type == RequestType.PLUG:
-            response, state = self._plug(request), 0
-        elif request.type == RequestType.UNPLUG:
-            response, state = self._unplug(request), 0
-        elif request.type == RequestType.UNPLUG_ALL:
-            response, state = self._unplug_all(), 0
-        elif request.type == RequestType.STATE:
-            response, state = self._state(request)
-        else:
-            raise ProtocolViolation(f"unknown request type {request.type}")
-        return pack_response(response, state)
+        # The hot path of the device (one call per guest request): plain
+        # ints and pre-packed answers, no objects built for a request that
+        # is accepted.
+        if len(data) < REQUEST_SIZE:
+            raise ProtocolViolation(f"request of {len(data)} bytes, virtio-mem requests are {REQUEST_SIZE}")
+        request = Request._make(_REQUEST.unpack_from(data))
+        kind = request.type
+        if kind == _PLUG:
+            return _PACKED[self._plug(request)]
+        if kind == _UNPLUG:
+            return _PACKED[self._unplug(request)]
+        if kind == _UNPLUG_ALL:
+            return _PACKED[self._unplug_all()]
+        if kind == _STATE:
+            return pack_response(*self._state(request))
+        raise ProtocolViolation(f"unknown request type {kind}")
 
     def _range_error(self, request: Request) -> str | None:
         """Rule 2 of DESIGN.md section 3: why the range is invalid, or None."""
-        if request.addr % self.block_size:
-            return f"addr {request.addr:#x} is not aligned to the block size {self.block_size:#x}"
-        if request.nb_blocks == 0:
+        addr, nb_blocks = request.addr, request.nb_blocks
+        block_size = self.block_size
+        if addr % block_size:
+            return f"addr {addr:#x} is not aligned to the block size {block_size:#x}"
+        if nb_blocks == 0:
             return "nb_blocks is 0"
-        size = request.nb_blocks * self.block_size
+        end = addr + nb_blocks * block_size
         start = self.addr
-        end = start + self.usable_region_size
-        if request.addr + size > (1 << 64) - 1:
-            return f"range {request.addr:#x}+{size:#x} overflows"
-        if request.addr < start or request.addr + size > end:
-            return (
-                f"range {request.addr:#x}-{request.addr + size:#x} is outside the usable region "
-                f"{start:#x}-{end:#x}"
-            )
-        return None
+        if addr >= start and end <= start + self.usable_region_size:
+            return None
+        if end > (1 << 64) - 1:
+            return f"range {addr:#x}+{end - addr:#x} overflows"
+        return (
+            f"range {addr:#x}-{end:#x} is outside the usable region "
+            f"{start:#x}-{start + self.usable_region_size:#x}"
+        )
 
     def _refuse(self, request: Request, response: Response, why: str) -> Response:
         log.warning(
@@ -307,7 +335,7 @@ class VirtioMemDevice:
         if why := self._range_error(request):
             return self._refuse(request, Response.ERROR, why)
         size = request.nb_blocks * self.block_size
-        if self.plugged_size + size > self.requested_size:
+        if self._plugged_blocks * self.block_size + size > self.requested_size:
             # Not an error: the guest asked for more than is requested now
             # (requested_size dropped while it was growing); it retries later.
             log.info(
@@ -324,7 +352,7 @@ class VirtioMemDevice:
         # Plugging is lazy: the host allocates on first guest touch.
         self.bitmap.set_range(first, request.nb_blocks)
         self._plugged_blocks += request.nb_blocks
-        self._size_changed()
+        self._request_changed_size()
         return Response.ACK
 
     def _unplug(self, request: Request) -> Response:
@@ -341,7 +369,7 @@ class VirtioMemDevice:
             return self._refuse(request, Response.BUSY, str(exc))
         self.bitmap.clear_range(first, request.nb_blocks)
         self._plugged_blocks -= request.nb_blocks
-        self._size_changed()
+        self._request_changed_size()
         return Response.ACK
 
     def _unplug_all(self) -> Response:

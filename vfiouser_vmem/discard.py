@@ -104,18 +104,22 @@ class RangeSet:
         self.total_bytes -= removed
         return removed
 
+    def last(self, max_bytes: int) -> tuple[int, int]:
+        """The highest [end - n, end) with n <= max_bytes (not removed)."""
+        start, end = self._starts[-1], self._ends[-1]
+        return max(start, end - max_bytes), end
+
     def take_last(self, max_bytes: int) -> tuple[int, int]:
         """Remove and return the highest [end - n, end), n <= max_bytes.
         From the end of the lists: O(1) however many intervals there are."""
-        start, end = self._starts[-1], self._ends[-1]
-        n = min(max_bytes, end - start)
-        if end - n == start:
+        start, end = self.last(max_bytes)
+        if start == self._starts[-1]:
             self._starts.pop()
             self._ends.pop()
         else:
-            self._ends[-1] = end - n
-        self.total_bytes -= n
-        return end - n, n
+            self._ends[-1] = start
+        self.total_bytes -= end - start
+        return start, end - start
 
 
 class DiscardQueue:
@@ -199,6 +203,12 @@ class DiscardQueue:
         """The range is about to be plugged: it must not be discarded from
         now on.  Drops its queued part; waits (one chunk at most) while the
         worker is discarding part of it."""
+        if not self._pending and self._in_flight is None:
+            # Nothing queued, nothing in flight (the usual case; read without
+            # the lock: _drain makes a chunk visible in _in_flight before
+            # it leaves _pending, and back in _pending before _in_flight
+            # is cleared, so a range being discarded is always seen).
+            return
         end = offset_bytes + length_bytes
         with self._lock:
             claimed = self._pending.remove(offset_bytes, end)
@@ -289,22 +299,26 @@ class DiscardQueue:
             with self._lock:
                 if not self._pending:
                     return None
-                start, n = self._pending.take_last(self.chunk_bytes)
-                self._in_flight = (start, start + n)
+                # Order matters for claim()'s unlocked check: in flight first,
+                # then out of the queue.
                 self._claimed_in_flight = RangeSet()
+                chunk = self._pending.last(self.chunk_bytes)
+                self._in_flight = chunk
+                start, n = self._pending.take_last(self.chunk_bytes)
             error = None
             try:
                 self._discard(start, n)
             except DiscardFailed as exc:
                 error = exc
             with self._lock:
-                self._in_flight = None
+                # Back in the queue (on failure) before out of flight.
                 if error is None:
                     self.discarded_bytes_total += n
                 elif not give_up_on_failure:
                     self._pending.add(start, start + n)
                     for s, e in self._claimed_in_flight.intervals():
                         self._pending.remove(s, e)
+                self._in_flight = None
                 self._chunk_done.notify_all()
             if error is not None:
                 if not give_up_on_failure:

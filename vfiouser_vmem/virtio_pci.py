@@ -149,6 +149,7 @@ class VirtioPciTransport:
         self.request_observers: list[Callable[[int, int, float], None]] = []
         self.hold_requests = False
         device.on_config_change = self.notify_config
+        device.defer_size_events = True
         self.virtio_reset()
 
     # -- state ---------------------------------------------------------
@@ -416,7 +417,9 @@ class VirtioPciTransport:
                 self._interrupt(q.msix_vector, 1)
         except (QueueError, ProtocolViolation, GuestMemoryError) as exc:
             self._mark_broken(str(exc))
-        # After the interrupt: the guest is not kept waiting for metrics.
+        # After the interrupt: the guest is not kept waiting for events
+        # and metrics.
+        self.device.flush_size_events()
         if self.request_observers:
             for request, response, elapsed_s in served:
                 request_type = int.from_bytes(request[:2], "little")

@@ -132,6 +132,14 @@ class GuestMemory:
             return fmt.unpack_from(*one)
         return fmt.unpack(self.read(addr, fmt.size))
 
+    def pack(self, fmt: struct.Struct, addr: int, *values: object) -> None:
+        """``fmt.pack`` into the guest bytes at ``addr``, in place when they lie in one mapping."""
+        one = self._within_one(addr, fmt.size)
+        if one is not None:
+            fmt.pack_into(one[0], one[1], *values)
+        else:
+            self.write(addr, fmt.pack(*values))
+
     def read_u16(self, addr: int) -> int:
         return self.unpack(_U16, addr)[0]
 
@@ -220,6 +228,6 @@ class SplitQueue:
             mem.write(addr, part)
             pos += len(part)
         slot = self.used_idx % self.size
-        mem.write(self.device_addr + 4 + 8 * slot, _USED_ELEM.pack(chain.head, pos))
+        mem.pack(_USED_ELEM, self.device_addr + 4 + 8 * slot, chain.head, pos)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        mem.write(self.device_addr + 2, _U16.pack(self.used_idx))
+        mem.pack(_U16, self.device_addr + 2, self.used_idx)
