@@ -59,7 +59,10 @@ class OursVmem:
     server's per-request service times) and a guest attached to it."""
 
     def __init__(self, kit: Kit, workdir: Path, *, size: str, block_size: str, stats_path: Path,
-                 cprofile_path: Path | None = None, name: str = "ours", model_timing: bool = False) -> None:
+                 cprofile_path: Path | None = None, name: str = "ours", model_timing: bool = False,
+                 served_args: list[str] | None = None, qemu_args: list[str] | None = None) -> None:
+        """``served_args`` go to bench/served.py (e.g. ``--events PATH``),
+        ``qemu_args`` to QEMU (``harness.Guest``'s ``extra_args``)."""
         self.id = "vmem0"
         self.workdir = workdir
         self.socket = str(workdir / "vmem0.sock")
@@ -71,6 +74,7 @@ class OursVmem:
             cmd += ["--cprofile", str(cprofile_path)]
         if model_timing:
             cmd.append("--model-timing")
+        cmd += served_args or []
         cmd += ["--", "serve", "--socket", self.socket, "--size", size, "--block-size", block_size,
                 "--id", self.id, "--qmp", self.qmp_path]
         self.log_file = open(self.log_path, "wb")
@@ -84,7 +88,7 @@ class OursVmem:
             if "ready" not in line:
                 raise GuestError(f"server did not start: {line!r}\n{self.server_log()[-3000:]}")
             self.qmp = QmpClient(self.qmp_path)
-            self.guest = Guest(kit, workdir, [self.socket], name=name)
+            self.guest = Guest(kit, workdir, [self.socket], name=name, extra_args=qemu_args)
         except BaseException:
             self.stop()  # nothing this started may outlive it
             raise

@@ -8,6 +8,7 @@ JSON to ``--stats`` when the server exits (SIGTERM/SIGINT, as the CLI does).
 
     python bench/served.py --stats OUT.json [--cprofile OUT.prof] -- serve --socket ... --qmp ...
     python bench/served.py --stats OUT.json --devices 8 --dir DIR --size 8G --qmp PATH
+    python bench/served.py --events OUT.json -- serve ...      (bench/latency.py)
 
 The second form starts N devices in one process through
 ``vfiouser_vmem.server.serve`` directly (for a ``serve`` that takes one
@@ -90,6 +91,82 @@ def _install_vfu_timing() -> None:
     _server.DeviceServer._bar0_access = timed_bar0
 
 
+#: --events: wall-clock (CLOCK_REALTIME, time.time(), the clock of QEMU's
+#: ``-msg timestamp=on``) events of the request path, for bench/latency.py:
+#: [kind, seconds since the epoch(, extra)], kinds:
+#:   run0 / run1  vfu_run_ctx start / end (extra: messages handled)
+#:   ntf          BAR0 notify write callback entered
+#:   pq0 / pq1    process_queue start (a kick pending) / end (extra: handled)
+#:   req          the device model's handle_request returned (extra: request type)
+#:   trig / trig1 vfu_irq_trigger called / returned (extra: vector)
+EVENTS: list[list] = []
+
+
+def _install_events() -> None:
+    from vfiouser_vmem import virtio_pci as vp
+    from vfiouser_vmem import vfu
+
+    now, ev = time.time, EVENTS.append
+    run = vfu.VfuContext.run
+
+    def run_traced(self):
+        ev(["run0", now()])
+        n = -1
+        try:
+            n = run(self)
+            return n
+        finally:
+            ev(["run1", now(), n])
+
+    vfu.VfuContext.run = run_traced
+    trigger = vfu.VfuContext.irq_trigger
+
+    def trigger_traced(self, vector):
+        ev(["trig", now(), vector])
+        try:
+            return trigger(self, vector)
+        finally:
+            ev(["trig1", now(), vector])
+
+    # Before any DeviceServer exists: the transport takes ctx.irq_trigger
+    # bound at construction, setup_region() the BAR0 callback.
+    vfu.VfuContext.irq_trigger = trigger_traced
+    bar0 = _server.DeviceServer._bar0_access
+    lo, hi = vp.NOTIFY_OFFSET, vp.NOTIFY_OFFSET + vp.NOTIFY_OFF_MULTIPLIER * vp.NUM_QUEUES
+
+    def bar0_traced(self, offset, buf, is_write):
+        if is_write and lo <= offset < hi:
+            ev(["ntf", now()])
+        return bar0(self, offset, buf, is_write)
+
+    _server.DeviceServer._bar0_access = bar0_traced
+    process_queue = vp.VirtioPciTransport.process_queue
+
+    def process_queue_traced(self):
+        if not getattr(self, "kick_pending", True):
+            return process_queue(self)  # nothing to do: not an event
+        ev(["pq0", now()])
+        handled = process_queue(self)
+        ev(["pq1", now(), handled])
+        return handled
+
+    vp.VirtioPciTransport.process_queue = process_queue_traced
+    orig_init = _server.DeviceServer.__init__
+
+    def init(self, config, *args, **kwargs):
+        orig_init(self, config, *args, **kwargs)
+        handle = self.model.handle_request
+
+        def handle_traced(data):
+            response = handle(data)
+            ev(["req", now(), int.from_bytes(bytes(data[:2]), "little")])
+            return response
+
+        self.model.handle_request = handle_traced
+
+    _server.DeviceServer.__init__ = init
+
+
 def _install_observer() -> None:
     orig_init = _server.DeviceServer.__init__
 
@@ -154,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qmp", help="with --devices: the QMP socket")
     parser.add_argument("--model-timing", action="store_true",
                         help="also record handle_request's wall and thread CPU time (inflates the service times)")
+    parser.add_argument("--events", help="record wall-clock events of the request path, written here (JSON) at "
+                        "exit (bench/latency.py)")
     parser.add_argument("cli", nargs=argparse.REMAINDER, help="-- and the vfiouser-vmem arguments")
     args = parser.parse_args(argv)
     cli_args = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
@@ -161,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     MODEL_TIMING["on"] = args.model_timing
     _install_observer()
     _install_vfu_timing()
+    if args.events:
+        _install_events()
     profiler = None
     if args.cprofile:
         import cProfile
@@ -185,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.stats:
             Path(args.stats).write_text(json.dumps({"hook": HOOK["kind"], "devices": RECORDS, "model": MODEL_RECORDS,
                                                 "vfu": VFU_EVENTS}))
+        if args.events:
+            Path(args.events).write_text(json.dumps({"events": EVENTS}))
 
 
 if __name__ == "__main__":

@@ -389,3 +389,169 @@ def test_run_arguments_default_to_the_documented_run():
     args = parse_args([])
     assert args.reps == 3 and args.sizes == [GIB, 4 * GIB] and args.touch_fraction == 0.9
     assert args.device_size == "8G" and args.block_size == "2M" and args.micro_device == 1 << 40
+
+
+# -- bench/latency.py: per-request segments from QEMU's trace and the server's events ----------
+
+def _trace_line(t: float, event: str, args: str) -> str:
+    """One line of QEMU's log trace backend with -msg timestamp=on."""
+    import datetime
+
+    stamp = datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return f"{stamp}Z {event} {args}\n"
+
+
+T0 = 1_795_680_000.0  # 2026-11-26T08:00:00Z
+US = 1e-6
+
+
+def _write_trace(path: Path, lines: list[tuple[float, str, str]]) -> None:
+    path.write_text("".join(_trace_line(T0 + t * US, e, a) for t, e, a in lines))
+
+
+def test_latency_parses_trace_lines(tmp_path):
+    from bench import latency
+
+    t, ev, args = latency.parse_trace_line("2026-11-26T08:00:00.000250Z vfio_user_region_rw  region 0 offset "
+                                           "0x3000 count 2\n")
+    assert t == pytest.approx(T0 + 250 * US, abs=1e-7)
+    assert (ev, args) == ("vfio_user_region_rw", "region 0 offset 0x3000 count 2")
+    assert latency.parse_trace_line("qemu-system-x86_64: terminating on signal 15\n") is None
+    # One file per thread (-d tid): merged in time order, the thread id from the name.
+    _write_trace(tmp_path / "trace-20.log", [(30, "apic_deliver_irq", "vector 35"), (10, "virtio_notify", "vq 0x1")])
+    _write_trace(tmp_path / "trace-21.log", [(20, "virtio_queue_notify", "n 0")])
+    trace = latency.load_trace(sorted(tmp_path.glob("trace-*.log")))
+    assert [(e[1], e[2]) for e in trace] == [(20, "virtio_notify"), (21, "virtio_queue_notify"),
+                                            (20, "apic_deliver_irq")]
+
+
+def _ours_fixture():
+    """Two PLUG requests of one grow through our server, in us after T0:
+    QEMU's vCPU (tid 2), its iothread (3) and main loop (1), and the
+    server's events, plus noise each lookup must skip."""
+    vcpu, io, main = 2, 3, 1
+    trace = []
+    events = []
+    for i, base in enumerate((1000, 5000)):
+        mid = 0x40 + i
+        trace += [
+            (base - 300, vcpu, "vfio_user_region_rw", "region 0 offset 0x14 count 2"),  # a BAR0 read: not a notify
+            (base - 290, vcpu, "vfio_user_send_write", f"id {mid - 0x10:#x} wrote 0x20"),
+            (base, vcpu, "vfio_user_region_rw", "region 0 offset 0x3000 count 2"),
+            (base + 5, vcpu, "vfio_user_send_write", f"id {mid:#x} wrote 0x22"),
+            (base + 260, io, "vfio_user_recv_hdr", f"(unix:/tmp/s) id {mid:#x} cmd 0x9 size 0x10 flags 0x1"),
+            (base + 350, main, "vfio_msi_interrupt", "(vfio-user:/tmp/s) vector 0 0xfee00000/0x22"),  # config
+            (base + 400, main, "vfio_msi_interrupt", "(vfio-user:/tmp/s) vector 1 0xfee01000/0x23"),
+            (base + 405, vcpu, "apic_deliver_irq", "dest 0 dest_mode 0 delivery_mode 0 vector 35 trigger_mode 0"),
+            (base + 410, main, "apic_deliver_irq", "dest 0 dest_mode 0 delivery_mode 0 vector 34 trigger_mode 0"),
+            (base + 415, main, "apic_deliver_irq", "dest 0 dest_mode 0 delivery_mode 0 vector 35 trigger_mode 0"),
+        ]
+        events += [["run0", base + 100], ["ntf", base + 130], ["run1", base + 200, 1], ["pq0", base + 201],
+                   ["req", base + 300, 0], ["trig", base + 330, 1], ["trig1", base + 340, 1],
+                   ["pq1", base + 350, 1]]
+    trace.sort()
+    windows = [{"name": "1G#1", "wall0": T0, "wall1": T0 + 9000 * US}]
+    return ([(T0 + t * US, tid, e, a) for t, tid, e, a in trace],
+            [[e[0], T0 + e[1] * US, *e[2:]] for e in events], windows)
+
+
+def test_latency_cuts_our_requests_into_segments():
+    from bench import latency
+
+    trace, events, windows = _ours_fixture()
+    reqs = latency.requests_ours(trace, events, windows)
+    assert len(reqs) == 2 and all(r["grow"] == "1G#1" and r["type"] == 0 for r in reqs)
+    seg = {(a, b): latency.segment_us(reqs, a, b) for _, a, b in latency.SEGMENTS["ours"]}
+    approx = lambda xs: pytest.approx(xs, abs=1)  # noqa: E731
+    assert seg[("send", "run0")] == approx([100, 100])
+    assert seg[("run0", "ntf")] == approx([30, 30])
+    assert seg[("send", "reply")] == approx([260, 260])
+    assert seg[("pq0", "req")] == approx([99, 99])
+    assert seg[("trig", "msi")] == approx([70, 70])  # vector 1, not the config vector's 0
+    assert seg[("msi", "apic")] == approx([15, 15])  # the main loop's delivery of vector 0x23
+    assert seg[("send", "apic")] == approx([415, 415])
+    assert seg[("apic", "next")] == approx([4000 - 415])  # the last request of a grow has no next
+    assert seg[("send", "next")] == approx([4000])
+    # Outside every grow window: not counted.
+    assert latency.requests_ours(trace, events, [{"name": "x", "wall0": T0 + 1, "wall1": T0 + 2}]) == []
+
+
+def test_latency_cuts_qemu_requests_into_segments(tmp_path):
+    from bench import latency
+
+    vcpu0, vcpu1 = 5, 6
+    lines = []
+    for base in (1000, 4000):
+        lines += [
+            (base, vcpu0, "virtio_queue_notify", "vdev 0x1 n 0 vq 0x2"),
+            (base + 20, vcpu0, "virtio_mem_plug_request", "addr=0x100000000 nb_blocks=64"),
+            (base + 25, vcpu1, "apic_deliver_irq", "vector 236"),  # the other vCPU's timer
+            (base + 60, vcpu0, "virtio_mem_send_response", "type=0"),
+            (base + 64, vcpu0, "virtio_notify", "vdev 0x1 vq 0x2"),
+            (base + 70, vcpu0, "apic_deliver_irq", "vector 35"),
+        ]
+    trace = sorted((T0 + t * US, tid, e, a) for t, tid, e, a in lines)
+    reqs = latency.requests_qemu(trace, [{"name": "4G#2", "wall0": T0, "wall1": T0 + 5000 * US}])
+    assert [r["type"] for r in reqs] == [0, 0]
+    approx = lambda xs: pytest.approx(xs, abs=1)  # noqa: E731
+    assert latency.segment_us(reqs, "send", "plug") == approx([20, 20])
+    assert latency.segment_us(reqs, "plug", "resp") == approx([40, 40])
+    assert latency.segment_us(reqs, "notify", "apic") == approx([6, 6])
+    assert latency.segment_us(reqs, "send", "apic") == approx([70, 70])
+    assert latency.segment_us(reqs, "send", "next") == approx([3000])
+
+
+def test_served_writes_latency_events_at_exit(tmp_path):
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
+    events = tmp_path / "events.json"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "served.py"), "--events", str(events), "--", "serve", "--socket",
+         os.path.join(d, "v.sock"), "--size", "256M", "--qmp", os.path.join(d, "q.qmp")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    assert json.loads(events.read_text()) == {"events": []}  # no client, no request
+
+
+def test_latency_report_totals_and_difference():
+    from bench import latency
+
+    def req(grow, send, apic, nxt, type_=0):
+        return {"grow": grow, "type": type_, "send": send, "apic": apic, "next": nxt}
+
+    data = {"ours": [req("1G#1", 0, 500e-6, 4e-3), req("1G#1", 4e-3, 4.3e-3, 8e-3),
+                     req("1G#1", 8e-3, 8.1e-3, None, type_=1)],  # an UNPLUG: left out
+            "qemu": [req("1G#1", 0, 100e-6, 3e-3), req("1G#1", 3e-3, 3.1e-3, 6e-3)]}
+    s = latency.stats(latency.segment_us(latency.plugs(data["ours"]), "send", "apic"))
+    assert s["n"] == 2 and s["median"] == pytest.approx(400) and s["mean"] == pytest.approx(400)
+    assert s["p90"] == pytest.approx(480)
+    assert latency.stats([]) is None
+    cells = _table_cells(latency.totals_table(data, ["1G"]))
+    assert cells[0][0] == "per PLUG request, us"
+    rows = {row[0]: row for row in cells[2:]}
+    assert rows["device latency: notify -> MSI delivered"][1:] == ["400 / 480 / 400 (2)", "100 / 100 / 100 (2)",
+                                                                   "+300 / +300"]
+    assert rows["per request: notify -> next notify"][3] == "+1000 / +1000"  # 4 ms vs 3 ms
+    meta = {"reps": 1, "sizes": ["1G"], "device_size": "8G", "block_size": "2M",
+            "devices": {"ours": {"grows": [{"size": "1G", "memtotal_s": 0.07}]},
+                        "qemu": {"grows": [{"size": "1G", "memtotal_s": 0.06}], "error": "RuntimeError('x')"}}}
+    text = latency.render(meta, data)
+    assert "vfiouser-vmem, segment by segment" in text and "QEMU virtio-mem-pci, segment by segment" in text
+    assert "**qemu: failed:** RuntimeError('x')" in text and "70.0 ms" in text
+
+
+def test_latency_arguments_default_to_the_documented_run():
+    from bench.latency import parse_args
+
+    args = parse_args([])
+    assert args.reps == 3 and args.sizes == [GIB, 4 * GIB] and args.only == "both" and args.analyze is None
