@@ -442,9 +442,10 @@ def _ours_fixture():
             (base + 260, io, "vfio_user_recv_hdr", f"(unix:/tmp/s) id {mid:#x} cmd 0x9 size 0x10 flags 0x1"),
             (base + 350, main, "vfio_msi_interrupt", "(vfio-user:/tmp/s) vector 0 0xfee00000/0x22"),  # config
             (base + 400, main, "vfio_msi_interrupt", "(vfio-user:/tmp/s) vector 1 0xfee01000/0x23"),
-            (base + 405, vcpu, "apic_deliver_irq", "dest 0 dest_mode 0 delivery_mode 0 vector 35 trigger_mode 0"),
-            (base + 410, main, "apic_deliver_irq", "dest 0 dest_mode 0 delivery_mode 0 vector 34 trigger_mode 0"),
-            (base + 415, main, "apic_deliver_irq", "dest 0 dest_mode 0 delivery_mode 0 vector 35 trigger_mode 0"),
+            (base + 405, vcpu, "apic_deliver_irq", "dest 1 dest_mode 0 delivery_mode 0 vector 35 trigger_mode 0"),
+            (base + 408, main, "apic_deliver_irq", "dest 0 dest_mode 0 delivery_mode 0 vector 35 trigger_mode 0"),
+            (base + 410, main, "apic_deliver_irq", "dest 1 dest_mode 0 delivery_mode 0 vector 34 trigger_mode 0"),
+            (base + 415, main, "apic_deliver_irq", "dest 1 dest_mode 0 delivery_mode 0 vector 35 trigger_mode 0"),
         ]
         events += [["run0", base + 100], ["ntf", base + 130], ["run1", base + 200, 1], ["pq0", base + 201],
                    ["req", base + 300, 0], ["trig", base + 330, 1], ["trig1", base + 340, 1],
@@ -468,12 +469,19 @@ def test_latency_cuts_our_requests_into_segments():
     assert seg[("send", "reply")] == approx([260, 260])
     assert seg[("pq0", "req")] == approx([99, 99])
     assert seg[("trig", "msi")] == approx([70, 70])  # vector 1, not the config vector's 0
-    assert seg[("msi", "apic")] == approx([15, 15])  # the main loop's delivery of vector 0x23
+    assert seg[("msi", "apic")] == approx([15, 15])  # the main loop's delivery of vector 0x23 to APIC 1
     assert seg[("send", "apic")] == approx([415, 415])
     assert seg[("apic", "next")] == approx([4000 - 415])  # the last request of a grow has no next
     assert seg[("send", "next")] == approx([4000])
     # Outside every grow window: not counted.
     assert latency.requests_ours(trace, events, [{"name": "x", "wall0": T0 + 1, "wall1": T0 + 2}]) == []
+    # The first request's MSI merged into the next one's (QEMU's main loop
+    # read the eventfd once): no MSI before the guest's next notify.
+    merged = [e for e in trace if not (e[2] == "vfio_msi_interrupt" and "vector 1 " in e[3] and e[0] < T0 + 2e-3)]
+    reqs = latency.requests_ours(merged, events, windows)
+    assert (reqs[0]["msi"], reqs[0]["apic"]) == (None, None)
+    assert latency.segment_us(reqs, "trig", "msi") == approx([70])
+    assert "1 of 2 PLUG requests" in latency.no_msi_note({"ours": reqs})
 
 
 def test_latency_cuts_qemu_requests_into_segments(tmp_path):

@@ -163,8 +163,8 @@ class DiscardQueue:
         # Trio thread only:
         self._draining = False
         self._work = trio.Event()
-        self._idle = trio.Event()
-        self._idle.set()
+        #: Set when the queue goes idle; made only while someone waits.
+        self._idle_event: trio.Event | None = None
         self._retry_delay_s = retry_initial_s
         self._retry_at: float | None = None
         #: Why the last discard failed, while its range waits for a retry.
@@ -179,14 +179,14 @@ class DiscardQueue:
             busy = self._in_flight
             return self._pending.total_bytes + (busy[1] - busy[0] if busy is not None else 0)
 
-    def _update_idle(self) -> None:
+    def _is_idle(self) -> bool:
         with self._lock:
-            idle = not self._pending and not self._draining
-        if not idle:
-            if self._idle.is_set():
-                self._idle = trio.Event()
-        else:
-            self._idle.set()
+            return not self._pending and not self._draining
+
+    def _update_idle(self) -> None:
+        if self._idle_event is not None and self._is_idle():
+            self._idle_event.set()
+            self._idle_event = None
 
     # -- the device model's side (trio thread) ---------------------------------
     def submit(self, offset_bytes: int, length_bytes: int) -> None:
@@ -195,8 +195,6 @@ class DiscardQueue:
             return
         with self._lock:
             self._pending.add(offset_bytes, offset_bytes + length_bytes)
-        if self._idle.is_set():
-            self._idle = trio.Event()
         self._work.set()
 
     def claim(self, offset_bytes: int, length_bytes: int) -> None:
@@ -244,8 +242,10 @@ class DiscardQueue:
 
     async def wait_idle(self) -> None:
         """Until nothing is queued or being discarded."""
-        while not self._idle.is_set():
-            await self._idle.wait()
+        while not self._is_idle():
+            if self._idle_event is None:
+                self._idle_event = trio.Event()
+            await self._idle_event.wait()
 
     # -- the worker ----------------------------------------------------------
     async def run(self) -> None:
