@@ -285,13 +285,14 @@ def boot(dev, t_spawn: float) -> dict:
             "kernel": guest.run("uname -r").strip()}
 
 
-def run_series(dev, sizes: list[int], reps: int, touch_fraction: float, log_prefix: str) -> dict:
+def run_series(dev, sizes: list[int], reps: int, touch_fraction: float, log_prefix: str,
+               rep_offset: int = 0) -> dict:
     """The scenarios, ``reps`` times: per size, grow and shrink untouched,
     then grow, write ``touch_fraction`` of it in the guest, shrink."""
     guest = dev.guest
     base_kib = memtotal_kib(guest)
     out: dict = {"base_kib": base_kib, "reps": []}
-    for rep in range(reps):
+    for rep in range(rep_offset, rep_offset + reps):
         rep_out: dict = {}
         out["reps"].append(rep_out)
         for size in sizes:
@@ -351,45 +352,77 @@ class PySpy:
         stop_process(self.proc, signal.SIGINT, timeout_s=60)
 
 
-def measure_device(kind: str, kit: Kit, args: argparse.Namespace, outdir: Path) -> dict:
-    workdir = short_tmpdir()
-    dev = None
+def _start_device(kind: str, kit: Kit, args: argparse.Namespace, outdir: Path, workdir: Path):
+    if kind == "qemu":
+        return QemuVmem(kit, workdir, size=args.device_size, block_size=args.block_size)
+    return OursVmem(kit, workdir, size=args.device_size, block_size=args.block_size,
+                    stats_path=outdir / "service_times.json",
+                    cprofile_path=outdir / "server.prof" if args.profile == "cprofile" else None,
+                    model_timing=args.model_timing)
+
+
+def _report_failure(kind: str, dev, exc: BaseException, result: dict) -> None:
+    result["error"] = f"{exc!r}"
+    say(f"{kind}: FAILED: {exc}\n{traceback.format_exc()}")
+    if dev is not None and dev.guest is not None:
+        say(f"----- {kind} guest console (tail) -----\n{dev.guest.console()[-4000:]}")
+        say(f"----- {kind} QEMU output (tail) -----\n{dev.guest.qemu_log()[-2000:]}")
+    if isinstance(dev, OursVmem):
+        say(f"----- server log (tail) -----\n{dev.server_log()[-4000:]}")
+
+
+def measure_devices(kinds: list[str], kit: Kit, args: argparse.Namespace, outdir: Path) -> dict[str, dict]:
+    """Boot one guest per device and keep both up; then, repetition by
+    repetition, run the series on one device and then on the other (the
+    order alternates).  Interleaved, a slow drift of this shared machine's
+    load (seen as +-30% between runs minutes apart) lands on both devices
+    alike instead of on whichever ran second.  The idle guest meanwhile
+    costs little: its vCPUs halt."""
+    workdirs = {kind: short_tmpdir() for kind in kinds}
+    devs: dict[str, object] = {}
+    results: dict[str, dict] = {kind: {"kind": kind} for kind in kinds}
     spy = None
-    result: dict = {"kind": kind}
     try:
-        t_spawn = time.monotonic()
-        if kind == "qemu":
-            dev = QemuVmem(kit, workdir, size=args.device_size, block_size=args.block_size)
-        else:
-            dev = OursVmem(kit, workdir, size=args.device_size, block_size=args.block_size,
-                           stats_path=outdir / "service_times.json",
-                           cprofile_path=outdir / "server.prof" if args.profile == "cprofile" else None,
-                           model_timing=args.model_timing)
-            result["server_ready_s"] = dev.server_ready_s
-        result["boot"] = boot(dev, t_spawn)
-        say(f"{kind}: guest ready after {result['boot']['ready_s']:.2f} s, virtio_mem bound after "
-            f"{result['boot']['bound_s']:.2f} s, MemTotal {result['boot']['base_kib'] >> 10} MiB")
-        if kind == "ours" and args.profile == "py-spy":
-            spy = PySpy(dev.server.pid, outdir / "server-py-spy.txt")
-        result["series"] = run_series(dev, args.sizes, args.reps, args.touch_fraction, kind)
-    except Exception as exc:
-        result["error"] = f"{exc!r}"
-        say(f"{kind}: FAILED: {exc}\n{traceback.format_exc()}")
-        if dev is not None and dev.guest is not None:
-            say(f"----- {kind} guest console (tail) -----\n{dev.guest.console()[-4000:]}")
-            say(f"----- {kind} QEMU output (tail) -----\n{dev.guest.qemu_log()[-2000:]}")
-        if isinstance(dev, OursVmem):
-            say(f"----- server log (tail) -----\n{dev.server_log()[-4000:]}")
+        for kind in kinds:
+            result = results[kind]
+            dev = None
+            try:
+                t_spawn = time.monotonic()
+                dev = _start_device(kind, kit, args, outdir, workdirs[kind])
+                devs[kind] = dev
+                if isinstance(dev, OursVmem):
+                    result["server_ready_s"] = dev.server_ready_s
+                result["boot"] = boot(dev, t_spawn)
+                say(f"{kind}: guest ready after {result['boot']['ready_s']:.2f} s, virtio_mem bound after "
+                    f"{result['boot']['bound_s']:.2f} s, MemTotal {result['boot']['base_kib'] >> 10} MiB")
+                result["series"] = {"reps": []}
+            except Exception as exc:
+                _report_failure(kind, dev, exc, result)
+        if "ours" in devs and "error" not in results["ours"] and args.profile == "py-spy":
+            spy = PySpy(devs["ours"].server.pid, outdir / "server-py-spy.txt")
+        for rep in range(args.reps):
+            order = kinds if rep % 2 == 0 else list(reversed(kinds))
+            for kind in order:
+                result = results[kind]
+                if "error" in result:
+                    continue
+                try:
+                    one = run_series(devs[kind], args.sizes, 1, args.touch_fraction, kind, rep_offset=rep)
+                    result["series"]["base_kib"] = one["base_kib"]
+                    result["series"]["reps"] += one["reps"]
+                except Exception as exc:
+                    _report_failure(kind, devs.get(kind), exc, result)
     finally:
         if spy is not None:
             spy.stop()
-        if dev is not None:
+        for kind, dev in devs.items():
             dev.stop()
-        if isinstance(dev, OursVmem):
-            (outdir / "server.log").write_text(dev.server_log() if not dev.log_file.closed else
-                                               dev.log_path.read_text(errors="replace"))
-        shutil.rmtree(workdir, ignore_errors=True)
-    return result
+            if isinstance(dev, OursVmem):
+                (outdir / "server.log").write_text(dev.server_log() if not dev.log_file.closed else
+                                                   dev.log_path.read_text(errors="replace"))
+        for workdir in workdirs.values():
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
 
 
 # -- the report ----------------------------------------------------------------
@@ -751,10 +784,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in ("all", "micro"):
         results["micro"] = run_micro(args)
     kinds = {"all": ["qemu", "ours"], "guests": ["qemu", "ours"], "qemu": ["qemu"], "ours": ["ours"]}.get(args.only, [])
-    for kind in kinds:
-        results["devices"][kind] = measure_device(kind, kit, args, outdir)
-        if "boot" in results["devices"][kind]:
-            results["guest_kernel"] = results["devices"][kind]["boot"]["kernel"]
+    if kinds:
+        results["devices"] = measure_devices(kinds, kit, args, outdir)
+        for measured in results["devices"].values():
+            if "boot" in measured:
+                results["guest_kernel"] = measured["boot"]["kernel"]
     stats_path = outdir / "service_times.json"
     if stats_path.exists():
         stats = json.loads(stats_path.read_text())
