@@ -893,6 +893,20 @@ async def test_virtio_reset_keeps_block_state(vmem: Vmem) -> None:
     assert bar.pread(5 * BLOCK, 8) == b"\x33" * 8
 
 
+async def test_memory_goes_back_after_a_disconnect_with_no_next_client(vmem: Vmem) -> None:
+    """The lost-connection reset queues the discard of everything; the
+    worker must run although no further message (no next QEMU) comes."""
+    d, server = vmem.driver, vmem.server
+    bar = await vmem.memory_bar()
+    assert await d.plug(BAR_ADDR, 4) == ACK
+    bar.fill(0, 4 * BLOCK, 0x45)
+    vmem.client.close()
+    await _until(lambda: not server.connected, "the server to see the client go")
+    await vmem.discarded()
+    assert server.model.plugged_size == 0
+    assert bar.allocated() == 0
+
+
 async def test_client_disconnect_unplugs_and_a_second_client_plugs(vmem: Vmem) -> None:
     d, model, server = vmem.driver, vmem.server.model, vmem.server
     bar = await vmem.memory_bar()

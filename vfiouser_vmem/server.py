@@ -213,7 +213,9 @@ class DeviceServer:
             # Like QEMU answering a failed discard BUSY: the guest retries
             # later, and unreturned memory does not pile up meanwhile.
             raise DiscardFailed(f"an earlier discard failed and is being retried ({failure})")
-        self.discards.submit(offset_bytes, length_bytes)
+        # Woken after the answer: _serve_client, _reset and the QMP release
+        # of held requests call discards.wake().
+        self.discards.submit(offset_bytes, length_bytes, wake=False)
 
     def _discard_now(self, offset_bytes: int, length_bytes: int) -> None:
         """Punch the hole (a worker thread of the DiscardQueue)."""
@@ -288,6 +290,7 @@ class DeviceServer:
             self.transport.system_reset()
         finally:
             self._resetting = False
+            self.discards.wake()
         self.log.info("%s: %s reset: unplugged and discarded %s", self.config.id, reset_type.name,
                       format_size(plugged) if plugged else "nothing")
 
@@ -317,7 +320,7 @@ class DeviceServer:
         while True:
             await trio.lowlevel.wait_readable(self.ctx.poll_fd)
             try:
-                self.ctx.run()
+                self._run_once()
                 failures = 0
             except VfuError as exc:
                 # libvfio-user answered the bad message with an error (or could
@@ -328,7 +331,18 @@ class DeviceServer:
                     self.log.error("%s: dropping client %d after %d failed messages in a row",
                                    cid, self.clients_total, failures)
                     self.ctx.drop_client()
-            self.transport.process_queue()
+            try:
+                self.transport.process_queue()
+            finally:
+                self.discards.wake()
+
+    def _run_once(self) -> None:
+        try:
+            self.ctx.run()
+        finally:
+            # Also when the client is gone (ConnectionLost): the reset that
+            # unplugged everything queued its discards.
+            self.discards.wake()
 
     async def run(self) -> None:
         """Serve clients one after the other, and give unplugged memory back
@@ -414,7 +428,10 @@ class ControlledVmem:
             transport.hold_requests = value
             log.warning("%s: virtio-mem requests %s (x-hold-requests)", self.id, "held" if value else "released")
             if not value:
-                transport.process_queue()
+                try:
+                    transport.process_queue()
+                finally:
+                    self.server.discards.wake()
             return
         if prop == "x-fail-discards":
             # Like QEMU's x- properties: for testing, not a stable interface.
