@@ -1,6 +1,6 @@
 """vfiouser-vmem against QEMU's own virtio-mem-pci, side by side, in one run.
 
-    .venv/bin/python bench/run.py [--reps 3] [--sizes 1G,4G] [--profile cprofile|py-spy]
+    .venv/bin/python bench/run.py [--reps 5] [--sizes 1G,4G] [--profile cprofile|py-spy]
 
 Boots the integration kit's guest (QEMU 11, Linux 6.12, busybox /init) twice:
 once with QEMU's in-process ``virtio-mem-pci`` (memfd backend, block size
@@ -751,7 +751,7 @@ def run_micro(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=3, help="repetitions of every measure (default 3)")
+    p.add_argument("--reps", type=int, default=5, help="repetitions of every measure (default 5)")
     p.add_argument("--sizes", default="1G,4G", help="grow/shrink targets (default 1G,4G)")
     p.add_argument("--device-size", default="8G", help="both devices' maximum (default 8G)")
     p.add_argument("--block-size", default="2M", help="both devices' block size (default 2M)")
