@@ -387,7 +387,7 @@ def test_run_arguments_default_to_the_documented_run():
     from bench.run import parse_args
 
     args = parse_args([])
-    assert args.reps == 3 and args.sizes == [GIB, 4 * GIB] and args.touch_fraction == 0.9
+    assert args.reps == 5 and args.sizes == [GIB, 4 * GIB] and args.touch_fraction == 0.9
     assert args.device_size == "8G" and args.block_size == "2M" and args.micro_device == 1 << 40
 
 
