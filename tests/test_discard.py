@@ -305,3 +305,25 @@ def test_drain_now_discards_everything_left_in_the_calling_thread() -> None:
 def test_chunk_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="chunk size"):
         DiscardQueue(lambda o, n: None, chunk_bytes=0)
+
+
+async def test_an_unexpected_error_in_the_discard_keeps_the_range_and_frees_plugs() -> None:
+    """A bug in the discard function must neither lose the range nor leave
+    a chunk marked in flight (a PLUG of it would then wait forever)."""
+    calls = []
+
+    def buggy(offset: int, length: int) -> None:
+        calls.append((offset, length))
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+
+    queue = DiscardQueue(buggy, chunk_bytes=8 * MiB, retry_initial_s=0.01)
+    queue.submit(0, 2 * MiB)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.run)
+        with trio.fail_after(TIMEOUT):
+            await queue.wait_idle()
+        nursery.cancel_scope.cancel()
+    assert calls == [(0, 2 * MiB), (0, 2 * MiB)]  # failed, then retried
+    assert queue.failures_total == 1 and queue.failure is None
+    assert queue._in_flight is None

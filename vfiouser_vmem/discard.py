@@ -20,8 +20,9 @@ rules keep that safe:
   pile up behind the guest's back.
 
 Queued ranges are byte ranges of the backend, kept as a sorted set of
-disjoint intervals (:class:`RangeSet`).  Everything but the discard call
-itself runs on the trio thread.
+disjoint intervals (:class:`RangeSet`), shared under a lock with the worker
+thread; the device model's side (``submit``, ``claim``) and the task that
+drives the worker run on the trio thread.
 """
 
 from __future__ import annotations
@@ -325,6 +326,12 @@ class DiscardQueue:
                 self._discard(start, n)
             except DiscardFailed as exc:
                 error = exc
+            except Exception as exc:
+                # A bug rather than a host condition; still, the range stays
+                # queued and _in_flight is cleared below, or a PLUG of this
+                # range would wait for the chunk forever.
+                log.exception("%s: discarding %s at offset %#x raised", self.name, format_size(n), start)
+                error = DiscardFailed(f"unexpected {type(exc).__name__}: {exc}")
             with self._lock:
                 # Back in the queue (on failure) before out of flight.
                 if error is None:

@@ -2,8 +2,11 @@
 
 One trio task per device waits on its vfio-user socket, lets libvfio-user
 handle the client's messages (``VfuContext.run``), then processes the
-virtqueue; the QMP server runs beside them.  Everything runs on the trio
-thread, so guest-memory views are never used across a DMA unmap.
+virtqueue; the QMP server runs beside them.  All of that runs on the trio
+thread, so guest-memory views are never used across a DMA unmap.  The one
+exception is the hole punching of unplugged memory: a second task per device
+hands it to a worker thread after the UNPLUG is answered (discard.py); that
+thread touches only the backend's fd, never guest memory.
 """
 
 from __future__ import annotations
