@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(REPO / "integration"))
 
 from bench import micro, report  # noqa: E402
 from bench.procinfo import add_rss, cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402
+from proc_util import terminate  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -182,25 +182,28 @@ def test_startup_benchmark_several_devices_through_served():
     assert out["rss"][0]["VmRSS"] > 0
 
 
+def _run_served_until_ready(args: list[str]) -> None:
+    """bench/served.py with ``args``, until its "ready" line; then SIGTERM,
+    and it must exit 0 (it writes its files at exit)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "served.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in proc.stdout.readline()
+    finally:
+        code, err = terminate(proc, timeout_s=30)
+    assert code == 0, err
+
+
 def test_served_records_service_times_at_exit(tmp_path):
+    import shutil
     import tempfile
 
     d = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
     stats = tmp_path / "stats.json"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "served.py"), "--stats", str(stats), "--devices", "2", "--dir", d,
-         "--size", "256M", "--qmp", os.path.join(d, "q.qmp")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "ready" in proc.stdout.readline()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _run_served_until_ready(["--stats", str(stats), "--devices", "2", "--dir", d, "--size", "256M",
+                                 "--qmp", os.path.join(d, "q.qmp")])
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        import shutil
-
         shutil.rmtree(d, ignore_errors=True)
     data = json.loads(stats.read_text())
     assert data["hook"] in ("request_observers", "handle_request")
@@ -515,18 +518,10 @@ def test_served_writes_latency_events_at_exit(tmp_path):
 
     d = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
     events = tmp_path / "events.json"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "served.py"), "--events", str(events), "--", "serve", "--socket",
-         os.path.join(d, "v.sock"), "--size", "256M", "--qmp", os.path.join(d, "q.qmp")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "ready" in proc.stdout.readline()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _run_served_until_ready(["--events", str(events), "--", "serve", "--socket", os.path.join(d, "v.sock"),
+                                 "--size", "256M", "--qmp", os.path.join(d, "q.qmp")])
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         shutil.rmtree(d, ignore_errors=True)
     assert json.loads(events.read_text()) == {"events": []}  # no client, no request
 

@@ -103,33 +103,26 @@ class BlockBitmap:
             f"(bitmap of {self.nb_blocks} blocks): {reason}"
         )
 
-    def set_range(self, first_block: int, nb_blocks: int) -> None:
-        """Mark blocks [first_block, first_block + nb_blocks) plugged."""
+    def _range_call(self, fn, first_block: int, nb_blocks: int) -> int:
         try:
-            rc = lib.vmem_bitmap_set(self.words, self.nb_blocks, first_block, nb_blocks)
+            rc = fn(self.words, self.nb_blocks, first_block, nb_blocks)
         except (TypeError, OverflowError):
             raise self._refused(first_block, nb_blocks) from None
         if rc < 0:
             raise self._refused(first_block, nb_blocks, rc)
+        return rc
+
+    def set_range(self, first_block: int, nb_blocks: int) -> None:
+        """Mark blocks [first_block, first_block + nb_blocks) plugged."""
+        self._range_call(lib.vmem_bitmap_set, first_block, nb_blocks)
 
     def clear_range(self, first_block: int, nb_blocks: int) -> None:
         """Mark blocks [first_block, first_block + nb_blocks) unplugged."""
-        try:
-            rc = lib.vmem_bitmap_clear(self.words, self.nb_blocks, first_block, nb_blocks)
-        except (TypeError, OverflowError):
-            raise self._refused(first_block, nb_blocks) from None
-        if rc < 0:
-            raise self._refused(first_block, nb_blocks, rc)
+        self._range_call(lib.vmem_bitmap_clear, first_block, nb_blocks)
 
     def range_state(self, first_block: int, nb_blocks: int) -> RangeState:
         """Whether blocks [first_block, first_block + nb_blocks) are all plugged, all unplugged or mixed."""
-        try:
-            rc = lib.vmem_bitmap_range_state(self.words, self.nb_blocks, first_block, nb_blocks)
-        except (TypeError, OverflowError):
-            raise self._refused(first_block, nb_blocks) from None
-        if rc < 0:
-            raise self._refused(first_block, nb_blocks, rc)
-        return _RANGE_STATES[rc]
+        return _RANGE_STATES[self._range_call(lib.vmem_bitmap_range_state, first_block, nb_blocks)]
 
     def count_plugged(self) -> int:
         """Number of plugged blocks."""

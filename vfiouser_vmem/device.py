@@ -281,11 +281,8 @@ class VirtioMemDevice:
         Raises ProtocolViolation for requests no driver may send.
         """
         # The hot path of the device (one call per guest request): plain
-        # ints and pre-packed answers, no objects built for a request that
-        # is accepted.
-        if len(data) < REQUEST_SIZE:
-            raise ProtocolViolation(f"request of {len(data)} bytes, virtio-mem requests are {REQUEST_SIZE}")
-        request = Request._make(_REQUEST.unpack_from(data))
+        # int comparisons and pre-packed answers.
+        request = Request.parse(data)
         kind = request.type
         if kind == _PLUG:
             return _PACKED[self._plug(request)]
@@ -335,7 +332,7 @@ class VirtioMemDevice:
         if why := self._range_error(request):
             return self._refuse(request, Response.ERROR, why)
         size = request.nb_blocks * self.block_size
-        if self._plugged_blocks * self.block_size + size > self.requested_size:
+        if self.plugged_size + size > self.requested_size:
             # Not an error: the guest asked for more than is requested now
             # (requested_size dropped while it was growing); it retries later.
             log.info(
@@ -374,7 +371,7 @@ class VirtioMemDevice:
 
     def _unplug_all(self) -> Response:
         try:
-            self.unplug_all()
+            self._unplug_all_blocks(self._request_changed_size)
         except DiscardFailed as exc:
             log.warning("%s: UNPLUG_ALL answered BUSY: %s", self.name, exc)
             return Response.BUSY
@@ -396,6 +393,9 @@ class VirtioMemDevice:
         On a discard failure the blocks discarded so far are unplugged and
         the rest stay plugged, so the state always matches the host.
         """
+        self._unplug_all_blocks(self._size_changed)
+
+    def _unplug_all_blocks(self, size_changed: Callable[[], None]) -> None:
         changed = False
         try:
             for first, count in list(self.bitmap.runs(plugged=True)):
@@ -405,7 +405,7 @@ class VirtioMemDevice:
                 changed = True
         finally:
             if changed:
-                self._size_changed()
+                size_changed()
 
     def system_reset(self) -> None:
         """System reset (vfio-user DEVICE_RESET, lost connection): QEMU

@@ -318,8 +318,7 @@ class DiscardQueue:
                 # Order matters for claim()'s unlocked check: in flight first,
                 # then out of the queue.
                 self._claimed_in_flight = RangeSet()
-                chunk = self._pending.last(self.chunk_bytes)
-                self._in_flight = chunk
+                self._in_flight = self._pending.last(self.chunk_bytes)
                 start, n = self._pending.take_last(self.chunk_bytes)
             error = None
             try:

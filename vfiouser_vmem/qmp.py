@@ -461,9 +461,6 @@ class QmpServer:
         self._nursery: trio.Nursery | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
-        # Size changes seen on the trio thread, sent by _event_pump.
-        self._size_changes: list[tuple[ControlledDevice, int, dict[str, int]]] = []
-        self._size_changes_ready = trio.Event()
         self._unsubscribe: dict[str, Callable[[], None]] = {}
         self._throttles: dict[str, _Throttle] = {}
         self._clients: set[_Client] = set()  # clients in command mode
@@ -521,25 +518,14 @@ class QmpServer:
         if not self._serving or self._trio_token is None:
             return
         if threading.get_ident() == self._trio_thread:
-            # Called while a virtio-mem request is being served: the event
-            # (JSON, socket writes) must not delay the guest's answer.  It
-            # goes out right after, in order, from _event_pump; no syscall
-            # here (run_sync_soon would write to trio's wake-up socket).
-            self._size_changes.append((device, size, _timestamp()))
-            self._size_changes_ready.set()
+            # The transport calls size listeners after the guest has its
+            # interrupt (VirtioMemDevice.defer_size_events): send now.
+            self._size_changed(device, size, _timestamp())
             return
         try:
             self._trio_token.run_sync_soon(self._size_changed, device, size, _timestamp())
         except trio.RunFinishedError:
             pass
-
-    async def _event_pump(self) -> None:
-        while True:
-            await self._size_changes_ready.wait()
-            self._size_changes_ready = trio.Event()
-            changes, self._size_changes = self._size_changes, []
-            for device, size, timestamp in changes:
-                self._size_changed(device, size, timestamp)
 
     def _size_changed(self, device: ControlledDevice, size: int, timestamp: dict[str, int]) -> None:
         if not self._serving or self._nursery is None:
@@ -629,7 +615,6 @@ class QmpServer:
                 self._nursery = nursery
                 for device in list(self._iter_devices()):
                     self._subscribe(device)
-                nursery.start_soon(self._event_pump)
                 task_status.started()
                 await trio.serve_listeners(self._handle_client, [listener], handler_nursery=nursery)
         finally:

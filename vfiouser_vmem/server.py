@@ -216,8 +216,7 @@ class DeviceServer:
             # Like QEMU answering a failed discard BUSY: the guest retries
             # later, and unreturned memory does not pile up meanwhile.
             raise DiscardFailed(f"an earlier discard failed and is being retried ({failure})")
-        # Woken after the answer: _serve_client, _reset and the QMP release
-        # of held requests call discards.wake().
+        # The worker is woken after the answer: serve_requests().
         self.discards.submit(offset_bytes, length_bytes, wake=False)
 
     def _discard_now(self, offset_bytes: int, length_bytes: int) -> None:
@@ -293,7 +292,6 @@ class DeviceServer:
             self.transport.system_reset()
         finally:
             self._resetting = False
-            self.discards.wake()
         self.log.info("%s: %s reset: unplugged and discarded %s", self.config.id, reset_type.name,
                       format_size(plugged) if plugged else "nothing")
 
@@ -323,7 +321,7 @@ class DeviceServer:
         while True:
             await trio.lowlevel.wait_readable(self.ctx.poll_fd)
             try:
-                self._run_once()
+                self.ctx.run()
                 failures = 0
             except VfuError as exc:
                 # libvfio-user answered the bad message with an error (or could
@@ -334,17 +332,18 @@ class DeviceServer:
                     self.log.error("%s: dropping client %d after %d failed messages in a row",
                                    cid, self.clients_total, failures)
                     self.ctx.drop_client()
-            try:
-                self.transport.process_queue()
-            finally:
+            except ConnectionLost:
+                # The lost-connection reset queued the discard of everything.
                 self.discards.wake()
+                raise
+            self.serve_requests()
 
-    def _run_once(self) -> None:
+    def serve_requests(self) -> None:
+        """Answer the requests in the virtqueue, then wake the discard
+        worker for what they unplugged (and a reset before them queued)."""
         try:
-            self.ctx.run()
+            self.transport.process_queue()
         finally:
-            # Also when the client is gone (ConnectionLost): the reset that
-            # unplugged everything queued its discards.
             self.discards.wake()
 
     async def run(self) -> None:
@@ -431,10 +430,7 @@ class ControlledVmem:
             transport.hold_requests = value
             log.warning("%s: virtio-mem requests %s (x-hold-requests)", self.id, "held" if value else "released")
             if not value:
-                try:
-                    transport.process_queue()
-                finally:
-                    self.server.discards.wake()
+                self.server.serve_requests()
             return
         if prop == "x-fail-discards":
             # Like QEMU's x- properties: for testing, not a stable interface.
