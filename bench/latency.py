@@ -176,12 +176,22 @@ def requests_ours(trace, events: list[list], windows: list[dict]) -> list[dict]:
             r[key] = T(key)[j] if j is not None else None
             if key == "trig" and j is not None:
                 vector = by["trig"][j][2]
+        r["run0"] = r["run1"] = r["send"] = r["reply"] = None
         if r["ntf"] is not None:
             j = _last_at_or_before(T("run0"), r["ntf"], prev)
             r["run0"] = T("run0")[j] if j is not None else None
             j = _first_at_or_after(T("run1"), r["ntf"], nxt)
             r["run1"] = T("run1")[j] if j is not None else None
-            j = _last_at_or_before(send_t, r["ntf"], prev)
+        elif r["pq0"] is not None:
+            # The notify was taken in C (no ntf event): the vfu_run_ctx call
+            # that returned right before process_queue carried it.
+            j = _last_at_or_before(T("run1"), r["pq0"], prev)
+            r["run1"] = T("run1")[j] if j is not None else None
+            if r["run1"] is not None:
+                j = _last_at_or_before(T("run0"), r["run1"], prev)
+                r["run0"] = T("run0")[j] if j is not None else None
+        if r["run1"] is not None:
+            j = _last_at_or_before(send_t, r["ntf"] if r["ntf"] is not None else r["run1"], prev)
             r["send"], msg_id = (sends[j][0], sends[j][1]) if j is not None else (None, None)
             r["reply"] = replies.get(msg_id) if msg_id is not None else None
         r["msi"] = r["apic"] = None
@@ -246,6 +256,7 @@ SEGMENTS = {
         ("vCPU notify write (`vfio_user_region_rw`) -> server `vfu_run_ctx` starts", "send", "run0"),
         ("`vfu_run_ctx` start -> BAR0 notify callback", "run0", "ntf"),
         ("notify callback -> `vfu_run_ctx` returns (reply sent)", "ntf", "run1"),
+        ("`vfu_run_ctx` call (notify taken in C, reply sent)", "run0", "run1"),
         ("= notify write -> QEMU has the reply (vCPU blocked)", "send", "reply"),
         ("`vfu_run_ctx` returns -> `process_queue` starts", "run1", "pq0"),
         ("`process_queue` start -> request handled (pop, parse, bitmap)", "pq0", "req"),

@@ -95,9 +95,11 @@ def _install_vfu_timing() -> None:
 #: ``-msg timestamp=on``) events of the request path, for bench/latency.py:
 #: [kind, seconds since the epoch(, extra)], kinds:
 #:   run0 / run1  vfu_run_ctx start / end (extra: messages handled)
-#:   ntf          BAR0 notify write callback entered
+#:   ntf          BAR0 notify write callback entered (only where a notify
+#:                reaches Python; the server takes it in C)
 #:   pq0 / pq1    process_queue start (a kick pending) / end (extra: handled)
-#:   req          the device model's handle_request returned (extra: request type)
+#:   req          the device model's handle_request returned, or the C
+#:                request path returned the request (extra: request type)
 #:   trig / trig1 vfu_irq_trigger called / returned (extra: vector)
 EVENTS: list[list] = []
 
@@ -105,6 +107,7 @@ EVENTS: list[list] = []
 def _install_events() -> None:
     from vfiouser_vmem import virtio_pci as vp
     from vfiouser_vmem import vfu
+    from vfiouser_vmem import virtqueue as vq
 
     now, ev = time.time, EVENTS.append
     run = vfu.VfuContext.run
@@ -165,6 +168,18 @@ def _install_events() -> None:
         self.model.handle_request = handle_traced
 
     _server.DeviceServer.__init__ = init
+    serve_in_c = vq.SplitQueue.serve_in_c
+
+    def serve_in_c_traced(self, mem, device_state, served):
+        # The C request path (csrc/vmem_queue.c): its requests are handled
+        # when vmem_serve_queue returns.
+        result, count = serve_in_c(self, mem, device_state, served)
+        t = now()
+        for i in range(count):
+            ev(["req", t, int(served[i].type)])
+        return result, count
+
+    vq.SplitQueue.serve_in_c = serve_in_c_traced
 
 
 def _install_observer() -> None:

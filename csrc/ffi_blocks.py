@@ -1,4 +1,6 @@
-"""cffi (API mode) builder of ``vfiouser_vmem._blocks``: the C helper of csrc/."""
+"""cffi (API mode) builder of ``vfiouser_vmem._blocks``: the C helper of csrc/
+(the block bitmap and discard loop, vmem_blocks; the request path of the
+virtqueue, vmem_queue)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,18 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PARTS = ("vmem_blocks", "vmem_queue")
 
 ffibuilder = FFI()
-with open(os.path.join(HERE, "vmem_blocks.h")) as header:
-    # The header's declarations between the CDEF markers are cffi-parsable.
-    text = header.read()
-    ffibuilder.cdef(text.split("/* CDEF-BEGIN */")[1].split("/* CDEF-END */")[0])
+for part in PARTS:
+    with open(os.path.join(HERE, f"{part}.h")) as header:
+        # The header's declarations between the CDEF markers are cffi-parsable.
+        text = header.read()
+        ffibuilder.cdef(text.split("/* CDEF-BEGIN */")[1].split("/* CDEF-END */")[0])
 ffibuilder.set_source(
     "vfiouser_vmem._blocks",
-    '#include "vmem_blocks.h"\n',
-    sources=[os.path.relpath(os.path.join(HERE, "vmem_blocks.c"))],
+    "".join(f'#include "{part}.h"\n' for part in PARTS),
+    sources=[os.path.relpath(os.path.join(HERE, f"{part}.c")) for part in PARTS],
     include_dirs=[HERE],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-D_GNU_SOURCE"],
 )

@@ -487,6 +487,22 @@ def test_latency_cuts_our_requests_into_segments():
     assert "1 of 2 PLUG requests" in latency.no_msi_note({"ours": reqs})
 
 
+def test_latency_finds_the_run_without_a_python_notify_event():
+    """The server takes notify writes in C: no ``ntf`` event; the
+    vfu_run_ctx call that returned right before process_queue carried it."""
+    from bench import latency
+
+    trace, events, windows = _ours_fixture()
+    events = [e for e in events if e[0] != "ntf"]
+    reqs = latency.requests_ours(trace, events, windows)
+    assert len(reqs) == 2
+    approx = lambda xs: pytest.approx(xs, abs=1)  # noqa: E731
+    assert latency.segment_us(reqs, "send", "run0") == approx([100, 100])
+    assert latency.segment_us(reqs, "run0", "run1") == approx([100, 100])
+    assert latency.segment_us(reqs, "send", "reply") == approx([260, 260])
+    assert latency.segment_us(reqs, "run0", "ntf") == []
+
+
 def test_latency_cuts_qemu_requests_into_segments(tmp_path):
     from bench import latency
 

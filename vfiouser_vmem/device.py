@@ -14,6 +14,7 @@ import logging
 import struct
 from typing import Callable, NamedTuple
 
+from vfiouser_vmem._blocks import ffi as _ffi
 from vfiouser_vmem.blocks import BlockBitmap, RangeState
 from vfiouser_vmem.sizes import format_size
 
@@ -125,6 +126,14 @@ class VirtioMemDevice:
     discard of that range must be dropped or finished by then.
     ``on_config_change()`` is called whenever ``requested_size`` or
     ``usable_region_size`` changed (the transport sends a config interrupt).
+
+    The transport serves most requests through the C request path
+    (csrc/vmem_queue.h, ``c_request_state`` / ``c_requests_served``); it
+    answers only what these rules accept, and leaves to Python a PLUG while
+    ``before_plug_due()`` says a ``before_plug`` call may have work to do,
+    and an UNPLUG while ``discard_refused()`` says ``discard`` would raise
+    DiscardFailed.  Without those two functions, a device given
+    ``before_plug`` (``discard``) serves every PLUG (UNPLUG) in Python.
     """
 
     def __init__(
@@ -139,6 +148,8 @@ class VirtioMemDevice:
         before_plug: Callable[[int, int], None] | None = None,
         on_config_change: Callable[[], None] | None = None,
         name: str = "vmem0",
+        before_plug_due: Callable[[], bool] | None = None,
+        discard_refused: Callable[[], bool] | None = None,
     ) -> None:
         validate_block_size(block_size_bytes, page_size_bytes=page_size_bytes)
         if region_size_bytes <= 0 or region_size_bytes % block_size_bytes:
@@ -162,6 +173,12 @@ class VirtioMemDevice:
         self._plugged_blocks = 0
         self._discard = discard or (lambda offset, length: None)
         self._before_plug = before_plug
+        self._before_plug_due = before_plug_due or ((lambda: True) if before_plug is not None else (lambda: False))
+        self._discard_refused = discard_refused or ((lambda: True) if discard is not None else (lambda: False))
+        self._c_state = _ffi.new("struct vmem_device_state *")
+        self._c_state.words = self.bitmap.words
+        self._c_state.nb_blocks = self.bitmap.nb_blocks
+        self._c_state.block_size = block_size_bytes
         self.on_config_change = on_config_change
         # A listener per change of plugged_size (the control plane's
         # MEMORY_DEVICE_SIZE_CHANGE); called after the change.
@@ -293,6 +310,45 @@ class VirtioMemDevice:
         if kind == _STATE:
             return pack_response(*self._state(request))
         raise ProtocolViolation(f"unknown request type {kind}")
+
+    # -- the C request path (csrc/vmem_queue.h) -------------------------
+    def c_request_state(self) -> object:
+        """The ``struct vmem_device_state`` for one ``vmem_serve_queue``
+        call, filled from the model now; ``c_requests_served`` takes the
+        result back before anything else touches the model."""
+        state = self._c_state
+        state.addr = self.addr
+        state.usable_region_size = self.usable_region_size
+        state.requested_size = self.requested_size
+        state.plugged_blocks = self._plugged_blocks
+        state.plug_allowed = not self._before_plug_due()
+        state.unplug_allowed = not self._discard_refused()
+        return state
+
+    def c_requests_served(self, served: object, count: int) -> None:
+        """Finish the ``count`` requests of ``served`` that the C path
+        answered (the bitmap already says so): queue the discards of the
+        UNPLUGs and tell the size listeners."""
+        self._plugged_blocks = self._c_state.plugged_blocks
+        size_changed = False
+        for i in range(count):
+            request = served[i]
+            if request.type == _UNPLUG:
+                offset = request.addr - self.addr
+                try:
+                    self._discard(offset, request.nb_blocks * self.block_size)
+                except DiscardFailed as exc:
+                    # A broken contract (discard_refused() said it would
+                    # not fail): the guest has its ACK and the blocks are
+                    # unplugged, but this memory stays allocated.  Say so.
+                    log.error("%s: %s at offset %#x unplugged but not given back to the host "
+                              "(discard_refused() said the discard would work): %s",
+                              self.name, format_size(request.nb_blocks * self.block_size), offset, exc)
+                size_changed = True
+            elif request.type == _PLUG:
+                size_changed = True
+        if size_changed:
+            self._request_changed_size()
 
     def _range_error(self, request: Request) -> str | None:
         """Rule 2 of DESIGN.md section 3: why the range is invalid, or None."""

@@ -213,16 +213,22 @@ class DiscardQueue:
             self._wake_due = False
             self._work.set()
 
+    def claim_due(self) -> bool:
+        """Whether a ``claim`` may have work to do: something is queued or
+        being discarded.  False is final until the next ``submit`` (trio
+        thread): the worker only ever takes work away.
+
+        Read without the lock: _drain makes a chunk visible in _in_flight
+        before it leaves _pending, and back in _pending before _in_flight is
+        cleared, so a range being discarded is always seen."""
+        return bool(self._pending) or self._in_flight is not None
+
     def claim(self, offset_bytes: int, length_bytes: int) -> None:
         """The range is about to be plugged: it must not be discarded from
         now on.  Drops its queued part; waits (one chunk at most) while the
         worker is discarding part of it."""
-        if not self._pending and self._in_flight is None:
-            # Nothing queued, nothing in flight (the usual case; read without
-            # the lock: _drain makes a chunk visible in _in_flight before
-            # it leaves _pending, and back in _pending before _in_flight
-            # is cleared, so a range being discarded is always seen).
-            return
+        if not self.claim_due():
+            return  # nothing queued, nothing in flight: the usual case
         end = offset_bytes + length_bytes
         with self._lock:
             claimed = self._pending.remove(offset_bytes, end)

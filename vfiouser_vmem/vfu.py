@@ -9,6 +9,10 @@ Callbacks run synchronously inside ``run()`` (in ``vfu_run_ctx``), on the
 caller's thread.  They must be quick and must not touch guest memory for
 long: a region access keeps QEMU's vCPU waiting for the reply (DESIGN.md
 section 2: never process the virtqueue inside a region callback).
+
+One region may have a notify window (``setup_region(fast_notify=...)``):
+writes there are answered in C, without entering Python, and only counted;
+``take_kicks()`` reads the count after ``run()``.
 """
 
 from __future__ import annotations
@@ -131,6 +135,12 @@ class VfuContext:
         self.socket_path = socket_path
         self.log = logger or log
         self._handle = ffi.new_handle(self)
+        # The context's private pointer: the handle (for the Python
+        # callbacks) and the notify fast path's window and kick count (for
+        # the C callback, csrc/ffi_vfu.py).  Kept alive as long as self.
+        self._private = ffi.new("struct vmem_vfu_private *")
+        self._private.handle = self._handle
+        self._private.notify_region = -1
         self._region_access: dict[int, RegionAccess] = {}
         self._keepalive: list[object] = []
         self.on_reset: Callable[[ResetType], None] | None = None
@@ -138,7 +148,7 @@ class VfuContext:
         self.on_dma_unregister: Callable[[DmaRegion], None] | None = None
         self._config_view: memoryview | None = None
         ctx = lib.vfu_create_ctx(
-            lib.VFU_TRANS_SOCK, socket_path.encode(), lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._handle, lib.VFU_DEV_TYPE_PCI
+            lib.VFU_TRANS_SOCK, socket_path.encode(), lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._private, lib.VFU_DEV_TYPE_PCI
         )
         if ctx == ffi.NULL:
             err = ffi.errno
@@ -189,16 +199,61 @@ class VfuContext:
         *,
         fd: int = -1,
         fd_offset: int = 0,
+        fast_notify: tuple[int, int] | None = None,
     ) -> None:
-        """Declare a region; with ``fd`` the whole region is mmap-able by the client."""
+        """Declare a region; with ``fd`` the whole region is mmap-able by the client.
+
+        ``fast_notify=(offset, length)``: a window of the region (BAR0 only)
+        whose writes of 1, 2 or 4 bytes are answered in C and counted for
+        ``take_kicks()``, never reaching ``access``; every other access
+        (reads, other sizes, writes straddling the window) still goes to
+        ``access``.  For the virtio notify register: QEMU's vfio-user client
+        sends region writes synchronously, so the guest's vCPU waits for the
+        reply, and entering Python costs 20-40 us per write.
+        """
         cb = ffi.NULL
+        if fast_notify is not None:
+            notify_offset, notify_length = fast_notify
+            if region != Region.BAR0:
+                # The C callback forwards to vfu_py_region0: libvfio-user does
+                # not tell a region callback which region it serves.
+                raise ValueError(f"fast_notify is supported on BAR0 only, not {region.name}")
+            if self._private.notify_region >= 0:
+                raise ValueError(
+                    f"fast_notify is already set up on {Region(self._private.notify_region).name}: one window only")
+            if access is None:
+                raise ValueError("fast_notify needs an access callback for the rest of the region")
+            if notify_length <= 0 or notify_offset < 0 or notify_offset + notify_length > size_bytes:
+                raise ValueError(
+                    f"fast_notify window {notify_offset:#x}+{notify_length:#x} is empty or not inside "
+                    f"{region.name}'s {size_bytes:#x} bytes")
         if access is not None:
             self._region_access[int(region)] = access
             cb = getattr(lib, f"vfu_py_region{int(region)}")
+            if fast_notify is not None:
+                cb = ffi.addressof(lib, "vmem_region_fast_notify")
         _check(
             lib.vfu_setup_region(self._ctx, region, size_bytes, cb, int(flags), ffi.NULL, 0, fd, fd_offset),
             f"vfu_setup_region({region.name}, {size_bytes:#x})",
         )
+        if fast_notify is not None:
+            # Only now that the C callback is the region's.
+            self._private.notify_offset = notify_offset
+            self._private.notify_length = notify_length
+            self._private.notify_region = int(region)
+        elif self._private.notify_region == int(region):
+            # The region was declared again without the window: forget it.
+            self._private.notify_region = -1
+            self._private.notify_length = 0
+
+    def take_kicks(self) -> int:
+        """Notify writes answered by the fast path since the last call (the
+        count is then 0 again).  Call it on the thread that calls ``run()``:
+        the C callback counts inside ``vfu_run_ctx``, on that thread, so the
+        two never overlap and the counter needs no atomics."""
+        kicks = int(self._private.kicks)
+        self._private.kicks = 0
+        return kicks
 
     # -- interrupts ------------------------------------------------------
     def setup_irqs(self, irq_type: IrqType, count: int) -> None:
@@ -299,7 +354,8 @@ class VfuContext:
 
 
 def _context(vfu_ctx) -> VfuContext:
-    return ffi.from_handle(lib.vfu_get_private(vfu_ctx))
+    private = ffi.cast("struct vmem_vfu_private *", lib.vfu_get_private(vfu_ctx))
+    return ffi.from_handle(private.handle)
 
 
 @ffi.def_extern()
@@ -313,6 +369,10 @@ def vfu_py_log(vfu_ctx, level, msg):
 @ffi.def_extern()
 def vfu_py_reset(vfu_ctx, reset_type):
     ctx = _context(vfu_ctx)
+    # Kicks counted before a reset belong to the virtio state it discards
+    # (as transport.kick_pending, which the reset clears); kicks after it,
+    # in the same run(), are counted anew.
+    ctx._private.kicks = 0
     try:
         if ctx.on_reset is not None:
             ctx.on_reset(ResetType(reset_type))

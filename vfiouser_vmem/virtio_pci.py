@@ -23,7 +23,15 @@ from typing import Callable
 
 from vfiouser_vmem.device import CONFIG_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, ProtocolViolation, VirtioMemDevice
 from vfiouser_vmem.sizes import format_size
-from vfiouser_vmem.virtqueue import GuestMemory, GuestMemoryError, QueueError, SplitQueue
+from vfiouser_vmem.virtqueue import (
+    SERVE_DONE,
+    SERVE_FULL,
+    GuestMemory,
+    GuestMemoryError,
+    QueueError,
+    SplitQueue,
+    served_array,
+)
 
 log = logging.getLogger("vfiouser_vmem.virtio_pci")
 
@@ -148,6 +156,10 @@ class VirtioPciTransport:
         #: response), after the interrupt that answers them: metrics.
         self.request_observers: list[Callable[[int, int, float], None]] = []
         self.hold_requests = False
+        #: Serve what it can through the C request path (csrc/vmem_queue.h);
+        #: False: every request goes through Python (tests compare the two).
+        self.serve_in_c = True
+        self._c_served = served_array(QUEUE_MAX_SIZE)
         device.on_config_change = self.notify_config
         device.defer_size_events = True
         self.virtio_reset()
@@ -400,9 +412,36 @@ class VirtioPciTransport:
             return 0
         self.refresh_addr()
         handled = 0
-        served: list[tuple[bytes, bytes, float]] = []
+        interrupted = False
+        # (request type, response code, seconds) of each request served.
+        served: list[tuple[int, int, float]] = []
         try:
-            while (chain := q.pop(self.memory)) is not None:
+            while True:
+                if self.serve_in_c:
+                    started = time.perf_counter()
+                    result, count = q.serve_in_c(self.memory, self.device.c_request_state(), self._c_served)
+                    waited_s = time.perf_counter() - started
+                    handled += count
+                    if result == SERVE_DONE:
+                        # Nothing is left for Python: the guest gets its
+                        # interrupt before the bookkeeping, which it need not
+                        # wait for (the next request is served on this thread,
+                        # after it).
+                        if handled and not q.c_interrupts_suppressed():
+                            self._interrupt(q.msix_vector, 1)
+                        interrupted = True
+                        self._c_requests_served(count, waited_s, served)
+                        break
+                    # Before Python serves a chain: a PLUG there may claim
+                    # the discard of an UNPLUG answered here.
+                    self._c_requests_served(count, waited_s, served)
+                    if result == SERVE_FULL:
+                        continue
+                # The next chain is Python's: a refusal, UNPLUG_ALL, a
+                # broken ring (or serve_in_c is off).
+                chain = q.pop(self.memory)
+                if chain is None:
+                    break
                 if chain.writable_bytes < RESPONSE_SIZE:
                     raise QueueError(
                         f"chain {chain.head} has {chain.writable_bytes} device-writable bytes, "
@@ -411,22 +450,35 @@ class VirtioPciTransport:
                 started = time.perf_counter()
                 response = self.device.handle_request(chain.readable)
                 q.push(self.memory, chain, response)
-                served.append((chain.readable, response, time.perf_counter() - started))
+                served.append((int.from_bytes(chain.readable[:2], "little"), int.from_bytes(response[:2], "little"),
+                               time.perf_counter() - started))
                 handled += 1
-            if handled and not q.interrupts_suppressed(self.memory):
+            if handled and not interrupted and not q.interrupts_suppressed(self.memory):
                 self._interrupt(q.msix_vector, 1)
         except (QueueError, ProtocolViolation, GuestMemoryError) as exc:
             self._mark_broken(str(exc))
         # After the interrupt: the guest is not kept waiting for events
         # and metrics.
         self.device.flush_size_events()
-        if self.request_observers:
-            for request, response, elapsed_s in served:
-                request_type = int.from_bytes(request[:2], "little")
-                response_code = int.from_bytes(response[:2], "little")
-                for observe in self.request_observers:
-                    observe(request_type, response_code, elapsed_s)
+        for request_type, response_code, elapsed_s in served:
+            for observe in self.request_observers:
+                observe(request_type, response_code, elapsed_s)
         return handled
+
+    def _c_requests_served(self, count: int, waited_s: float, served: list[tuple[int, int, float]]) -> None:
+        """The model's side of ``count`` requests the C path answered in a
+        call that took ``waited_s`` (with the state copied in and out)."""
+        if not count:
+            return
+        results = self._c_served
+        self.device.c_requests_served(results, count)
+        if self.request_observers:
+            # A request's service time: its own time in C plus an equal share
+            # of the call's Python around it, which the guest waited for too.
+            in_c_s = [results[i].elapsed_ns * 1e-9 for i in range(count)]
+            share_s = max(0.0, waited_s - sum(in_c_s)) / count
+            for i in range(count):
+                served.append((results[i].type, results[i].response, in_c_s[i] + share_s))
 
     def _mark_broken(self, why: str) -> None:
         """A driver bug or an unreachable buffer: like QEMU's virtio_error(),

@@ -12,6 +12,8 @@ import bisect
 import struct
 from dataclasses import dataclass
 
+from vfiouser_vmem._blocks import ffi as _ffi, lib as _lib
+
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
@@ -49,6 +51,11 @@ class GuestMemory:
         self._mappings: list[_Mapping] = []  # sorted by iova
         self._starts: list[int] = []
         self._last: _Mapping | None = None
+        #: The same mappings for the C request path (csrc/vmem_queue.h),
+        #: rebuilt on every change (a handful per boot).
+        self.c_memory = _ffi.new("struct vmem_guest_memory *")
+        self._c_maps: object = None
+        self._c_buffers: list[object] = []
 
     def __len__(self) -> int:
         return len(self._mappings)
@@ -62,16 +69,38 @@ class GuestMemory:
         i = bisect.bisect_right(self._starts, iova)
         self._starts.insert(i, iova)
         self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable))
+        self._update_c_memory()
 
     def remove(self, iova: int, length: int) -> None:
         self._mappings = [m for m in self._mappings if not (m.iova == iova and m.end - m.iova == length)]
         self._starts = [m.iova for m in self._mappings]
         self._last = None
+        self._update_c_memory()
 
     def clear(self) -> None:
         self._mappings.clear()
         self._starts.clear()
         self._last = None
+        self._update_c_memory()
+
+    def _update_c_memory(self) -> None:
+        # Pointers into the buffers stay valid while the buffers do: this
+        # table holds them (from_buffer) until the next change drops them.
+        maps = _ffi.new("struct vmem_mapping[]", max(1, len(self._mappings)))
+        buffers = []
+        for entry, m in zip(maps, self._mappings):
+            entry.iova = m.iova
+            entry.length = m.end - m.iova
+            # A read-only buffer is left to Python, which then refuses the
+            # response write with its own message.
+            if m.buffer is not None and not m.buffer.readonly and len(m.buffer):
+                host = _ffi.from_buffer("uint8_t[]", m.buffer)
+                buffers.append(host)
+                entry.host = host
+        self.c_memory.maps = maps
+        self.c_memory.nr_maps = len(self._mappings)
+        self.c_memory.last = 0
+        self._c_maps, self._c_buffers = maps, buffers
 
     def _find(self, addr: int) -> _Mapping:
         m = self._last
@@ -162,11 +191,24 @@ class Chain:
         return sum(length for _, length in self.writable)
 
 
+#: What ``SplitQueue.serve_in_c`` returns first (csrc/vmem_queue.h).
+SERVE_DONE = _lib.VMEM_SERVE_DONE
+SERVE_SLOW = _lib.VMEM_SERVE_SLOW
+SERVE_FULL = _lib.VMEM_SERVE_FULL
+
+
+def served_array(n: int):
+    """Room for ``n`` requests served in C (``struct vmem_served[n]``)."""
+    return _ffi.new("struct vmem_served[]", n)
+
+
 class SplitQueue:
     """A split virtqueue (virtio spec 2.7), device side."""
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
+        self._c_ring = _ffi.new("struct vmem_vring *")
+        self._c_nr_served = _ffi.new("uint32_t *")
         self.reset()
 
     def reset(self) -> None:
@@ -231,3 +273,28 @@ class SplitQueue:
         mem.pack(_USED_ELEM, self.device_addr + 4 + 8 * slot, chain.head, pos)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         mem.pack(_U16, self.device_addr + 2, self.used_idx)
+
+    def serve_in_c(self, mem: GuestMemory, device_state: object, served: object) -> tuple[int, int]:
+        """Serve the available requests that the C request path can answer
+        (csrc/vmem_queue.h) against ``device_state`` (the device model's
+        ``struct vmem_device_state``), recording each in ``served``.
+
+        Returns (SERVE_DONE, SERVE_SLOW or SERVE_FULL, how many were served).
+        SERVE_SLOW: the next chain is for ``pop``/``push`` and the device
+        model in Python; none of it was consumed."""
+        ring = self._c_ring
+        ring.desc_addr = self.desc_addr
+        ring.driver_addr = self.driver_addr
+        ring.device_addr = self.device_addr
+        ring.size = self.size
+        ring.last_avail_idx = self.last_avail_idx
+        ring.used_idx = self.used_idx
+        rc = _lib.vmem_serve_queue(ring, mem.c_memory, device_state, served, len(served), self._c_nr_served)
+        self.last_avail_idx = ring.last_avail_idx
+        self.used_idx = ring.used_idx
+        return rc, self._c_nr_served[0]
+
+    def c_interrupts_suppressed(self) -> bool:
+        """``interrupts_suppressed`` as the last ``serve_in_c`` that returned
+        SERVE_DONE read it, after its last used index."""
+        return bool(self._c_ring.avail_flags & VRING_AVAIL_F_NO_INTERRUPT)
