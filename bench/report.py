@@ -5,6 +5,8 @@ No timing, no processes: everything here is checked by tests/test_bench.py.
 
 from __future__ import annotations
 
+import bisect
+
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -183,6 +185,31 @@ def histogram_table(records: Sequence[Sequence[float]]) -> str:
     counts = histogram(r[3] * 1e6 for r in records)
     return markdown_table(["service time", "requests"],
                           [[bucket_label(i), str(c)] for i, c in enumerate(counts)])
+
+
+def preemption_note(records: Sequence[Sequence[float]], queue_runs: Sequence[Sequence[float]],
+                    slow_s: float = 100e-6) -> str:
+    """How many requests took longer than ``slow_s``, and in how many of
+    those the server thread was off the CPU for over half of the
+    ``process_queue`` call that served them (preempted, not working).
+
+    ``records`` are [time, type, code, seconds] (the observer runs inside
+    process_queue); ``queue_runs`` [end time, requests, wall, CPU]."""
+    slow = [r for r in records if r[3] > slow_s]
+    if not slow or not queue_runs:
+        return ""
+    runs = sorted(queue_runs)
+    ends = [run[0] for run in runs]
+    preempted = 0
+    for r in slow:
+        i = bisect.bisect_left(ends, r[0])
+        if i < len(runs) and runs[i][0] - runs[i][2] <= r[0]:
+            _, _, wall, cpu = runs[i]
+            if wall - cpu > wall / 2:
+                preempted += 1
+    return (f"{len(slow)} of {len(records)} requests took longer than {fmt_seconds(slow_s)}; in {preempted} of them "
+            f"the server thread was off the CPU for more than half of the process_queue call that served them "
+            f"(preempted: wall time against the thread's CPU time).")
 
 
 def model_time_table(records: Sequence[Sequence[float]]) -> str:

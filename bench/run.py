@@ -562,6 +562,9 @@ def service_time_section(results: dict) -> str:
             f"bitmap, queueing the discard (done after the answer: docs/discard.md), response; QEMU's device has "
             f"no such hook)\n\n" + report.service_time_table(recs)
             + "\n\n" + report.histogram_table(recs))
+    note = report.preemption_note(recs, st.get("queue_runs") or [])
+    if note:
+        text += "\n\n" + note
     model = st.get("model") or []
     if model:
         text += ("\n\nThe device model's handle_request alone (parse, bitmap, queueing the discard): wall time vs "
@@ -796,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         model = [r for dev_recs in stats.get("model", {}).values() for r in dev_recs]
         results["service_times"] = {"hook": stats["hook"], "records": recs,
                                     "all_seconds": [r[3] for r in recs], "model": model,
-                                    "vfu": stats.get("vfu", {})}
+                                    "vfu": stats.get("vfu", {}), "queue_runs": stats.get("queue_runs", [])}
     results["elapsed_s"] = time.monotonic() - started
     (outdir / "results.json").write_text(json.dumps(results, indent=1))
     text = render(results, args.sizes)

@@ -101,6 +101,8 @@ def _install_vfu_timing() -> None:
 #:   req          the device model's handle_request returned, or the C
 #:                request path returned the request (extra: request type)
 #:   trig / trig1 vfu_irq_trigger called / returned (extra: vector)
+#:   cq           a C request path call returned (extra: requests, the
+#:                call's seconds as Python saw it, their seconds in C)
 EVENTS: list[list] = []
 
 
@@ -173,13 +175,76 @@ def _install_events() -> None:
     def serve_in_c_traced(self, mem, device_state, served):
         # The C request path (csrc/vmem_queue.c): its requests are handled
         # when vmem_serve_queue returns.
+        t0 = now()
         result, count = serve_in_c(self, mem, device_state, served)
         t = now()
         for i in range(count):
             ev(["req", t, int(served[i].type)])
+        # The call as Python saw it (state copied in and out, the GIL taken
+        # back) against the requests' own time in C.
+        ev(["cq", t, count, t - t0, sum(served[i].elapsed_ns for i in range(count)) * 1e-9])
         return result, count
 
     vq.SplitQueue.serve_in_c = serve_in_c_traced
+
+
+#: The server's garbage collections: [monotonic start, generation, seconds]
+#: (a collection stops the server thread wherever it allocates).
+GC_PASSES: list[list[float]] = []
+
+
+def _install_gc_timing() -> None:
+    import gc
+
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.monotonic()
+        else:
+            GC_PASSES.append([started[0], info["generation"], time.monotonic() - started[0]])
+
+    gc.callbacks.append(callback)
+
+
+#: The discard worker's chunks: [monotonic start, bytes, seconds] (the
+#: worker thread takes the GIL between chunks).
+DISCARD_CHUNKS: list[list[float]] = []
+
+
+def _install_discard_timing() -> None:
+    discard_now = _server.DeviceServer._discard_now
+
+    def timed(self, offset_bytes, length_bytes):
+        started = time.monotonic()
+        try:
+            return discard_now(self, offset_bytes, length_bytes)
+        finally:
+            DISCARD_CHUNKS.append([started, length_bytes, time.monotonic() - started])
+
+    _server.DeviceServer._discard_now = timed
+
+
+#: process_queue calls that served requests: [monotonic end, requests, wall
+#: seconds, the server thread's CPU seconds].  Wall well above CPU: the
+#: thread was off the CPU (preempted) while it served them.  Measured around
+#: the whole call, so the clock reads stay out of the service times.
+QUEUE_RUNS: list[list[float]] = []
+
+
+def _install_queue_timing() -> None:
+    from vfiouser_vmem import virtio_pci as vp
+
+    process_queue = vp.VirtioPciTransport.process_queue
+
+    def timed(self):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        handled = process_queue(self)
+        if handled:
+            QUEUE_RUNS.append([time.monotonic(), handled, time.perf_counter() - wall, time.thread_time() - cpu])
+        return handled
+
+    vp.VirtioPciTransport.process_queue = timed
 
 
 def _install_observer() -> None:
@@ -255,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     MODEL_TIMING["on"] = args.model_timing
     _install_observer()
     _install_vfu_timing()
+    if not args.events:  # latency.py wraps process_queue itself
+        _install_queue_timing()
+    _install_gc_timing()
+    _install_discard_timing()
     if args.events:
         _install_events()
     profiler = None
@@ -280,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             profiler.dump_stats(args.cprofile)
         if args.stats:
             Path(args.stats).write_text(json.dumps({"hook": HOOK["kind"], "devices": RECORDS, "model": MODEL_RECORDS,
-                                                "vfu": VFU_EVENTS}))
+                                                "vfu": VFU_EVENTS, "gc": GC_PASSES,
+                                                "discard_chunks": DISCARD_CHUNKS}))
         if args.events:
             Path(args.events).write_text(json.dumps({"events": EVENTS}))
 

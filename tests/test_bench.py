@@ -574,3 +574,16 @@ def test_latency_arguments_default_to_the_documented_run():
 
     args = parse_args([])
     assert args.reps == 3 and args.sizes == [GIB, 4 * GIB] and args.only == "both" and args.analyze is None
+
+
+def test_preemption_note_counts_slow_requests_whose_thread_was_off_cpu():
+    from bench import report
+
+    # [time, type, code, seconds]: observed inside the process_queue runs below.
+    records = [[10.0001, 0, 0, 20e-6], [20.0004, 1, 0, 300e-6], [30.0004, 1, 0, 150e-6], [40.0, 0, 0, 120e-6]]
+    # [end, requests, wall, CPU]: the run at 20 s was mostly off the CPU, the one at 30 s was not.
+    runs = [[10.0002, 1, 100e-6, 90e-6], [20.0005, 1, 800e-6, 100e-6], [30.0005, 1, 400e-6, 380e-6]]
+    note = report.preemption_note(records, runs)
+    assert note.startswith("3 of 4 requests took longer than 100.0 us; in 1 of them")
+    assert report.preemption_note(records[:1], runs) == ""  # nothing slow
+    assert report.preemption_note(records, []) == ""  # no call timing recorded
