@@ -188,43 +188,6 @@ def _install_events() -> None:
     vq.SplitQueue.serve_in_c = serve_in_c_traced
 
 
-#: The server's garbage collections: [monotonic start, generation, seconds]
-#: (a collection stops the server thread wherever it allocates).
-GC_PASSES: list[list[float]] = []
-
-
-def _install_gc_timing() -> None:
-    import gc
-
-    started = [0.0]
-
-    def callback(phase: str, info: dict) -> None:
-        if phase == "start":
-            started[0] = time.monotonic()
-        else:
-            GC_PASSES.append([started[0], info["generation"], time.monotonic() - started[0]])
-
-    gc.callbacks.append(callback)
-
-
-#: The discard worker's chunks: [monotonic start, bytes, seconds] (the
-#: worker thread takes the GIL between chunks).
-DISCARD_CHUNKS: list[list[float]] = []
-
-
-def _install_discard_timing() -> None:
-    discard_now = _server.DeviceServer._discard_now
-
-    def timed(self, offset_bytes, length_bytes):
-        started = time.monotonic()
-        try:
-            return discard_now(self, offset_bytes, length_bytes)
-        finally:
-            DISCARD_CHUNKS.append([started, length_bytes, time.monotonic() - started])
-
-    _server.DeviceServer._discard_now = timed
-
-
 #: process_queue calls that served requests: [monotonic end, requests, wall
 #: seconds, the server thread's CPU seconds].  Wall well above CPU: the
 #: thread was off the CPU (preempted) while it served them.  Measured around
@@ -322,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     _install_vfu_timing()
     if not args.events:  # latency.py wraps process_queue itself
         _install_queue_timing()
-    _install_gc_timing()
-    _install_discard_timing()
     if args.events:
         _install_events()
     profiler = None
@@ -349,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             profiler.dump_stats(args.cprofile)
         if args.stats:
             Path(args.stats).write_text(json.dumps({"hook": HOOK["kind"], "devices": RECORDS, "model": MODEL_RECORDS,
-                                                "vfu": VFU_EVENTS, "gc": GC_PASSES,
-                                                "discard_chunks": DISCARD_CHUNKS}))
+                                                "vfu": VFU_EVENTS, "queue_runs": QUEUE_RUNS}))
         if args.events:
             Path(args.events).write_text(json.dumps({"events": EVENTS}))
 
