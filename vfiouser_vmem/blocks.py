@@ -20,6 +20,7 @@ from vfiouser_vmem._blocks import ffi, lib
 
 __all__ = [
     "BlockBitmap",
+    "CField",
     "DiscardError",
     "RangeState",
     "allocated_bytes",
@@ -149,6 +150,30 @@ class BlockBitmap:
             end = find_end(self.words, self.nb_blocks, start)
             yield start, end - start
             pos = end
+
+
+class CField:
+    """An attribute kept in a field of the object's cffi struct ``_c``:
+    state that C code reads and writes (csrc/vmem_queue.h) has one home,
+    so nothing is copied in and out around each call.  cffi refuses a
+    value the C type cannot hold (OverflowError)."""
+
+    __slots__ = ("field",)
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        if not self.field:
+            self.field = name
+
+    def __get__(self, obj: object, owner: type | None = None):
+        if obj is None:
+            return self
+        return getattr(obj._c, self.field)
+
+    def __set__(self, obj: object, value: int) -> None:
+        setattr(obj._c, self.field, value)
 
 
 def _discard_error(rc: int, failed: int, what: str) -> DiscardError:

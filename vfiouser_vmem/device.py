@@ -15,7 +15,7 @@ import struct
 from typing import Callable, NamedTuple
 
 from vfiouser_vmem._blocks import ffi as _ffi
-from vfiouser_vmem.blocks import BlockBitmap, RangeState
+from vfiouser_vmem.blocks import BlockBitmap, CField, RangeState
 from vfiouser_vmem.sizes import format_size
 
 log = logging.getLogger("vfiouser_vmem.device")
@@ -136,6 +136,13 @@ class VirtioMemDevice:
     ``before_plug`` (``discard``) serves every PLUG (UNPLUG) in Python.
     """
 
+    # The numbers the C request path reads and changes live in its
+    # ``struct vmem_device_state`` (csrc/vmem_queue.h).
+    addr = CField("addr")
+    requested_size = CField("requested_size")
+    usable_region_size = CField("usable_region_size")
+    _plugged_blocks = CField("plugged_blocks")
+
     def __init__(
         self,
         *,
@@ -163,22 +170,19 @@ class VirtioMemDevice:
         self.block_size = block_size_bytes
         self.region_size = region_size_bytes
         self.node_id = node_id
-        self.addr = 0
-        self.requested_size = 0
-        self.usable_region_size = 0
         self.bitmap = BlockBitmap(region_size_bytes // block_size_bytes)
-        # Kept beside the bitmap (changed only where the bitmap is) rather
-        # than counted: a popcount of a 1 TiB device's bitmap costs 14 us and
-        # plugged_size is read several times per request and by every query.
-        self._plugged_blocks = 0
+        self._c = _ffi.new("struct vmem_device_state *")  # zeroed: addr, sizes, plugged blocks
+        self._c.words = self.bitmap.words
+        self._c.nb_blocks = self.bitmap.nb_blocks
+        self._c.block_size = block_size_bytes
+        # _plugged_blocks is kept beside the bitmap (changed only where the
+        # bitmap is) rather than counted: a popcount of a 1 TiB device's
+        # bitmap costs 14 us and plugged_size is read several times per
+        # request and by every query.
         self._discard = discard or (lambda offset, length: None)
         self._before_plug = before_plug
         self._before_plug_due = before_plug_due or ((lambda: True) if before_plug is not None else (lambda: False))
         self._discard_refused = discard_refused or ((lambda: True) if discard is not None else (lambda: False))
-        self._c_state = _ffi.new("struct vmem_device_state *")
-        self._c_state.words = self.bitmap.words
-        self._c_state.nb_blocks = self.bitmap.nb_blocks
-        self._c_state.block_size = block_size_bytes
         self.on_config_change = on_config_change
         # A listener per change of plugged_size (the control plane's
         # MEMORY_DEVICE_SIZE_CHANGE); called after the change.
@@ -314,22 +318,17 @@ class VirtioMemDevice:
     # -- the C request path (csrc/vmem_queue.h) -------------------------
     def c_request_state(self) -> object:
         """The ``struct vmem_device_state`` for one ``vmem_serve_queue``
-        call, filled from the model now; ``c_requests_served`` takes the
-        result back before anything else touches the model."""
-        state = self._c_state
-        state.addr = self.addr
-        state.usable_region_size = self.usable_region_size
-        state.requested_size = self.requested_size
-        state.plugged_blocks = self._plugged_blocks
+        call, with what it may serve decided now; ``c_requests_served``
+        must follow before anything else uses the model."""
+        state = self._c
         state.plug_allowed = not self._before_plug_due()
         state.unplug_allowed = not self._discard_refused()
         return state
 
     def c_requests_served(self, served: object, count: int) -> None:
         """Finish the ``count`` requests of ``served`` that the C path
-        answered (the bitmap already says so): queue the discards of the
-        UNPLUGs and tell the size listeners."""
-        self._plugged_blocks = self._c_state.plugged_blocks
+        answered (the bitmap and the plugged count already say so): queue
+        the discards of the UNPLUGs and tell the size listeners."""
         size_changed = False
         for i in range(count):
             request = served[i]

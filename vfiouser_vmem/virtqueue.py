@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from vfiouser_vmem._blocks import ffi as _ffi, lib as _lib
+from vfiouser_vmem.blocks import CField
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -203,11 +204,21 @@ def served_array(n: int):
 
 
 class SplitQueue:
-    """A split virtqueue (virtio spec 2.7), device side."""
+    """A split virtqueue (virtio spec 2.7), device side.
+
+    The ring addresses and indices live in the ``struct vmem_vring`` that
+    the C request path works on (``serve_in_c``)."""
+
+    desc_addr = CField("desc_addr")
+    driver_addr = CField("driver_addr")
+    device_addr = CField("device_addr")
+    size = CField("size")
+    last_avail_idx = CField("last_avail_idx")
+    used_idx = CField("used_idx")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._c_ring = _ffi.new("struct vmem_vring *")
+        self._c = _ffi.new("struct vmem_vring *")
         self._c_nr_served = _ffi.new("uint32_t *")
         self.reset()
 
@@ -282,19 +293,10 @@ class SplitQueue:
         Returns (SERVE_DONE, SERVE_SLOW or SERVE_FULL, how many were served).
         SERVE_SLOW: the next chain is for ``pop``/``push`` and the device
         model in Python; none of it was consumed."""
-        ring = self._c_ring
-        ring.desc_addr = self.desc_addr
-        ring.driver_addr = self.driver_addr
-        ring.device_addr = self.device_addr
-        ring.size = self.size
-        ring.last_avail_idx = self.last_avail_idx
-        ring.used_idx = self.used_idx
-        rc = _lib.vmem_serve_queue(ring, mem.c_memory, device_state, served, len(served), self._c_nr_served)
-        self.last_avail_idx = ring.last_avail_idx
-        self.used_idx = ring.used_idx
+        rc = _lib.vmem_serve_queue(self._c, mem.c_memory, device_state, served, len(served), self._c_nr_served)
         return rc, self._c_nr_served[0]
 
     def c_interrupts_suppressed(self) -> bool:
         """``interrupts_suppressed`` as the last ``serve_in_c`` that returned
         SERVE_DONE read it, after its last used index."""
-        return bool(self._c_ring.avail_flags & VRING_AVAIL_F_NO_INTERRUPT)
+        return bool(self._c.avail_flags & VRING_AVAIL_F_NO_INTERRUPT)
