@@ -34,11 +34,32 @@ def add_rss(*rss: dict[str, int]) -> dict[str, int]:
     return total
 
 
+def _stat_ticks(path: str) -> int:
+    # After "pid (comm)": utime is field 14 and stime 15 (1-based).
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` (all its threads) so far, 0 when gone."""
+    """CPU time of ``pid`` (all its threads) so far, 0 when gone.
+
+    utime + stime come in clock ticks (10 ms here), too coarse for a 50 ms
+    grow.  Each live thread's time on the CPU comes from its schedstat, in
+    nanoseconds; only threads that have already ended are counted in ticks
+    (the process total less its live threads' ticks)."""
+    tick = os.sysconf("SC_CLK_TCK")
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total_ticks = _stat_ticks(f"/proc/{pid}/stat")
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return 0.0
-    # After "pid (comm)": state is field 3, utime 14 and stime 15 (1-based).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    live_ns = live_ticks = 0
+    for tid in tasks:
+        try:
+            ns = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            ticks = _stat_ticks(f"/proc/{pid}/task/{tid}/stat")
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile: it is in the total's ticks
+        live_ns += ns
+        live_ticks += ticks
+    return live_ns / 1e9 + max(0, total_ticks - live_ticks) / tick

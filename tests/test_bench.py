@@ -120,6 +120,24 @@ def test_service_time_tables():
 
 # -- host-side views ----------------------------------------------------------------
 
+def _burn_cpu(seconds: float) -> None:
+    started = time.thread_time()
+    while time.thread_time() - started < seconds:
+        pass
+
+
+def test_cpu_seconds_resolves_below_a_clock_tick_and_counts_ended_threads():
+    before = cpu_seconds(os.getpid())
+    _burn_cpu(0.003)
+    mid = cpu_seconds(os.getpid())
+    # Clock ticks (10 ms) would say 0 or 0.01.
+    assert 0.0025 <= mid - before < 0.009
+    worker = threading.Thread(target=_burn_cpu, args=(0.03,))
+    worker.start()
+    worker.join()  # ended: only the process total (in ticks) still has it
+    assert cpu_seconds(os.getpid()) - mid >= 0.02
+
+
 def test_procinfo_reads_own_process():
     rss = proc_rss(os.getpid())
     assert rss["VmRSS"] > 0 and set(rss) == {"VmRSS", "RssAnon", "RssFile", "RssShmem"}
