@@ -494,6 +494,40 @@ def comparison_rows(results: dict, sizes: list[int]) -> list[report.Row]:
     return rows
 
 
+def paired_grow_ratios(results: dict, size_name: str, clock: str) -> list[float]:
+    """ours / QEMU's for each grow, paired by repetition: the two devices'
+    grows of one repetition ran back to back (alternating which went
+    first), so a pair shares the machine's load of that minute."""
+    q = (results["devices"].get("qemu") or {}).get("series")
+    o = (results["devices"].get("ours") or {}).get("series")
+    if not q or not o:
+        return []
+    ratios = []
+    for q_rep, o_rep in zip(q["reps"], o["reps"]):
+        for key in ("grow", "grow_again"):
+            a = ((o_rep.get(size_name) or {}).get(key) or {}).get(clock)
+            b = ((q_rep.get(size_name) or {}).get(key) or {}).get(clock)
+            if a and b:
+                ratios.append(a / b)
+    return ratios
+
+
+def paired_section(results: dict, sizes: list[int]) -> str:
+    rows = []
+    for size in sizes:
+        n = format_size(size)
+        for clock, label in (("size_s", "device size (QMP)"), ("memtotal_s", "guest MemTotal")):
+            ratios = paired_grow_ratios(results, n, clock)
+            if ratios:
+                rows.append([f"grow 0 -> {n}: {label}", str(len(ratios)), f"{report.percentile(ratios, 50):.2f}",
+                             f"{min(ratios):.2f} - {max(ratios):.2f}"])
+    if not rows:
+        return ""
+    return ("Grows paired by repetition (ours / QEMU's of the two grows that ran back to back; less exposed to the "
+            "machine's load drifting between repetitions than the ratio of medians)\n\n"
+            + report.markdown_table(["grow", "pairs", "median ratio", "min - max"], rows))
+
+
 def _poll_rtts(series: dict | None) -> list[float]:
     if not series:
         return []
@@ -726,7 +760,8 @@ def render(results: dict, sizes: list[int]) -> str:
         err = results["devices"].get(kind, {}).get("error")
         if err:
             parts.append(f"**{kind}: failed:** {err}")
-    for section in (service_time_section(results), scenario_service(results), micro_tables(results)):
+    for section in (paired_section(results, sizes), service_time_section(results), scenario_service(results),
+                    micro_tables(results)):
         if section:
             parts.append(section)
     return "\n\n".join(parts) + "\n"

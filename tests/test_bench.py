@@ -605,3 +605,20 @@ def test_preemption_note_counts_slow_requests_whose_thread_was_off_cpu():
     assert note.startswith("3 of 4 requests took longer than 100.0 us; in 1 of them")
     assert report.preemption_note(records[:1], runs) == ""  # nothing slow
     assert report.preemption_note(records, []) == ""  # no call timing recorded
+
+
+def test_grows_are_paired_by_repetition():
+    from bench import run
+
+    def series(times):
+        return {"reps": [{"1G": {"grow": {"memtotal_s": a, "size_s": None}, "grow_again": {"memtotal_s": b}}}
+                         for a, b in times]}
+
+    results = {"devices": {"qemu": {"series": series([(0.10, 0.20), (0.10, 0.10)])},
+                           "ours": {"series": series([(0.11, 0.20), (0.30, 0.05)])}}}
+    assert run.paired_grow_ratios(results, "1G", "memtotal_s") == pytest.approx([1.1, 1.0, 3.0, 0.5])
+    assert run.paired_grow_ratios(results, "1G", "size_s") == []  # no clock, no pair
+    assert run.paired_grow_ratios(results, "4G", "memtotal_s") == []
+    text = run.paired_section(results, [1 << 30])
+    assert "| grow 0 -> 1G: guest MemTotal |     4 |         1.05 | 0.50 - 3.00 |" in text
+    assert "device size" not in text
