@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO / "integration"))
 from harness import Kit, short_tmpdir  # noqa: E402
 
 from bench import report  # noqa: E402
+from bench.qemutrace import load_trace, parse_trace_line, trace_args as _trace_args  # noqa: E402,F401 (parse_trace_line: tests)
 from bench.run import SETTLE_S, OursVmem, boot, environment, say, track_resize  # noqa: E402
 from bench.qemu_vmem import QemuVmem  # noqa: E402
 from vfiouser_vmem import virtio_pci as vp  # noqa: E402
@@ -56,37 +57,6 @@ TRACE_EVENTS = {
 VIRTIO_MEM_REQ_PLUG = 0
 
 # -- parsing -----------------------------------------------------------------------
-
-#: ``-msg timestamp=on``: "2026-11-26T07:47:09.185203Z vfio_user_region_rw  region 0 offset 0x3000 count 2"
-TRACE_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z (\w+)\s*(.*)$")
-TRACE_FILE = re.compile(r"-(\d+)\.log$")
-
-
-def parse_trace_line(line: str) -> tuple[float, str, str] | None:
-    """(seconds since the epoch, event, arguments) of one trace line, or
-    None for anything else (QEMU's other messages in the same log)."""
-    m = TRACE_LINE.match(line)
-    if not m:
-        return None
-    t = datetime.datetime.fromisoformat(m.group(1)).replace(tzinfo=datetime.timezone.utc).timestamp()
-    return t, m.group(2), m.group(3).strip()
-
-
-def load_trace(files) -> list[tuple[float, int, str, str]]:
-    """[(t, thread id, event, arguments)] of ``-d tid`` logs (``NAME-TID.log``),
-    sorted by time."""
-    out = []
-    for f in files:
-        m = TRACE_FILE.search(str(f))
-        tid = int(m.group(1)) if m else 0
-        with open(f, errors="replace") as fh:
-            for line in fh:
-                p = parse_trace_line(line)
-                if p:
-                    out.append((p[0], tid, p[1], p[2]))
-    out.sort(key=lambda e: e[0])
-    return out
-
 
 def _first_at_or_after(times: list[float], t: float, limit: float | None = None) -> int | None:
     i = bisect.bisect_left(times, t)
@@ -382,10 +352,7 @@ def render(meta: dict, data: dict[str, list[dict]]) -> str:
 # -- running the guests -----------------------------------------------------------------
 
 def trace_args(kind: str, tdir: Path) -> list[str]:
-    tdir.mkdir(parents=True, exist_ok=True)
-    events = tdir / "trace-events"
-    events.write_text("\n".join(TRACE_EVENTS[kind]) + "\n")
-    return ["-msg", "timestamp=on", "-d", "tid", "-D", str(tdir / "trace-%d.log"), "-trace", f"events={events}"]
+    return _trace_args(TRACE_EVENTS[kind], tdir, per_thread=True)
 
 
 def measure(kind: str, kit: Kit, args: argparse.Namespace, outdir: Path) -> dict:

@@ -14,6 +14,7 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import json
 import os
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO / "integration"))
 
 from harness import MIB, Guest, GuestError, Kit, QmpClient, kvm_works, short_tmpdir, stop_process, wait_for  # noqa: E402
 
-from bench import micro, report  # noqa: E402
+from bench import micro, qemutrace, report  # noqa: E402
 from bench.procinfo import add_rss, cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402
 from bench.qemu_vmem import QemuVmem  # noqa: E402
 from vfiouser_vmem.sizes import format_size, parse_size  # noqa: E402
@@ -236,6 +237,7 @@ def track_resize(dev, target_bytes: int, base_kib: int, *, alloc_floor: int | No
             raise GuestError("the guest's MemTotal stream did not start")
         cpu_before = dev.cpu()
         t0 = time.monotonic()
+        result["wall0"] = time.time()  # the same instant on the clock of QEMU's trace
         dev.set_requested_size(target_bytes)
         result["qom_set_s"] = time.monotonic() - t0
         thread = threading.Thread(target=host_side, daemon=True)
@@ -352,9 +354,15 @@ class PySpy:
         stop_process(self.proc, signal.SIGINT, timeout_s=60)
 
 
+#: QEMU's own device tells when it answered a PLUG only through these trace
+#: events (two lines per request: nothing that slows the guest).
+QEMU_PLUG_EVENTS = ["virtio_mem_plug_request", "virtio_mem_send_response"]
+
+
 def _start_device(kind: str, kit: Kit, args: argparse.Namespace, outdir: Path, workdir: Path):
     if kind == "qemu":
-        return QemuVmem(kit, workdir, size=args.device_size, block_size=args.block_size)
+        return QemuVmem(kit, workdir, size=args.device_size, block_size=args.block_size,
+                        extra_args=qemutrace.trace_args(QEMU_PLUG_EVENTS, outdir / "qemu-trace"))
     return OursVmem(kit, workdir, size=args.device_size, block_size=args.block_size,
                     stats_path=outdir / "service_times.json",
                     cprofile_path=outdir / "server.prof" if args.profile == "cprofile" else None,
@@ -425,6 +433,55 @@ def measure_devices(kinds: list[str], kit: Kit, args: argparse.Namespace, outdir
     return results
 
 
+# -- the devices' own clock of a grow --------------------------------------------
+
+def qemu_plug_answers(trace) -> list[float]:
+    """Wall times at which QEMU's device answered a PLUG: the response that
+    follows each ``virtio_mem_plug_request`` (other requests are not
+    traced, so their responses follow no pending PLUG)."""
+    out, pending = [], False
+    for t, _, event, _ in trace:
+        if event == "virtio_mem_plug_request":
+            pending = True
+        elif event == "virtio_mem_send_response" and pending:
+            out.append(t)
+            pending = False
+    return out
+
+
+def add_answer_clock(series: dict, answers: list[float], *, wall: bool) -> None:
+    """Each grow's ``answered_s``: from the qom-set to the device's last
+    PLUG answer inside the grow's window.  Both devices' answers are
+    timestamped when the response is in the ring (ours: the server's own
+    record, CLOCK_MONOTONIC like the bench; QEMU's: its trace, wall clock),
+    which the 10 ms QMP poll of the size cannot resolve on a 50 ms grow."""
+    answers = sorted(answers)
+    for rep in series.get("reps", []):
+        for r in rep.values():
+            for key in ("grow", "grow_again"):
+                g = r.get(key)
+                if not g or "window" not in g:
+                    continue
+                t0, t1 = g["window"]
+                if wall:
+                    if "wall0" not in g:
+                        continue
+                    t0, t1 = g["wall0"], g["wall0"] + (t1 - t0)
+                first, end = bisect.bisect_left(answers, t0), bisect.bisect_right(answers, t1)
+                g["answered_s"] = answers[end - 1] - t0 if end > first else None
+
+
+def add_answer_clocks(devices: dict, outdir: Path, stats: dict | None) -> None:
+    qemu = (devices.get("qemu") or {}).get("series")
+    trace_log = outdir / "qemu-trace" / "trace.log"
+    if qemu and trace_log.exists():
+        add_answer_clock(qemu, qemu_plug_answers(qemutrace.load_trace([trace_log])), wall=True)
+    ours = (devices.get("ours") or {}).get("series")
+    if ours and stats:
+        plugs = [r[0] for recs in stats["devices"].values() for r in recs if int(r[1]) == 0]
+        add_answer_clock(ours, plugs, wall=False)
+
+
 # -- the report ----------------------------------------------------------------
 
 def _vals(series: dict | None, size_name: str, *path: str) -> list[float]:
@@ -463,6 +520,7 @@ def comparison_rows(results: dict, sizes: list[int]) -> list[report.Row]:
                          for series in (qs, os_))
 
         rows += [
+            report.Row(f"grow 0 -> {n}: last PLUG answered (device's clock)", "s", *grows("answered_s")),
             report.Row(f"grow 0 -> {n}: device size (QMP)", "s", *grows("size_s")),
             report.Row(f"grow 0 -> {n}: guest MemTotal", "s", *grows("memtotal_s")),
             report.Row(f"shrink {n} -> 0 untouched: guest MemTotal", "s", *both("shrink_untouched", "memtotal_s")),
@@ -516,7 +574,8 @@ def paired_section(results: dict, sizes: list[int]) -> str:
     rows = []
     for size in sizes:
         n = format_size(size)
-        for clock, label in (("size_s", "device size (QMP)"), ("memtotal_s", "guest MemTotal")):
+        for clock, label in (("answered_s", "last PLUG answered (device's clock)"), ("size_s", "device size (QMP)"),
+                             ("memtotal_s", "guest MemTotal")):
             ratios = paired_grow_ratios(results, n, clock)
             if ratios:
                 rows.append([f"grow 0 -> {n}: {label}", str(len(ratios)), f"{report.percentile(ratios, 50):.2f}",
@@ -828,8 +887,10 @@ def main(argv: list[str] | None = None) -> int:
             if "boot" in measured:
                 results["guest_kernel"] = measured["boot"]["kernel"]
     stats_path = outdir / "service_times.json"
-    if stats_path.exists():
-        stats = json.loads(stats_path.read_text())
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+    if "devices" in results:
+        add_answer_clocks(results["devices"], outdir, stats)
+    if stats is not None:
         recs = [r for dev_recs in stats["devices"].values() for r in dev_recs]
         model = [r for dev_recs in stats.get("model", {}).values() for r in dev_recs]
         results["service_times"] = {"hook": stats["hook"], "records": recs,

@@ -622,3 +622,31 @@ def test_grows_are_paired_by_repetition():
     text = run.paired_section(results, [1 << 30])
     assert "| grow 0 -> 1G: guest MemTotal |     4 |         1.05 | 0.50 - 3.00 |" in text
     assert "device size" not in text
+
+
+def test_the_devices_own_clock_is_the_last_plug_answer_in_each_grow(tmp_path):
+    from bench import qemutrace, run
+
+    # QEMU's trace: two PLUGs answered in the grow, a STATE answer (no PLUG
+    # pending: not counted), and a PLUG of another grow outside the window.
+    lines = [
+        "2026-11-26T08:00:00.010000Z virtio_mem_plug_request addr=0x1 nb_blocks=64",
+        "2026-11-26T08:00:00.011000Z virtio_mem_send_response type=0",
+        "2026-11-26T08:00:00.040000Z virtio_mem_plug_request addr=0x2 nb_blocks=64",
+        "2026-11-26T08:00:00.041500Z virtio_mem_send_response type=0",
+        "2026-11-26T08:00:00.050000Z virtio_mem_send_response type=0",
+        "2026-11-26T08:00:09.000000Z virtio_mem_plug_request addr=0x3 nb_blocks=64",
+        "2026-11-26T08:00:09.001000Z virtio_mem_send_response type=0",
+    ]
+    (tmp_path / "trace.log").write_text("\n".join(lines) + "\n")
+    answers = run.qemu_plug_answers(qemutrace.load_trace([tmp_path / "trace.log"]))
+    assert len(answers) == 3
+    wall0 = answers[0] - 0.011  # the qom-set at 08:00:00.000
+    qemu = {"reps": [{"1G": {"grow": {"window": [100.0, 100.5], "wall0": wall0}}}]}
+    run.add_answer_clock(qemu, answers, wall=True)
+    assert qemu["reps"][0]["1G"]["grow"]["answered_s"] == pytest.approx(0.0415, abs=1e-6)
+    # Ours: the server's records, on the bench's own monotonic clock.
+    ours = {"reps": [{"1G": {"grow": {"window": [100.0, 100.5]}, "grow_again": {"window": [200.0, 200.5]}}}]}
+    run.add_answer_clock(ours, [100.02, 100.03, 150.0], wall=False)
+    assert ours["reps"][0]["1G"]["grow"]["answered_s"] == pytest.approx(0.03)
+    assert ours["reps"][0]["1G"]["grow_again"]["answered_s"] is None  # no answer in its window
