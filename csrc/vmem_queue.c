@@ -62,6 +62,17 @@ static uint8_t *guest_ptr(struct vmem_guest_memory *mem, uint64_t addr, uint64_t
     return NULL;
 }
 
+/* guest_ptr(base + offset): ring addresses come from the driver, and an
+ * address that wraps past 2^64 is out of reach (Python's path computes it
+ * without wrapping and refuses it), not a way back to low guest memory. */
+static uint8_t *ring_ptr(struct vmem_guest_memory *mem, uint64_t base, uint64_t offset, uint64_t len)
+{
+    uint64_t addr;
+    if (__builtin_add_overflow(base, offset, &addr))
+        return NULL;
+    return guest_ptr(mem, addr, len);
+}
+
 static uint64_t now_ns(void)
 {
     struct timespec ts;
@@ -141,7 +152,7 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
     uint16_t size = vq->size, avail_idx, head;
     uint8_t *p;
 
-    if (size == 0 || (p = guest_ptr(mem, vq->driver_addr + 2, 2)) == NULL)
+    if (size == 0 || (p = ring_ptr(mem, vq->driver_addr, 2, 2)) == NULL)
         return -1;
     memcpy(&avail_idx, p, 2);
     /* The driver writes the ring entry, then the index (spec 2.7.13): read
@@ -152,7 +163,7 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
         return 0;
     if (pending > size)
         return -1;
-    if ((p = guest_ptr(mem, vq->driver_addr + 4 + 2u * (vq->last_avail_idx % size), 2)) == NULL)
+    if ((p = ring_ptr(mem, vq->driver_addr, 4 + 2u * (vq->last_avail_idx % size), 2)) == NULL)
         return -1;
     memcpy(&head, p, 2);
 
@@ -168,7 +179,7 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
         struct vring_desc desc;
         if (index >= size || walked++ >= size) /* out of the ring, or a loop */
             return -1;
-        if ((p = guest_ptr(mem, vq->desc_addr + 16u * index, 16)) == NULL)
+        if ((p = ring_ptr(mem, vq->desc_addr, 16u * index, 16)) == NULL)
             return -1;
         memcpy(&desc, p, sizeof(desc));
         if (desc.flags & VRING_DESC_F_INDIRECT)
@@ -207,8 +218,8 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
     }
     if (request_bytes < REQUEST_SIZE || writable_bytes < RESPONSE_SIZE)
         return -1;
-    uint8_t *used_elem = guest_ptr(mem, vq->device_addr + 4 + 8u * (vq->used_idx % size), 8);
-    uint8_t *used_idx = guest_ptr(mem, vq->device_addr + 2, 2);
+    uint8_t *used_elem = ring_ptr(mem, vq->device_addr, 4 + 8u * (vq->used_idx % size), 8);
+    uint8_t *used_idx = ring_ptr(mem, vq->device_addr, 2, 2);
     if (used_elem == NULL || used_idx == NULL)
         return -1;
 

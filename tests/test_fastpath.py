@@ -318,7 +318,24 @@ def _avail_too_far_ahead(g: Guest) -> None:
     struct.pack_into("<H", g.ram, AVAIL + 2, QSIZE + 1)
 
 
-@pytest.mark.parametrize("breakage, why", [(_unmap_ram, "shared memory missing"), (_avail_too_far_ahead, "ahead")])
+def _descriptors_wrap_past_2_64(g: Guest) -> None:
+    # Guest memory at address 0 as well: descriptor 2 of a table at
+    # 2^64 - 32 would be there if the address wrapped.
+    low = bytearray(4096)
+    # A well-formed PLUG there: the C path would serve it if it wrapped.
+    struct.pack_into("<QIHH", low, 0, RAM_IOVA + BUFS, 24, F_NEXT, 3)
+    struct.pack_into("<QIHH", low, 16, RAM_IOVA + BUFS + 32, 10, F_WRITE, 0)
+    g.ram[BUFS:BUFS + 24] = struct.pack("<H6xQH6x", PLUG, BAR_ADDR, 1)
+    g.low_ram = low
+    g.transport.memory.add(0, len(low), memoryview(low))
+    g.transport.queue.desc_addr = (1 << 64) - 32
+    struct.pack_into("<H", g.ram, AVAIL + 4, 2)
+    g.avail_idx = 1
+    struct.pack_into("<H", g.ram, AVAIL + 2, 1)
+
+
+@pytest.mark.parametrize("breakage, why", [(_unmap_ram, "shared memory missing"), (_avail_too_far_ahead, "ahead"),
+                                           (_descriptors_wrap_past_2_64, "0x10000000000000000 is not in any DMA mapping")])
 def test_broken_rings_stop_the_queue_alike(breakage, why):
     c, py = both()
     for g in (c, py):
