@@ -6,7 +6,6 @@ No timing, no processes: everything here is checked by tests/test_bench.py.
 from __future__ import annotations
 
 import bisect
-
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass

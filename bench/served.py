@@ -180,8 +180,8 @@ def _install_events() -> None:
         t = now()
         for i in range(count):
             ev(["req", t, int(served[i].type)])
-        # The call as Python saw it (state copied in and out, the GIL taken
-        # back) against the requests' own time in C.
+        # The call as Python saw it (the cffi call, the GIL taken back)
+        # against the requests' own time in C.
         ev(["cq", t, count, t - t0, sum(served[i].elapsed_ns for i in range(count)) * 1e-9])
         return result, count
 

@@ -61,8 +61,9 @@ struct vmem_vring {
     uint16_t avail_flags;
 };
 
-/* What the request rules need of the device model (device.py), copied in
- * before the call; plugged_blocks (and plug_allowed) come back changed. */
+/* What the request rules need of the device model: the model's own home of
+ * these numbers (device.py reads them through blocks.CField).  The call
+ * changes plugged_blocks, and clears plug_allowed after an UNPLUG. */
 struct vmem_device_state {
     uint64_t *words; /* the block bitmap (vmem_blocks.h) */
     uint64_t nb_blocks;

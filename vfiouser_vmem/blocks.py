@@ -163,10 +163,6 @@ class CField:
     def __init__(self, field: str) -> None:
         self.field = field
 
-    def __set_name__(self, owner: type, name: str) -> None:
-        if not self.field:
-            self.field = name
-
     def __get__(self, obj: object, owner: type | None = None):
         if obj is None:
             return self

@@ -450,8 +450,9 @@ class VirtioPciTransport:
                 started = time.perf_counter()
                 response = self.device.handle_request(chain.readable)
                 q.push(self.memory, chain, response)
-                served.append((int.from_bytes(chain.readable[:2], "little"), int.from_bytes(response[:2], "little"),
-                               time.perf_counter() - started))
+                if self.request_observers:
+                    served.append((int.from_bytes(chain.readable[:2], "little"),
+                                   int.from_bytes(response[:2], "little"), time.perf_counter() - started))
                 handled += 1
             if handled and not interrupted and not q.interrupts_suppressed(self.memory):
                 self._interrupt(q.msix_vector, 1)
@@ -467,7 +468,7 @@ class VirtioPciTransport:
 
     def _c_requests_served(self, count: int, waited_s: float, served: list[tuple[int, int, float]]) -> None:
         """The model's side of ``count`` requests the C path answered in a
-        call that took ``waited_s`` (with the state copied in and out)."""
+        call that took ``waited_s`` (with the discard-rule flags set before it)."""
         if not count:
             return
         results = self._c_served

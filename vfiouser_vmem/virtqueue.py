@@ -66,17 +66,20 @@ class GuestMemory:
         reach, ``why_unreachable`` says why (shown when the guest uses it)."""
         if buffer is not None and len(buffer) < length:
             raise ValueError(f"mapping at {iova:#x}: buffer of {len(buffer)} bytes for {length} bytes")
-        self.remove(iova, length)
+        self._drop(iova, length)
         i = bisect.bisect_right(self._starts, iova)
         self._starts.insert(i, iova)
         self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable))
         self._update_c_memory()
 
     def remove(self, iova: int, length: int) -> None:
+        self._drop(iova, length)
+        self._update_c_memory()
+
+    def _drop(self, iova: int, length: int) -> None:
         self._mappings = [m for m in self._mappings if not (m.iova == iova and m.end - m.iova == length)]
         self._starts = [m.iova for m in self._mappings]
         self._last = None
-        self._update_c_memory()
 
     def clear(self) -> None:
         self._mappings.clear()
