@@ -103,6 +103,9 @@ def _install_vfu_timing() -> None:
 #:   trig / trig1 vfu_irq_trigger called / returned (extra: vector)
 #:   cq           a C request path call returned (extra: requests, the
 #:                call's seconds as Python saw it, their seconds in C)
+#:   nq           requests served inside the notify write (extra: requests,
+#:                their seconds in C); with ntf, req and trig/trig1 events
+#:                at the C call's own time
 EVENTS: list[list] = []
 
 
@@ -186,6 +189,28 @@ def _install_events() -> None:
         return result, count
 
     vq.SplitQueue.serve_in_c = serve_in_c_traced
+    take_notify_served = vp.VirtioPciTransport.take_notify_served
+
+    def take_notify_served_traced(self):
+        # Requests the C request path served inside the notify write
+        # (csrc/vmem_queue.h vmem_serve_on_notify), with the interrupt
+        # raised there: their events carry the C call's own CLOCK_REALTIME
+        # stamp (taken when it returned, just before the trigger), not the
+        # time Python looks at them.
+        c = self.notify_serve._c
+        count = int(c.nr_served)
+        if count:
+            t = c.realtime_ns * 1e-9
+            ev(["ntf", t])
+            for i in range(count):
+                ev(["req", t, int(self.notify_serve.served[i].type)])
+            if c.interrupt_due and c.irq_vector >= 0:
+                ev(["trig", t, int(c.irq_vector)])
+                ev(["trig1", t, int(c.irq_vector)])
+            ev(["nq", t, count, sum(self.notify_serve.served[i].elapsed_ns for i in range(count)) * 1e-9])
+        return take_notify_served(self)
+
+    vp.VirtioPciTransport.take_notify_served = take_notify_served_traced
 
 
 #: process_queue calls that served requests: [monotonic end, requests, wall

@@ -157,12 +157,18 @@ extern "Python" ssize_t vfu_py_region9(vfu_ctx_t *, char *, size_t, loff_t, bool
 
 /* The context's private pointer (vfu_create_ctx's pvt) and the notify fast
  * path: see SOURCE below. */
+typedef int (vmem_notify_serve_fn)(void *arg, int *need_python);
 struct vmem_vfu_private {
     void *handle;
     uint64_t notify_offset;
     uint64_t notify_length;
     int notify_region;
     uint32_t kicks;
+    vmem_notify_serve_fn *notify_serve;
+    void *notify_serve_arg;
+    int notify_armed;
+    int irq_errno;
+    int irq_failed_vector;
 };
 ssize_t vmem_region_fast_notify(vfu_ctx_t *, char *, size_t, loff_t, bool);
 """
@@ -170,14 +176,24 @@ ssize_t vmem_region_fast_notify(vfu_ctx_t *, char *, size_t, loff_t, bool);
 # C compiled into the module.  The notify fast path: the guest's write to the
 # virtio notify register is a trapped BAR write, and QEMU's vfio-user client
 # sends region writes synchronously (no posted writes once a region is
-# mmap-able), so the vCPU waits for our reply.  All the device does for a
-# notify is record the kick (the queue is processed after vfu_run_ctx
-# returns), and entering Python for that costs 20-40 us here (GIL
-# re-acquire, cold caches).  This callback answers notify writes in C and
-# hands every other access of the region to its Python callback.
+# mmap-able), so the vCPU waits for our reply.  Entering Python for it
+# costs 20-40 us here (GIL re-acquire, cold caches).  This callback answers
+# notify writes in C: when the device armed it, it serves the queue there
+# through the device's C request path and raises the interrupt before the
+# reply (csrc/vmem_queue.h, vmem_serve_on_notify); otherwise, or when that
+# needs Python, it counts a kick, and the queue is processed after
+# vfu_run_ctx returns.  Every other access of the region goes to its Python
+# callback.
 SOURCE = r"""
 #include <stdint.h>
 #include <libvfio-user.h>
+
+#include <errno.h>
+
+/* The device's serve of a notify (csrc/vmem_queue.h vmem_serve_on_notify):
+ * returns the MSI-X vector to trigger or -1, and sets *need_python when the
+ * notify must also be counted as a kick for Python. */
+typedef int (vmem_notify_serve_fn)(void *arg, int *need_python);
 
 struct vmem_vfu_private {
     void *handle;            /* ffi.new_handle(VfuContext) */
@@ -188,6 +204,15 @@ struct vmem_vfu_private {
      * here, inside vfu_run_ctx, and read/reset by take_kicks(): both on the
      * trio thread, never at the same time, so no atomics are needed. */
     uint32_t kicks;
+    /* Optional: called for a notify write while notify_armed; disarmed
+     * after one call and before any Python callback (VfuContext). */
+    vmem_notify_serve_fn *notify_serve;
+    void *notify_serve_arg;
+    int notify_armed;
+    /* The last vfu_irq_trigger of a served notify that failed: its errno
+     * (0: none) and vector, for Python to log (take_notify_irq_error). */
+    int irq_errno;
+    int irq_failed_vector;
 };
 
 /* cffi defines the extern "Python" functions after this code. */
@@ -210,6 +235,22 @@ vmem_region_fast_notify(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offset,
         && (uint64_t)offset >= p->notify_offset
         && count <= p->notify_length
         && (uint64_t)offset - p->notify_offset <= p->notify_length - count) {
+        if (p->notify_armed && p->notify_serve != NULL) {
+            int need_python = 0;
+            int vector;
+
+            p->notify_armed = 0;
+            vector = p->notify_serve(p->notify_serve_arg, &need_python);
+            /* Before the reply: QEMU's main loop sees the eventfd while the
+             * vCPU still waits, and injects the MSI once it lets the BQL go. */
+            if (vector >= 0 && vfu_irq_trigger(ctx, (uint32_t)vector) < 0) {
+                p->irq_errno = errno != 0 ? errno : EIO;
+                p->irq_failed_vector = vector;
+            }
+            if (!need_python) {
+                return (ssize_t)count;
+            }
+        }
         if (p->kicks != UINT32_MAX) {
             p->kicks++;
         }

@@ -21,6 +21,7 @@
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
 #define VRING_DESC_F_INDIRECT 4
+#define VRING_AVAIL_F_NO_INTERRUPT 1
 
 #define VIRTIO_MEM_REQ_PLUG 0
 #define VIRTIO_MEM_REQ_UNPLUG 1
@@ -284,4 +285,28 @@ int vmem_serve_queue(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
         (*nr_served)++;
     }
     return VMEM_SERVE_FULL;
+}
+
+int vmem_serve_on_notify(void *arg, int *need_python)
+{
+    struct vmem_notify_serve *s = arg;
+    uint32_t n = 0;
+    int rc;
+    struct timespec ts;
+
+    if (s->nr_served != 0 || s->max_served == 0) {
+        /* Requests of an earlier call that Python has not taken yet: they
+         * stay as they are, and Python serves this notify. */
+        s->need_python = 1;
+        *need_python = 1;
+        return -1;
+    }
+    rc = vmem_serve_queue(s->vq, s->mem, s->dev, s->served, s->max_served, &n);
+    s->nr_served = n;
+    s->interrupt_due = rc == VMEM_SERVE_DONE && n > 0 && !(s->vq->avail_flags & VRING_AVAIL_F_NO_INTERRUPT);
+    s->need_python = rc != VMEM_SERVE_DONE;
+    *need_python = s->need_python;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    s->realtime_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    return s->interrupt_due ? s->irq_vector : -1;
 }

@@ -96,6 +96,46 @@ struct vmem_served {
  * (VMEM_SERVE_FULL).  *nr_served says how many were; each is in served[]. */
 int vmem_serve_queue(struct vmem_vring *vq, struct vmem_guest_memory *mem, struct vmem_device_state *dev,
                      struct vmem_served *served, uint32_t max_served, uint32_t *nr_served);
+/* Serving inside the guest's notify write.  QEMU's vfio-user client sends
+ * the notify write synchronously (no posted writes once a region is
+ * mmap-able) and holds the vCPU, and the BQL, until the reply; QEMU's own
+ * virtio-mem under TCG serves the queue inside that very write.  Served
+ * here, the interrupt is raised before the reply goes out, so QEMU's main
+ * loop injects it as soon as the vCPU lets the BQL go, instead of after
+ * another wake-up of this server (docs/request-path.md).
+ *
+ * The server arms it after each vfio-user message (virtio_pci.py
+ * arm_notify_serve: queue ready, device state, MSI-X vector) and the vfio-user
+ * binding (csrc/ffi_vfu.py) disarms it before every Python callback and
+ * after one call: one notify is served per arming, and anything that may
+ * change what it relies on goes through Python first. */
+struct vmem_notify_serve {
+    struct vmem_vring *vq;
+    struct vmem_guest_memory *mem;
+    struct vmem_device_state *dev;
+    struct vmem_served *served;
+    uint32_t max_served;
+    /* Out, until Python takes them (virtio_pci.py take_notify_served): */
+    uint32_t nr_served;
+    /* 1: the last call served requests and the guest is owed an interrupt
+     * for them (the avail ring did not suppress it). */
+    int interrupt_due;
+    /* 1: the last call stopped before the queue was empty (a chain for
+     * Python, or served[] full): Python's process_queue takes over, and
+     * decides the interrupt for these requests too. */
+    int need_python;
+    /* CLOCK_REALTIME when the last call returned (bench/latency.py lines it
+     * up with QEMU's trace). */
+    uint64_t realtime_ns;
+    /* The queue's MSI-X vector, or -1 when no interrupt can be sent (no
+     * vector, MSI-X disabled or masked). */
+    int32_t irq_vector;
+};
+
+/* Serve one notify (arg: a struct vmem_notify_serve).  Returns the MSI-X
+ * vector to trigger now, or -1; *need_python = 1 when Python must look at
+ * the queue (the notify then counts as a kick). */
+int vmem_serve_on_notify(void *arg, int *need_python);
 /* CDEF-END */
 
 #endif /* VMEM_QUEUE_H */

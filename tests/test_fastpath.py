@@ -3,9 +3,13 @@ device.py): same guest-visible answers, same device state, same discards.
 
 A guest is simulated in a bytearray: descriptor table, avail and used rings
 and request buffers, reached by the transport through GuestMemory as the
-server's DMA mappings are.  Each scenario runs twice, once with
-``transport.serve_in_c`` and once without, and everything the guest or the
-host can observe is compared.
+server's DMA mappings are.  Each scenario runs with ``transport.serve_in_c``
+and without, and everything the guest or the host can observe is compared.
+The C side runs in two modes: "c", the C path called by process_queue after
+the vfio-user message; and "notify", the C path called inside the notify
+write (``vmem_serve_on_notify``, as csrc/ffi_vfu.py calls it while the
+server keeps it armed), then ``serve_kicks`` as DeviceServer.serve_requests
+does.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import struct
 
 import pytest
 
+from vfiouser_vmem._blocks import ffi as blocks_ffi, lib as blocks_lib
 from vfiouser_vmem.device import MIB, DiscardFailed, RequestType, Response, VirtioMemDevice
 from vfiouser_vmem.virtqueue import served_array
 from vfiouser_vmem.virtio_pci import (
@@ -66,7 +71,8 @@ class Guest:
     """A driver writing chains into simulated guest RAM, and the device
     (transport + model) serving them through GuestMemory."""
 
-    def __init__(self, *, in_c: bool, requested: int = REGION, split_ram: bool = False) -> None:
+    def __init__(self, *, in_c: bool, requested: int = REGION, split_ram: bool = False, mode: str = "c") -> None:
+        self.mode = mode if in_c else "python"
         self.ram = bytearray(RAM_BYTES)
         self.discards = DiscardQueueModel()
         self.device = VirtioMemDevice(
@@ -111,6 +117,17 @@ class Guest:
         self.used_seen = 0
         self.next_desc = 0
         self.next_buf = 0
+        self.armed = False
+        self.in_notify = 0  # requests served inside a notify write
+        self.need_python = blocks_ffi.new("int *")
+        self.messages()
+
+    def messages(self) -> None:
+        """vfio-user messages went through Python (the set-up, a DMA map, a
+        queue register): the binding disarmed the notify serve, and the
+        server armed it again afterwards (DeviceServer.update_notify_serve)."""
+        if self.mode == "notify":
+            self.armed = self.transport.arm_notify_serve()
 
     def _desc(self, addr: int, length: int, flags: int) -> int:
         i = self.next_desc
@@ -162,8 +179,31 @@ class Guest:
             raise AssertionError(layout)
 
     def serve(self) -> int:
-        self.transport.kick_pending = True
-        return self.transport.process_queue()
+        """The driver's notify, then the server after the message."""
+        t = self.transport
+        if self.mode != "notify":
+            t.kick_pending = True
+            return t.process_queue()
+        kicked = True
+        if self.armed:
+            # What vmem_region_fast_notify does with an armed serve.
+            self.armed = False
+            vector = blocks_lib.vmem_serve_on_notify(blocks_ffi.cast("void *", t.notify_serve.arg_address),
+                                                     self.need_python)
+            if vector >= 0:
+                self.interrupts.append(vector)
+            kicked = bool(self.need_python[0])
+            self.in_notify += t.notify_serve._c.nr_served
+        answered = t.serve_kicks(kicked)
+        self.messages()
+        return answered
+
+    def refuse_discards(self, refusing: bool) -> None:
+        """The discard worker's failure (or recovery): the server re-arms
+        (DiscardQueue.on_failure_change)."""
+        if refusing != self.discards.refusing:
+            self.discards.refusing = refusing
+            self.messages()
 
     def snapshot(self) -> dict:
         t, d = self.transport, self.device
@@ -185,8 +225,17 @@ class Guest:
         }
 
 
+C_MODE = {"mode": "c"}
+
+
+@pytest.fixture(autouse=True, params=["c", "notify"])
+def c_mode(request: pytest.FixtureRequest) -> str:
+    C_MODE["mode"] = request.param
+    return request.param
+
+
 def both(**kwargs) -> tuple[Guest, Guest]:
-    return Guest(in_c=True, **kwargs), Guest(in_c=False, **kwargs)
+    return Guest(in_c=True, mode=C_MODE["mode"], **kwargs), Guest(in_c=False, **kwargs)
 
 
 def same(c: Guest, py: Guest) -> None:
@@ -216,6 +265,7 @@ def test_accepted_requests_are_served_in_c_with_the_same_answers():
         assert g.serve() == 5
     same(c, py)
     assert c.c_served == 5 and py.c_served == 0
+    assert c.in_notify == (5 if c.mode == "notify" else 0)
     assert c.observed == [(PLUG, 0), (STATE, 0), (STATE, 0), (UNPLUG, 0), (STATE, 0)]
     assert c.device.plugged_size == 3 * BS
     assert c.discards.calls == [("discard", BS, BS)]
@@ -267,7 +317,7 @@ def test_unplug_while_discards_are_refused_is_busy_from_python():
     for g in (c, py):
         g.request(PLUG, BAR_ADDR, 2)
         g.serve()
-        g.discards.refusing = True
+        g.refuse_discards(True)
         g.request(UNPLUG, BAR_ADDR, 1)
         g.serve()
     same(c, py)
@@ -312,6 +362,7 @@ def _unmap_ram(g: Guest) -> None:
     g.request(PLUG, BAR_ADDR, 1)
     g.transport.memory.remove(RAM_IOVA, RAM_BYTES)
     g.transport.memory.add(RAM_IOVA, RAM_BYTES, None, "shared memory missing")
+    g.messages()
 
 
 def _avail_too_far_ahead(g: Guest) -> None:
@@ -332,6 +383,7 @@ def _descriptors_wrap_past_2_64(g: Guest) -> None:
     struct.pack_into("<H", g.ram, AVAIL + 4, 2)
     g.avail_idx = 1
     struct.pack_into("<H", g.ram, AVAIL + 2, 1)
+    g.messages()
 
 
 @pytest.mark.parametrize("breakage, why", [(_unmap_ram, "shared memory missing"), (_avail_too_far_ahead, "ahead"),
@@ -362,12 +414,20 @@ def test_a_full_batch_is_served_in_several_calls():
     """More requests than the served[] array holds (VMEM_SERVE_FULL)."""
     c, py = both()
     c.transport._c_served = served_array(2)
+    c.transport.notify_serve._c.max_served = 2  # the first two of served[]
     for g in (c, py):
+        # Exactly as many as fit: the notify write stops for Python, which
+        # finds the queue empty and still owes the guest the interrupt.
+        g.request(PLUG, BAR_ADDR + 10 * BS, 1)
+        g.request(PLUG, BAR_ADDR + 11 * BS, 1)
+        assert g.serve() == 2
         for i in range(7):
             g.request(PLUG, BAR_ADDR + i * BS, 1)
         assert g.serve() == 7
     same(c, py)
-    assert c.c_served == 7
+    assert c.c_served == 9
+    assert c.interrupts == [1, 1]
+    assert c.in_notify == (4 if c.mode == "notify" else 0)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -392,7 +452,7 @@ def test_random_request_streams_agree(seed):
             layout = rng.choice(layouts) if rng.random() < 0.05 else "plain"
             ops.append((kind, addr, nb, layout))
         for g in (c, py):
-            g.discards.refusing = refusing
+            g.refuse_discards(refusing)
             struct.pack_into("<H", g.ram, AVAIL, no_interrupt)  # VRING_AVAIL_F_NO_INTERRUPT or 0
             if drained:
                 g.discards.queued.clear()
@@ -412,7 +472,10 @@ def test_random_request_streams_agree(seed):
                 g.avail_idx = 0
                 struct.pack_into("<HH", g.ram, AVAIL, 0, 0)
                 struct.pack_into("<HH", g.ram, USED, 0, 0)
+                g.messages()
         same(c, py)
     acks = sum(1 for _, code in c.observed if code == Response.ACK)
     assert c.c_served > 0.5 * acks, "the C path served too little to be tested"
+    if c.mode == "notify":
+        assert c.in_notify > 0.1 * acks, "too little was served inside the notify write to be tested"
     assert 0 < len(c.interrupts) < 60, "interrupts were always or never suppressed: untested"

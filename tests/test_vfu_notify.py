@@ -24,11 +24,11 @@ import trio
 
 from test_protocol import BAR_ADDR, BLOCK, TIMEOUT, Vmem, vmem, vmem_factory  # noqa: F401 (fixtures)
 from vfio_user_client import BAR0, VfioUserError
-from virtio_driver import ACK, COMMON_NUMQ, COMMON_STATUS, PLUG, PLUGGED, RESPONSE_SIZE, STATE, request, response
+from virtio_driver import ACK, BUSY, COMMON_NUMQ, ERROR, COMMON_STATUS, PLUG, PLUGGED, RESPONSE_SIZE, STATE, request, response
 from vfiouser_vmem import virtio_pci as vp
 from vfiouser_vmem._vfu import ffi, lib
 from vfiouser_vmem.server import ControlledVmem
-from vfiouser_vmem.vfu import PciType, Region, RegionFlag, ResetType, VfuContext
+from vfiouser_vmem.vfu import IrqType, PciType, Region, RegionFlag, ResetType, VfuContext
 
 NOTIFY = vp.NOTIFY_OFFSET
 NOTIFY_LEN = vp.NOTIFY_OFF_MULTIPLIER * vp.NUM_QUEUES
@@ -359,3 +359,209 @@ def test_fast_notify_needs_an_access_callback(ctx: VfuContext) -> None:
 async def test_the_device_server_uses_the_fast_path(vmem: Vmem) -> None:  # noqa: F811
     private = vmem.server.ctx._private
     assert (private.notify_region, private.notify_offset, private.notify_length) == (Region.BAR0, NOTIFY, NOTIFY_LEN)
+
+
+# ---------------------------------------------------------------------------
+# The notify serve: the device's C request path called inside the write
+# (VfuContext.set_notify_serve; csrc/vmem_queue.h vmem_serve_on_notify).
+
+
+class ServeSpy:
+    """A C-callable notify serve (a cffi callback): records its calls and
+    returns what the test says."""
+
+    def __init__(self, vector: int = -1, need_python: bool = False) -> None:
+        self.calls = 0
+        self.vector = vector
+        self.need_python = need_python
+
+        def serve(arg, need_python_out):
+            self.calls += 1
+            need_python_out[0] = int(self.need_python)
+            return self.vector
+
+        self._cb = ffi.callback("vmem_notify_serve_fn", serve)
+        self.address = int(ffi.cast("uintptr_t", self._cb))
+
+
+def serve_ctx(ctx: VfuContext, serve: ServeSpy) -> Recorder:
+    rec = fast_notify_ctx(ctx)
+    ctx.set_notify_serve(serve.address, 0)
+    return rec
+
+
+def test_an_armed_notify_is_served_once_and_not_counted(ctx: VfuContext) -> None:
+    serve = ServeSpy()
+    rec = serve_ctx(ctx, serve)
+    assert not ctx.notify_armed  # set_notify_serve leaves it disarmed
+    c_access(ctx, NOTIFY, 2, True)
+    assert serve.calls == 0 and ctx.take_kicks() == 1
+    ctx.notify_armed = True
+    assert ctx.notify_armed
+    assert c_access(ctx, NOTIFY, 2, True)[0] == 2
+    assert serve.calls == 1 and ctx.take_kicks() == 0
+    # One call per arming: the next notify is a kick again.
+    assert not ctx.notify_armed
+    c_access(ctx, NOTIFY, 2, True)
+    assert serve.calls == 1 and ctx.take_kicks() == 1
+    assert rec.calls == []
+
+
+def test_a_notify_serve_that_needs_python_also_counts_a_kick(ctx: VfuContext) -> None:
+    serve = ServeSpy(need_python=True)
+    serve_ctx(ctx, serve)
+    ctx.notify_armed = True
+    c_access(ctx, NOTIFY + 3, 1, True)
+    assert serve.calls == 1 and ctx.take_kicks() == 1
+
+
+def test_a_vector_that_cannot_be_triggered_is_reported_once(ctx: VfuContext) -> None:
+    """Without a client no eventfd exists: vfu_irq_trigger fails in C, and
+    the error waits for the server to log it."""
+    serve = ServeSpy(vector=1)
+    serve_ctx(ctx, serve)
+    ctx.setup_irqs(IrqType.MSIX, 2)
+    ctx.realize()  # allocates the eventfd table (lib/irq.c), all -1
+    assert ctx.take_notify_irq_error() is None
+    ctx.notify_armed = True
+    assert c_access(ctx, NOTIFY, 2, True)[0] == 2  # the write is still answered
+    assert serve.calls == 1 and ctx.take_kicks() == 0
+    vector, err = ctx.take_notify_irq_error()
+    assert vector == 1 and err != 0
+    assert ctx.take_notify_irq_error() is None
+
+
+def _dma_info(iova: int, length: int):
+    info = ffi.new("vfu_dma_info_t *")
+    info.iova.iov_base = ffi.cast("void *", iova)
+    info.iova.iov_len = length
+    return info
+
+
+@pytest.mark.parametrize("python_callback", ["region access", "other region", "reset", "dma map", "dma unmap"])
+def test_every_python_callback_disarms_the_notify_serve(ctx: VfuContext, python_callback: str) -> None:
+    """Python may change what the serve relies on (the queue, the BAR, the
+    mappings); the device re-arms it after looking."""
+    serve = ServeSpy()
+    serve_ctx(ctx, serve)
+    ctx.setup_region(Region.BAR1, 0x1000, Recorder(), RegionFlag.RW | RegionFlag.MEM)
+    ctx.notify_armed = True
+    buf = ffi.new("char[]", 4)
+    if python_callback == "region access":
+        c_access(ctx, 0, 4, True)  # common config, through the C callback
+    elif python_callback == "other region":
+        assert lib.vfu_py_region1(ctx._ctx, buf, 4, 0, False) == 4
+    elif python_callback == "reset":
+        assert lib.vfu_py_reset(ctx._ctx, lib.VFU_RESET_DEVICE) == 0
+    elif python_callback == "dma map":
+        lib.vfu_py_dma_register(ctx._ctx, _dma_info(0x1000_0000, 0x1000))
+    else:
+        lib.vfu_py_dma_unregister(ctx._ctx, _dma_info(0x1000_0000, 0x1000))
+    assert not ctx.notify_armed
+    c_access(ctx, NOTIFY, 2, True)
+    assert serve.calls == 0 and ctx.take_kicks() == 1
+
+
+def test_notify_serve_needs_a_window_and_a_function(ctx: VfuContext) -> None:
+    with pytest.raises(ValueError, match="fast_notify window"):
+        ctx.set_notify_serve(ServeSpy().address, 0)
+    fast_notify_ctx(ctx)
+    ctx.notify_armed = True  # no function yet: stays disarmed
+    assert not ctx.notify_armed
+    c_access(ctx, NOTIFY, 2, True)
+    assert ctx.take_kicks() == 1
+
+
+def test_declaring_the_region_again_without_the_window_drops_the_serve(ctx: VfuContext) -> None:
+    serve = ServeSpy()
+    serve_ctx(ctx, serve)
+    ctx.notify_armed = True
+    rec = Recorder()
+    ctx.setup_region(Region.BAR0, vp.BAR0_SIZE, rec, RegionFlag.RW | RegionFlag.MEM)
+    assert not ctx.notify_armed
+    ctx.notify_armed = True
+    assert not ctx.notify_armed
+    with pytest.raises(ValueError, match="fast_notify window"):
+        ctx.set_notify_serve(serve.address, 0)
+
+
+# -- the device server: requests answered inside the notify write --------------
+
+
+class TriggerSpy:
+    """Wraps the transport's Python-side MSI-X trigger."""
+
+    def __init__(self, v: Vmem) -> None:
+        self.vectors: list[int] = []
+        self._real = v.server.transport.trigger
+
+    def __call__(self, vector: int) -> None:
+        self.vectors.append(vector)
+        self._real(vector)
+
+
+@pytest.fixture
+def served_in_notify(vmem: Vmem, monkeypatch: pytest.MonkeyPatch) -> list[int]:  # noqa: F811
+    """How many requests each vfio-user message's notify write served."""
+    counts: list[int] = []
+    real = vmem.server.transport.take_notify_served
+
+    def spy() -> int:
+        n = real()
+        if n:
+            counts.append(n)
+        return n
+
+    monkeypatch.setattr(vmem.server.transport, "take_notify_served", spy)
+    return counts
+
+
+async def test_requests_are_answered_inside_the_notify_write(
+        vmem: Vmem, spy: Bar0Spy, served_in_notify: list[int], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    trigger = TriggerSpy(vmem)
+    monkeypatch.setattr(vmem.server.transport, "trigger", trigger)
+    d = vmem.driver
+    assert await d.plug(BAR_ADDR, 2) == ACK
+    responses = await d.submit_many([request(STATE, BAR_ADDR, 2), request(PLUG, BAR_ADDR + 4 * BLOCK, 1)])
+    assert [response(r) for r in responses] == [(ACK, PLUGGED), (ACK, 0)]
+    assert served_in_notify == [1, 2]
+    # The interrupts were raised in C (the driver waited on the eventfd).
+    assert trigger.vectors == []
+    assert spy.calls == []
+    assert vmem.server.model.plugged_size == 3 * BLOCK
+    assert vmem.server.transport.isr & 1
+
+
+async def test_a_refusal_in_the_batch_is_answered_by_python_with_one_interrupt(
+        vmem: Vmem, served_in_notify: list[int], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    trigger = TriggerSpy(vmem)
+    monkeypatch.setattr(vmem.server.transport, "trigger", trigger)
+    d = vmem.driver
+    responses = await d.submit_many([
+        request(PLUG, BAR_ADDR, 1),
+        request(PLUG, BAR_ADDR + BLOCK // 2, 1),  # misaligned: ERROR, from Python
+        request(PLUG, BAR_ADDR + BLOCK, 1),
+    ])
+    assert [response(r)[0] for r in responses] == [ACK, ERROR, ACK]
+    assert served_in_notify == [1]  # then the notify stopped for Python
+    assert trigger.vectors == [1]  # Python's one interrupt answers all three
+    assert vmem.server.model.plugged_size == 2 * BLOCK
+
+
+async def test_a_discard_failure_between_two_notifies_makes_the_next_unplug_busy(
+        vmem: Vmem, served_in_notify: list[int]) -> None:  # noqa: F811
+    """The failure comes from the discard worker, with no vfio-user message
+    in between: the server disarms the C answer to UNPLUG right then
+    (DiscardQueue.on_failure_change), or it would be ACKed."""
+    d, server = vmem.driver, vmem.server
+    server.discards.retry_initial_s = 3600
+    assert await d.plug(BAR_ADDR, 2) == ACK
+    server.fail_discards = 1000
+    assert await d.unplug(BAR_ADDR, 1) == ACK
+    assert server.ctx.notify_armed
+    with trio.fail_after(TIMEOUT):
+        while server.discards.failure is None:
+            await trio.sleep(0.001)  # the worker thread's failure
+    assert await d.unplug(BAR_ADDR + BLOCK, 1) == BUSY
+    assert server.model.plugged_size == BLOCK
+    assert served_in_notify == [1, 1]  # the PLUG and the first UNPLUG

@@ -173,6 +173,9 @@ class DiscardQueue:
         self.failure: str | None = None
         self.failures_total = 0
         self.claimed_bytes_total = 0
+        #: Called (trio thread) when the worker sets or clears ``failure``:
+        #: the server's C request path answers UNPLUG only while it is None.
+        self.on_failure_change: Callable[[], None] | None = None
 
     @property
     def pending_bytes(self) -> int:
@@ -257,6 +260,10 @@ class DiscardQueue:
             self._retry_delay_s = self.retry_initial_s
             self._work.set()
 
+    def _failure_changed(self) -> None:
+        if self.on_failure_change is not None:
+            self.on_failure_change()
+
     def _recovered(self) -> None:
         self.failure = None
         self._retry_at = None
@@ -301,9 +308,11 @@ class DiscardQueue:
             if self.failure is not None:
                 log.warning("%s: discards work again (the failed range was given back)", self.name)
                 self._recovered()
+                self._failure_changed()
             return
         self.failures_total += 1
         self.failure = str(error)
+        self._failure_changed()
         self._retry_at = trio.current_time() + self._retry_delay_s
         log.warning(
             "%s: could not give memory back to the host: %s; retrying in %.0f s, "

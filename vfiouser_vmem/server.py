@@ -207,10 +207,17 @@ class DeviceServer:
             msix_cap_offset=msix_at,
             name=self.config.id,
         )
+        # The guest's notify write is served in C inside the write, with its
+        # interrupt raised before the reply, while the transport arms it
+        # (docs/request-path.md).
+        ctx.set_notify_serve(self.transport.notify_serve.fn_address, self.transport.notify_serve.arg_address)
         ctx.on_reset = self._reset
         ctx.on_dma_register = self._dma_register
         ctx.on_dma_unregister = self._dma_unregister
         ctx.realize()
+        # A discard failing (or working again) changes whether an UNPLUG
+        # may be answered ACK in C.
+        self.discards.on_failure_change = self.update_notify_serve
 
     def _discard_refused(self) -> bool:
         # Like QEMU answering a failed discard BUSY: the guest retries later,
@@ -349,15 +356,34 @@ class DeviceServer:
         worker for what they unplugged (and a reset before them queued).
 
         Notify writes are answered in C (VfuContext fast_notify: the vCPU
-        waits for that reply, and entering Python would cost 20-40 us), so
-        the kicks are taken here; a kick taken while requests are held stays
-        pending in the transport until they are released."""
+        waits for that reply, and entering Python would cost 20-40 us).
+        While armed, the C request path served the queue inside the write
+        (the bookkeeping is done here); otherwise, or where it stopped for
+        Python, the write counted a kick, taken here; a kick taken while
+        requests are held stays pending in the transport until they are
+        released."""
         try:
-            if self.ctx.take_kicks():
-                self.transport.kick_pending = True
-            self.transport.process_queue()
+            failed = self.ctx.take_notify_irq_error()
+            if failed is not None:
+                vector, err = failed
+                # As the transport's _interrupt: the interrupt is lost, the
+                # device carries on.
+                self.log.warning("%s: MSI-X vector %d could not be triggered: %s",
+                                 self.config.id, vector, os.strerror(err))
+            self.transport.serve_kicks(self.ctx.take_kicks() > 0)
         finally:
             self.discards.wake()
+        self.update_notify_serve()
+
+    def update_notify_serve(self) -> None:
+        """Arm the notify serve for the state the device is in now, or
+        disarm it (VirtioPciTransport.arm_notify_serve): after each vfio-user
+        message, and after anything on this thread that changes what it
+        relies on (control commands, the discard worker's failures)."""
+        if self.connected:
+            self.ctx.notify_armed = self.transport.arm_notify_serve()
+        else:
+            self.ctx.notify_armed = False
 
     async def run(self) -> None:
         """Serve clients one after the other, and give unplugged memory back
@@ -442,7 +468,9 @@ class ControlledVmem:
             transport = self.server.transport
             transport.hold_requests = value
             log.warning("%s: virtio-mem requests %s (x-hold-requests)", self.id, "held" if value else "released")
-            if not value:
+            if value:
+                self.server.update_notify_serve()  # held: no serve inside the notify write either
+            else:
                 self.server.serve_requests()
             return
         if prop == "x-fail-discards":

@@ -11,8 +11,13 @@ long: a region access keeps QEMU's vCPU waiting for the reply (DESIGN.md
 section 2: never process the virtqueue inside a region callback).
 
 One region may have a notify window (``setup_region(fast_notify=...)``):
-writes there are answered in C, without entering Python, and only counted;
-``take_kicks()`` reads the count after ``run()``.
+writes there are answered in C, without entering Python, and counted;
+``take_kicks()`` reads the count after ``run()``.  A device may also give a
+C function that serves a notify inside the write (``set_notify_serve``):
+while ``notify_armed``, the next notify write calls it instead of counting
+a kick (unless it asks for Python).  The binding disarms it after that call
+and before every Python callback, so the device re-arms it only when it
+knows its state.
 """
 
 from __future__ import annotations
@@ -245,6 +250,8 @@ class VfuContext:
             # The region was declared again without the window: forget it.
             self._private.notify_region = -1
             self._private.notify_length = 0
+            self._private.notify_armed = 0
+            self._private.notify_serve = ffi.NULL
 
     def take_kicks(self) -> int:
         """Notify writes answered by the fast path since the last call (the
@@ -254,6 +261,37 @@ class VfuContext:
         kicks = int(self._private.kicks)
         self._private.kicks = 0
         return kicks
+
+    def set_notify_serve(self, fn_address: int, arg_address: int) -> None:
+        """The C function (``int fn(void *arg, int *need_python)``, see
+        csrc/ffi_vfu.py) that serves a notify write while ``notify_armed``,
+        and its argument.  Both are addresses: the caller keeps them valid
+        until the context is closed or ``set_notify_serve(0, 0)``.  The
+        function returns an MSI-X vector that is then triggered (before the
+        reply to the write), or -1."""
+        if self._private.notify_region < 0:
+            raise ValueError("set_notify_serve needs a fast_notify window (setup_region)")
+        self._private.notify_armed = 0
+        self._private.notify_serve = ffi.cast("vmem_notify_serve_fn *", fn_address)
+        self._private.notify_serve_arg = ffi.cast("void *", arg_address)
+
+    @property
+    def notify_armed(self) -> bool:
+        return bool(self._private.notify_armed)
+
+    @notify_armed.setter
+    def notify_armed(self, armed: bool) -> None:
+        # Only on the thread that calls run(), between two run() calls.
+        self._private.notify_armed = 1 if armed and self._private.notify_serve != ffi.NULL else 0
+
+    def take_notify_irq_error(self) -> tuple[int, int] | None:
+        """(vector, errno) of the last interrupt a served notify could not
+        trigger since the last call, or None."""
+        err = int(self._private.irq_errno)
+        if not err:
+            return None
+        self._private.irq_errno = 0
+        return int(self._private.irq_failed_vector), err
 
     # -- interrupts ------------------------------------------------------
     def setup_irqs(self, irq_type: IrqType, count: int) -> None:
@@ -369,6 +407,7 @@ def vfu_py_log(vfu_ctx, level, msg):
 @ffi.def_extern()
 def vfu_py_reset(vfu_ctx, reset_type):
     ctx = _context(vfu_ctx)
+    ctx._private.notify_armed = 0
     # Kicks counted before a reset belong to the virtio state it discards
     # (as transport.kick_pending, which the reset clears); kicks after it,
     # in the same run(), are counted anew.
@@ -395,6 +434,7 @@ def _dma_region(info) -> DmaRegion:
 @ffi.def_extern()
 def vfu_py_dma_register(vfu_ctx, info):
     ctx = _context(vfu_ctx)
+    ctx._private.notify_armed = 0
     try:
         if ctx.on_dma_register is not None:
             ctx.on_dma_register(_dma_region(info))
@@ -405,6 +445,7 @@ def vfu_py_dma_register(vfu_ctx, info):
 @ffi.def_extern()
 def vfu_py_dma_unregister(vfu_ctx, info):
     ctx = _context(vfu_ctx)
+    ctx._private.notify_armed = 0
     try:
         if ctx.on_dma_unregister is not None:
             ctx.on_dma_unregister(_dma_region(info))
@@ -417,6 +458,9 @@ def vfu_py_dma_unregister(vfu_ctx, info):
 def _make_region_callback(index: int):
     def callback(vfu_ctx, buf, count, offset, is_write):
         ctx = _context(vfu_ctx)
+        # Whatever the access changes, a served notify must not rely on the
+        # state it was armed with (set_notify_serve).
+        ctx._private.notify_armed = 0
         access = ctx._region_access.get(index)
         try:
             if access is None:

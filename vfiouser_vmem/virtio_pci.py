@@ -28,6 +28,7 @@ from vfiouser_vmem.virtqueue import (
     SERVE_FULL,
     GuestMemory,
     GuestMemoryError,
+    NotifyServe,
     QueueError,
     SplitQueue,
     served_array,
@@ -160,6 +161,11 @@ class VirtioPciTransport:
         #: False: every request goes through Python (tests compare the two).
         self.serve_in_c = True
         self._c_served = served_array(QUEUE_MAX_SIZE)
+        #: The C request path inside the notify write (arm_notify_serve).
+        self.notify_serve = NotifyServe(self.queue, self.memory, QUEUE_MAX_SIZE)
+        # Requests served inside a notify write that stopped for Python:
+        # process_queue counts them when it decides on the interrupt.
+        self._notify_served_pending = 0
         device.on_config_change = self.notify_config
         device.defer_size_events = True
         self.virtio_reset()
@@ -178,6 +184,7 @@ class VirtioPciTransport:
         self.isr = 0
         self.queue.reset()
         self.kick_pending = False
+        self._notify_served_pending = 0
         self.broken_reason = None
         self._warned_unassigned_bar = False
 
@@ -411,7 +418,10 @@ class VirtioPciTransport:
         if self.broken_reason or not (q.enabled and self.status & VIRTIO_CONFIG_S_DRIVER_OK):
             return 0
         self.refresh_addr()
-        handled = 0
+        # Requests a notify write served before it stopped for Python: the
+        # interrupt below answers them too.
+        handled = served_before = self._notify_served_pending
+        self._notify_served_pending = 0
         interrupted = False
         # (request type, response code, seconds) of each request served.
         served: list[tuple[int, int, float]] = []
@@ -430,11 +440,11 @@ class VirtioPciTransport:
                         if handled and not q.c_interrupts_suppressed():
                             self._interrupt(q.msix_vector, 1)
                         interrupted = True
-                        self._c_requests_served(count, waited_s, served)
+                        self._c_requests_served(self._c_served, count, waited_s, served)
                         break
                     # Before Python serves a chain: a PLUG there may claim
                     # the discard of an UNPLUG answered here.
-                    self._c_requests_served(count, waited_s, served)
+                    self._c_requests_served(self._c_served, count, waited_s, served)
                     if result == SERVE_FULL:
                         continue
                 # The next chain is Python's: a refusal, UNPLUG_ALL, a
@@ -464,14 +474,15 @@ class VirtioPciTransport:
         for request_type, response_code, elapsed_s in served:
             for observe in self.request_observers:
                 observe(request_type, response_code, elapsed_s)
-        return handled
+        return handled - served_before
 
-    def _c_requests_served(self, count: int, waited_s: float, served: list[tuple[int, int, float]]) -> None:
-        """The model's side of ``count`` requests the C path answered in a
-        call that took ``waited_s`` (with the discard-rule flags set before it)."""
+    def _c_requests_served(self, results: object, count: int, waited_s: float,
+                           served: list[tuple[int, int, float]]) -> None:
+        """The model's side of the first ``count`` requests of ``results``
+        that the C path answered in a call that took ``waited_s`` (with the
+        discard-rule flags set before it)."""
         if not count:
             return
-        results = self._c_served
         self.device.c_requests_served(results, count)
         if self.request_observers:
             # A request's service time: its own time in C plus an equal share
@@ -480,6 +491,60 @@ class VirtioPciTransport:
             share_s = max(0.0, waited_s - sum(in_c_s)) / count
             for i in range(count):
                 served.append((results[i].type, results[i].response, in_c_s[i] + share_s))
+
+    # -- serving inside the notify write -----------------------------------
+    def arm_notify_serve(self) -> bool:
+        """Get ``notify_serve`` ready for the guest's next notify write and
+        say whether it may run: only in the state where process_queue would
+        hand the whole queue to the C path first.  The vfio-user binding
+        disarms it after one notify and before any other callback, so this
+        runs again after each vfio-user message (server.serve_requests)
+        and after anything else that changes what it checks."""
+        q = self.queue
+        if (not self.serve_in_c or self.hold_requests or self.kick_pending or self.broken_reason
+                or not (q.enabled and self.status & VIRTIO_CONFIG_S_DRIVER_OK)):
+            return False
+        self.refresh_addr()
+        vector = q.msix_vector
+        # As _interrupt: never a vector the guest did not enable.
+        if not (vector != VIRTIO_MSI_NO_VECTOR and vector < MSIX_VECTORS and self.msix_enabled()):
+            vector = -1
+        self.notify_serve.prepare(self.device.c_request_state(), vector)
+        return True
+
+    def serve_kicks(self, kicked: bool) -> int:
+        """After vfio-user messages: the bookkeeping of what a notify write
+        served in C, then, if a notify was counted as a kick, the queue.
+        Returns how many requests were answered."""
+        answered = self.take_notify_served()
+        if kicked:
+            self.kick_pending = True
+        answered += self.process_queue()
+        # One size change for both (process_queue may have told it already).
+        self.device.flush_size_events()
+        return answered
+
+    def take_notify_served(self) -> int:
+        """The bookkeeping of the requests the last notify write served in C
+        (discards, ISR, observers; size events are due, for the caller's
+        flush), as process_queue does after the C path; returns how many.  When that call stopped for Python,
+        the notify also counted as a kick, and process_queue serves the rest
+        and decides the interrupt for all of them."""
+        count, interrupt_due, need_python, _ = self.notify_serve.take()
+        if not count:
+            return 0
+        if interrupt_due:
+            self.isr |= 1  # the vector, if any, was triggered in C
+        if need_python:
+            self._notify_served_pending += count
+        served: list[tuple[int, int, float]] = []
+        # No Python around the call: the requests' own time in C is what
+        # the guest waited for (after the vfio-user message arrived).
+        self._c_requests_served(self.notify_serve.served, count, 0.0, served)
+        for request_type, response_code, elapsed_s in served:
+            for observe in self.request_observers:
+                observe(request_type, response_code, elapsed_s)
+        return count
 
     def _mark_broken(self, why: str) -> None:
         """A driver bug or an unreachable buffer: like QEMU's virtio_error(),

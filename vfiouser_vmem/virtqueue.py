@@ -303,3 +303,51 @@ class SplitQueue:
         """``interrupts_suppressed`` as the last ``serve_in_c`` that returned
         SERVE_DONE read it, after its last used index."""
         return bool(self._c.avail_flags & VRING_AVAIL_F_NO_INTERRUPT)
+
+
+class NotifyServe:
+    """The C request path run inside the guest's notify write (csrc/vmem_queue.h,
+    ``struct vmem_notify_serve``), for the vfio-user binding to call
+    (``VfuContext.set_notify_serve(fn_address, arg_address)``).
+
+    ``prepare`` sets the device state and MSI-X vector a call relies on;
+    what a call served waits in ``served`` until ``take``."""
+
+    def __init__(self, queue: SplitQueue, mem: GuestMemory, max_served: int) -> None:
+        self.served = served_array(max_served)
+        self._c = _ffi.new("struct vmem_notify_serve *")
+        self._c.vq = queue._c
+        self._c.mem = mem.c_memory
+        self._c.served = self.served
+        self._c.max_served = max_served
+        self._c.irq_vector = -1
+
+    @property
+    def fn_address(self) -> int:
+        return int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "vmem_serve_on_notify")))
+
+    @property
+    def arg_address(self) -> int:
+        """Valid as long as this object."""
+        return int(_ffi.cast("uintptr_t", self._c))
+
+    def prepare(self, device_state: object, irq_vector: int) -> None:
+        """The next call serves against ``device_state`` (the device model's
+        ``struct vmem_device_state``) and asks for ``irq_vector`` (-1: no
+        interrupt can be sent) when the guest is owed an interrupt."""
+        self._c.dev = device_state
+        self._c.irq_vector = irq_vector
+
+    def take(self) -> tuple[int, bool, bool, float]:
+        """(requests served, interrupt due, Python must go on, CLOCK_REALTIME
+        seconds of the call) since the last ``take``; the requests are
+        ``served[0:n]`` until the next call."""
+        c = self._c
+        count = int(c.nr_served)
+        if not count and not c.need_python:
+            return 0, False, False, 0.0
+        result = count, bool(c.interrupt_due), bool(c.need_python), c.realtime_ns * 1e-9
+        c.nr_served = 0
+        c.interrupt_due = 0
+        c.need_python = 0
+        return result
