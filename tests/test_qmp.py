@@ -315,6 +315,90 @@ def test_splitter_memory_is_bounded_while_discarding() -> None:
     assert splitter.feed(b'"} {"ok": 1}') == [{"ok": 1}]
 
 
+def _splitter_items(chunks: list[bytes], *, fast: bool, max_bytes: int) -> list[Any]:
+    splitter = _JsonStreamSplitter(max_bytes=max_bytes)
+    splitter._fast_path = fast
+    items: list[Any] = []
+    for chunk in chunks:
+        items += splitter.feed(chunk)
+    return [(type(item).__name__, item.desc) if isinstance(item, (_ParseError, _Oversize)) else item
+            for item in items]
+
+
+#: Messages of every kind the splitter meets: good commands, objects the
+#: parser refuses (duplicates, constants, syntax, encoding, control
+#: characters), non-objects, stray characters, too large, too deep.
+_STREAM_PIECES = [
+    b'{"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vmem0", "property": "size"}}',
+    b'{"execute":"query-status","id":"a"}',
+    b'{"a": "}\\"{\\\\", "b": [1, {"c": [], "d": null}], "e": -1.5e3, "f": true}',
+    b'{"dup": 1, "dup": 2}',
+    b'{"x": [NaN]}',
+    b'{"x": {"y": -Infinity}}',
+    b'{"bad": }',
+    b'{"a" 1}',
+    b'{"s": "caf\xc3\xa9"}',
+    b'{"s": "\xff"}',
+    b'{"u": "\\u00e9\\ud800"}',
+    b'{"t": "tab\there"}',
+    b'{"n": 123456789012345678901234567890}',
+    b'{"big": "' + b"a" * 300 + b'"}',
+    b'{"deep": ' + b"[" * 1030 + b"]" * 1030 + b"}",
+    b'{"deepish": ' + b"[" * 600 + b"]" * 600 + b"}",
+    b"[1, 2]",
+    b'"str"',
+    b"true",
+    b"123",
+    b"nul",
+    b"}",
+    b",",
+    b"\xef\xbb\xbf{}",
+    b"{}",
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_splitter_fast_path_gives_what_the_structural_path_gives(seed: int) -> None:
+    """Whole ASCII objects are parsed by the json module's scanner straight
+    from the read (the fast path); anything else follows the structure byte
+    by byte.  Whatever the stream and however it is cut into reads, both
+    must give the same values and errors in the same order."""
+    import random
+
+    rng = random.Random(seed)
+    stream = b"".join(
+        rng.choice(_STREAM_PIECES) + rng.choice([b"", b"", b" ", b"\n", b"\r\n\t "]) for _ in range(rng.randint(1, 30))
+    )
+    cuts = sorted(rng.sample(range(1, len(stream)), min(rng.choice([0, 1, 3, 10, 50]), len(stream) - 1)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    max_bytes = rng.choice([256, 4096, 1 << 20])
+    expected = _splitter_items(chunks, fast=False, max_bytes=max_bytes)
+    assert _splitter_items(chunks, fast=True, max_bytes=max_bytes) == expected
+    assert _splitter_items([stream], fast=True, max_bytes=max_bytes) == _splitter_items(
+        [stream], fast=False, max_bytes=max_bytes
+    )
+
+
+def test_splitter_fast_path_keeps_the_nesting_limit_when_the_parser_could_go_deeper() -> None:
+    # With a recursion limit high enough for the json module to parse it, a
+    # message deeper than MAX_NESTING must still be refused as too deep.
+    message = b'{"deep": ' + b"[" * 1100 + b"]" * 1100 + b'}{"ok": 1}'
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)
+    try:
+        items = _splitter_items([message], fast=True, max_bytes=1 << 20)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert items == [("_ParseError", "JSON nesting depth limit exceeded"), {"ok": 1}]
+
+
+@pytest.mark.parametrize("result", [0, 1, -7, 1 << 63, True, False, None, {}, {"a": 1}, [], [1], "s", 1.5])
+def test_encoded_returns_are_what_json_dumps_writes(result: Any) -> None:
+    from vfiouser_vmem.qmp import _encode_return
+
+    assert _encode_return(result) == (json.dumps({"return": result}) + "\n").encode()
+
+
 # ---------------------------------------------------------------------------
 # commands
 
@@ -643,6 +727,42 @@ async def test_a_client_that_stops_reading_does_not_block_others(
         lines = (await stuck.read_to_eof()).split(b"\n")[:-1]
         assert len(lines) > 8
         assert [json.loads(line)["data"]["size"] for line in lines] == list(range(1, len(lines) + 1))
+
+
+async def test_replies_wait_for_a_client_that_does_not_read_and_arrive_whole_and_in_order(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    big = "/objects/" + "m" * 100_000  # replies larger than a socket buffer holds
+    device = FakeDevice(memdev=big)
+    async with running(QmpServer({"vmem0": device}, max_queued_messages=4), path):
+        slow = await RawClient.connect(path)
+        requests = b"".join(
+            json.dumps({"execute": "qom-get", "id": i, "arguments": {"path": "vmem0", "property": "memdev"}}).encode()
+            for i in range(40)
+        )
+        await slow.send(requests)
+        await trio.testing.wait_all_tasks_blocked()  # the server waits for slow to read
+        other = await RawClient.connect(path)
+        assert await other.command("query-status") == {"return": {"status": "running", "running": True}}
+        assert [await slow.recv() for _ in range(40)] == [{"return": big, "id": i} for i in range(40)]
+        await slow.assert_nothing_pending()
+
+
+async def test_an_event_goes_after_a_reply_still_being_written(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    big = "/objects/" + "m" * 1_000_000
+    device = FakeDevice(memdev=big)
+    async with running(QmpServer({"vmem0": device}, event_interval_s=0), path):
+        client = await RawClient.connect(path)
+        await client.send(json.dumps({"execute": "qom-get", "arguments": {"path": "vmem0", "property": "memdev"}}))
+        await trio.testing.wait_all_tasks_blocked()  # part of the reply is written, the rest waits
+        # Make room in the socket with no checkpoint in between, so that the
+        # server's writer has not yet written more: the event must still
+        # queue behind the rest of the reply, not go into the room.
+        client.buffer += os.read(client.stream.socket.fileno(), 100_000)
+        device.set_plugged_size(2 * MiB)
+        assert await client.recv() == {"return": big}
+        assert (await client.recv())["data"] == size_event(device, 2 * MiB)
+        await client.assert_nothing_pending()
 
 
 async def test_client_disconnects_are_harmless(sock_dir: str) -> None:

@@ -109,8 +109,9 @@ import socket as _stdlib_socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -138,6 +139,7 @@ DEFAULT_MAX_QUEUED_MESSAGES = 256
 _DRAIN_TIMEOUT_S = 5.0
 _READ_SIZE = 65536
 _SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"
+_PERIPHERAL = "/machine/peripheral/"
 
 
 class QmpSocketInUse(FileExistsError):
@@ -183,12 +185,23 @@ def _reject_constant(name: str) -> Any:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key '{key}'")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):  # name the first key seen twice
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key '{key}'")
+            seen.add(key)
     return result
+
+
+#: What ``json.loads(text, object_pairs_hook=..., parse_constant=...)`` would
+#: build at every call, built once.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+#: Its scanner: ``(value, end)`` of the JSON value at an index, as ``raw_decode``
+#: (which raises JSONDecodeError where this raises StopIteration).
+_SCAN_ONCE = _DECODER.scan_once
+_NON_WS_TEXT_RE = re.compile(r"[^ \t\r\n]")
 
 
 def _parse_message(segment: bytes, bare_token: bool) -> Any:
@@ -198,7 +211,9 @@ def _parse_message(segment: bytes, bare_token: bool) -> Any:
     except UnicodeDecodeError as exc:
         return _ParseError(f"JSON parse error, invalid UTF-8 sequence at byte {exc.start}")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads does
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         if bare_token:
             shown = text if len(text) <= 40 else text[:40] + "..."
@@ -217,7 +232,20 @@ class _JsonStreamSplitter:
     whitespace (or none) surrounds it.  Each complete text is then parsed
     with the ``json`` module.  ``feed`` returns parsed values, _ParseError or
     _Oversize items, in stream order.
+
+    A read usually holds whole, valid, ASCII objects (one command each).
+    When a read starts at a message boundary, ``feed`` first lets the
+    ``json`` module's scanner parse the objects at its head and say where
+    each ends (what ``raw_decode`` does): for valid JSON that is where the
+    structure closes, so the values are those the structural path would
+    give, at a fraction of the cost.  The first message that is anything
+    else (incomplete, invalid, non-ASCII, not an object, over a limit) and
+    everything after it in that read take the structural path, which
+    reports it.
     """
+
+    #: Off: every message takes the structural path (the tests compare the two).
+    _fast_path = True
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.max_bytes = max_bytes
@@ -250,9 +278,47 @@ class _JsonStreamSplitter:
             return
         out.append(_parse_message(segment, bare))
 
+    def _parse_whole_objects(self, data: bytes, out: list[Any]) -> int:
+        """The fast path, at a message boundary with nothing buffered: parse
+        the complete objects at the head of ``data``; stop at the first thing
+        that is not one, or that the structural path would treat differently
+        (over a limit).  Returns how many bytes were consumed."""
+        try:
+            text = data.decode("ascii")  # so that character offsets are byte offsets
+        except UnicodeDecodeError:
+            return 0
+        pos, end = 0, len(text)
+        while pos < end:
+            if text[pos] != "{":
+                m = _NON_WS_TEXT_RE.search(text, pos)
+                if m is None:
+                    return end
+                pos = m.start()
+                if text[pos] != "{":
+                    return pos
+            try:
+                value, stop = _SCAN_ONCE(text, pos)
+            except (StopIteration, ValueError, RecursionError):  # incomplete, or an error to report
+                return pos
+            length = stop - pos
+            # Deeper than MAX_NESTING takes more than 2 * MAX_NESTING brackets.
+            if length > self.max_bytes or (
+                length > 2 * MAX_NESTING and text.count("{", pos, stop) + text.count("[", pos, stop) > MAX_NESTING
+            ):
+                return pos
+            out.append(value)
+            pos = stop
+        return pos
+
     def feed(self, data: bytes) -> list[Any]:
         out: list[Any] = []
         buf = self._buf
+        if self._fast_path and self._mode == _IDLE and not buf and not self._skipping:
+            consumed = self._parse_whole_objects(data, out)
+            if consumed == len(data):
+                return out
+            if consumed:
+                data = data[consumed:]
         buf += data
         while True:
             if self._mode == _IDLE:
@@ -366,25 +432,29 @@ def _check_arguments(command: str, arguments: dict[str, Any]) -> dict[str, Any]:
     (missing, then wrong type), then members nobody asked for."""
     checked: dict[str, Any] = {}
     for arg in _COMMAND_ARGS[command]:
-        if arg.name not in arguments:
+        name = arg.name
+        if name not in arguments:
             if arg.required:
-                raise _QmpError(f"Parameter '{arg.name}' is missing")
+                raise _QmpError(f"Parameter '{name}' is missing")
             continue
-        value = arguments[arg.name]
-        if arg.kind == "str" and not isinstance(value, str):
-            raise _QmpError(f"Invalid parameter type for '{arg.name}', expected: string")
-        if arg.kind == "capabilities":
+        value = arguments[name]
+        kind = arg.kind
+        if kind == "str":
+            if not isinstance(value, str):
+                raise _QmpError(f"Invalid parameter type for '{name}', expected: string")
+        elif kind == "capabilities":
             if not isinstance(value, list):
-                raise _QmpError(f"Invalid parameter type for '{arg.name}', expected: array")
+                raise _QmpError(f"Invalid parameter type for '{name}', expected: array")
             for i, item in enumerate(value):
                 if not isinstance(item, str):
-                    raise _QmpError(f"Invalid parameter type for '{arg.name}[{i}]', expected: string")
+                    raise _QmpError(f"Invalid parameter type for '{name}[{i}]', expected: string")
                 if item not in _KNOWN_CAPABILITIES:
-                    raise _QmpError(f"Parameter '{arg.name}[{i}]' does not accept value '{item}'")
-        checked[arg.name] = value
-    for name in arguments:
-        if name not in checked:
-            raise _QmpError(f"Parameter '{name}' is unexpected")
+                    raise _QmpError(f"Parameter '{name}[{i}]' does not accept value '{item}'")
+        checked[name] = value
+    if len(checked) != len(arguments):  # checked holds only members of arguments
+        for name in arguments:
+            if name not in checked:
+                raise _QmpError(f"Parameter '{name}' is unexpected")
     return checked
 
 
@@ -392,24 +462,101 @@ def _check_arguments(command: str, arguments: dict[str, Any]) -> dict[str, Any]:
 # Server
 
 
-@dataclass(eq=False)
 class _Client:
-    number: int
-    stream: trio.SocketStream
-    send_channel: trio.MemorySendChannel
-    receive_channel: trio.MemoryReceiveChannel
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    command_mode: bool = False
+    """One connection: its socket and its bounded queue of outgoing messages.
+
+    The socket is driven with trio's low-level waits (``wait_readable``,
+    ``wait_writable``) and non-blocking ``recv``/``send``, not through a
+    ``trio.SocketStream``: a command then costs one wake-up, one ``recv``,
+    one ``send`` and the re-arming of the wait, where the stream's
+    ``receive_some``/``send_all`` and a memory channel to a writer task add
+    a failed ``recv``, scheduler rounds and a task switch per command.
+
+    A message is written at once when nothing is queued before it; what the
+    socket does not take waits in ``out`` (at most ``max_queued`` messages
+    besides the one being written) for the writer task.
+    """
+
+    __slots__ = ("_room_lot", "_writer_lot", "cancel_scope", "closed", "command_mode", "max_queued", "number",
+                 "out", "sock")
+
+    def __init__(self, number: int, sock: _stdlib_socket.socket, max_queued: int) -> None:
+        self.number = number
+        self.sock = sock
+        self.max_queued = max_queued
+        self.cancel_scope = trio.CancelScope()
+        self.command_mode = False
+        #: Messages not yet (entirely) written, oldest first.
+        self.out: deque[bytes | memoryview] = deque()
+        #: No more messages are taken (the session is ending, or the socket broke).
+        self.closed = False
+        self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits for messages
+        self._room_lot = trio.lowlevel.ParkingLot()  # replies wait for room
 
     def queue_nowait(self, data: bytes) -> bool:
-        """Queue without waiting; False when the queue is full."""
+        """Write or queue without waiting; False when the queue is full."""
+        if self.closed:
+            return True
+        out = self.out
+        if out:
+            if len(out) > self.max_queued:
+                return False
+            out.append(data)
+            return True
         try:
-            self.send_channel.send_nowait(data)
-        except trio.WouldBlock:
-            return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.broken()
+            return True
+        if sent < len(data):
+            out.append(memoryview(data)[sent:])
+            self._writer_lot.unpark()
         return True
+
+    async def send(self, data: bytes) -> None:
+        """Write or queue, waiting for room in the queue."""
+        while not self.queue_nowait(data):
+            await self._room_lot.park()
+
+    def close_queue(self) -> None:
+        """Take no more messages; the writer ends once the queue is written."""
+        self.closed = True
+        self._writer_lot.unpark_all()
+
+    def broken(self) -> None:
+        """The socket failed: drop what is queued, end the session."""
+        self.closed = True
+        self.out.clear()
+        self.cancel_scope.cancel()
+        self._writer_lot.unpark_all()
+        self._room_lot.unpark_all()
+
+    async def write_queued(self) -> None:
+        """The writer task: write what ``queue_nowait`` could not."""
+        sock, out = self.sock, self.out
+        while True:
+            if not out:
+                if self.closed:
+                    return
+                await self._writer_lot.park()
+                continue
+            await trio.lowlevel.wait_writable(sock)
+            while out:
+                head = out[0]
+                try:
+                    sent = sock.send(head)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    self.broken()
+                    return
+                if sent < len(head):
+                    out[0] = memoryview(head)[sent:]
+                    break
+                out.popleft()
+            self._room_lot.unpark_all()
 
 
 @dataclass
@@ -420,8 +567,23 @@ class _Throttle:
     pending: dict[str, Any] | None = None
 
 
+#: ``json.dumps(message, allow_nan=False)`` builds this encoder at every call.
+_ENCODER = json.JSONEncoder(allow_nan=False)
+_EMPTY_RETURN = b'{"return": {}}\n'
+
+
 def _encode(message: Mapping[str, Any]) -> bytes:
-    return (json.dumps(message, allow_nan=False) + "\n").encode("utf-8")
+    return (_ENCODER.encode(message) + "\n").encode("utf-8")
+
+
+def _encode_return(result: Any) -> bytes:
+    """``_encode({"return": result})``; the common results without the encoder."""
+    kind = type(result)
+    if kind is int:  # qom-get of a size: json.dumps writes an int as int.__repr__
+        return b'{"return": %d}\n' % result
+    if kind is dict and not result:
+        return _EMPTY_RETURN
+    return _encode({"return": result})
 
 
 def _timestamp() -> dict[str, int]:
@@ -465,6 +627,19 @@ class QmpServer:
         self._throttles: dict[str, _Throttle] = {}
         self._clients: set[_Client] = set()  # clients in command mode
         self._next_client = 1
+        #: Command name -> handler(client, checked arguments); the keys are _COMMAND_ARGS's.
+        self._handlers: dict[str, Callable[[_Client, dict[str, Any]], Any]] = {
+            "qmp_capabilities": self._qmp_capabilities,
+            "query-version": self._query_version,
+            "query-commands": self._query_commands,
+            "query-status": self._query_status,
+            "qom-get": self._qom_get,
+            "qom-set": self._qom_set,
+            "qom-list": self._qom_list,
+            "query-memory-devices": self._query_memory_devices,
+            "query-memory-size-summary": self._query_memory_size_summary,
+        }
+        assert self._handlers.keys() == _COMMAND_ARGS.keys()
 
     # -- devices ------------------------------------------------------------
 
@@ -479,9 +654,17 @@ class QmpServer:
         return device if device is not None else self._extra_devices.get(dev_id)
 
     def _resolve(self, path: str) -> ControlledDevice:
-        for device in self._iter_devices():
-            if path in (device.id, f"/machine/peripheral/{device.id}", device.qom_path):
+        # The first device that path names, by id, /machine/peripheral/<id> or qom_path.
+        peripheral = path[len(_PERIPHERAL):] if path.startswith(_PERIPHERAL) else None
+        for device in self._devices.values():
+            dev_id = device.id
+            if path == dev_id or peripheral == dev_id or path == device.qom_path:
                 return device
+        if self._extra_devices:
+            for device in self._iter_devices():
+                dev_id = device.id
+                if path == dev_id or peripheral == dev_id or path == device.qom_path:
+                    return device
         raise _QmpError(f"Device '{path}' not found", "DeviceNotFound")
 
     def add_device(self, device: ControlledDevice) -> None:
@@ -628,85 +811,91 @@ class QmpServer:
             log.info("QMP stopped listening on %s", path)
 
     async def _handle_client(self, stream: trio.SocketStream) -> None:
-        send_channel, receive_channel = trio.open_memory_channel[bytes](self.max_queued_messages)
-        client = _Client(self._next_client, stream, send_channel, receive_channel)
+        # The connection's socket, out of its trio wrapper (see _Client).
+        fd = stream.socket.detach()
+        try:
+            sock = _stdlib_socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM, fileno=fd)
+        except OSError:
+            os.close(fd)
+            log.exception("QMP: could not take a new connection")
+            return
+        client = _Client(self._next_client, sock, self.max_queued_messages)
         self._next_client += 1
         log.debug("QMP client %d connected", client.number)
         try:
-            async with stream:
-                with client.cancel_scope:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._write_loop, client)
-                        client.queue_nowait(_encode(self._greeting()))
-                        await self._read_loop(client)
-                        # The client closed its side: no more events for it;
-                        # give the replies still queued a chance to go out.
-                        self._clients.discard(client)
-                        send_channel.close()
-                        nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_TIMEOUT_S
+            sock.setblocking(False)
+            with client.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.write_queued)
+                    client.queue_nowait(_encode(self._greeting()))
+                    await self._read_loop(client)
+                    # The client closed its side: no more events for it;
+                    # give the replies still queued a chance to go out.
+                    self._clients.discard(client)
+                    client.close_queue()
+                    nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_TIMEOUT_S
         except Exception:
             # A bug must not take the server down with it (serve_listeners
             # would propagate it): log it and drop this client only.
             log.exception("QMP client %d: internal error, closing the connection", client.number)
         finally:
             self._clients.discard(client)
-            send_channel.close()
-            receive_channel.close()
+            client.closed = True
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
             log.debug("QMP client %d disconnected", client.number)
-
-    async def _write_loop(self, client: _Client) -> None:
-        try:
-            async for data in client.receive_channel:
-                await client.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            client.cancel_scope.cancel()
 
     async def _read_loop(self, client: _Client) -> None:
         splitter = _JsonStreamSplitter(self.max_message_bytes)
+        sock = client.sock
+        fd = sock.fileno()
+        wait_readable = trio.lowlevel.wait_readable
         while True:
+            await wait_readable(fd)
             try:
-                data = await client.stream.receive_some(_READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = sock.recv(_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
                 return
             if not data:
                 return
+            first = True
             for item in splitter.feed(data):
+                if first:
+                    first = False
+                else:  # many commands in one read: let the devices run between them
+                    await trio.lowlevel.checkpoint()
                 if isinstance(item, (_ParseError, _Oversize)):
                     log.info("QMP client %d: refused input: %s", client.number, item.desc)
                     reply = _encode({"error": {"class": "GenericError", "desc": item.desc}})
                 else:
                     reply = self._dispatch(client, item)
-                try:
-                    await client.send_channel.send(reply)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
+                if not client.queue_nowait(reply):
+                    await client.send(reply)
 
     # -- dispatch ------------------------------------------------------------
 
     def _dispatch(self, client: _Client, request: Any) -> bytes:
         """Run one request; return its encoded reply (with the request's id)."""
-        has_id = isinstance(request, dict) and "id" in request
-        execute = request.get("execute") if isinstance(request, dict) else None
-        what = f"command {execute!r}" if isinstance(execute, str) else "a malformed request"
         try:
             name, arguments = self._check_request(request)
             if not client.command_mode and name != "qmp_capabilities":
                 raise _QmpError("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound")
-            if name not in _COMMAND_ARGS:
+            handler = self._handlers.get(name)
+            if handler is None:
                 raise _QmpError(f"The command {name} has not been found", "CommandNotFound")
-            checked = _check_arguments(name, arguments)
-            result = self._run(client, name, checked)
-            reply: dict[str, Any] = {"return": result}
-            if has_id:
-                reply["id"] = request["id"]
-            return _encode(reply)  # raises if a device returned something JSON cannot carry
+            result = handler(client, _check_arguments(name, arguments))
+            if "id" in request:
+                return _encode({"return": result, "id": request["id"]})
+            return _encode_return(result)  # raises if a device returned something JSON cannot carry
         except _QmpError as exc:
-            log.info("QMP client %d: refused %s: %s", client.number, what, exc.desc)
+            log.info("QMP client %d: refused %s: %s", client.number, _describe_request(request), exc.desc)
             reply = {"error": {"class": exc.error_class, "desc": exc.desc}}
         except Exception as exc:
-            log.exception("QMP client %d: %s failed", client.number, what)
+            log.exception("QMP client %d: %s failed", client.number, _describe_request(request))
             reply = {"error": {"class": "GenericError", "desc": f"Internal error: {exc}"}}
-        if has_id:
+        if isinstance(request, dict) and "id" in request:
             reply["id"] = request["id"]
         return _encode(reply)
 
@@ -738,41 +927,65 @@ class QmpServer:
             "package": f"vfiouser-vmem {self.version}",
         }
 
-    def _run(self, client: _Client, name: str, args: dict[str, Any]) -> Any:
-        if name == "qmp_capabilities":
-            if client.command_mode:
-                raise _QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
-            if args.get("enable"):
-                raise _QmpError(f"Capability {', '.join(args['enable'])} not available")
-            client.command_mode = True
-            self._clients.add(client)
-            return {}
-        if name == "query-version":
-            return self._version_info()
-        if name == "query-commands":
-            return [{"name": command} for command in _COMMAND_ARGS]
-        if name == "query-status":
-            return {"status": "running", "running": True}
-        if name == "query-memory-devices":
-            return [{"type": "virtio-mem", "data": device.memory_device_info()} for device in self._iter_devices()]
-        if name == "query-memory-size-summary":
-            plugged = sum(int(device.memory_device_info()["size"]) for device in self._iter_devices())
-            return {"base-memory": 0, "plugged-memory": plugged}
+    def _qmp_capabilities(self, client: _Client, args: dict[str, Any]) -> Any:
+        if client.command_mode:
+            raise _QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
+        if args.get("enable"):
+            raise _QmpError(f"Capability {', '.join(args['enable'])} not available")
+        client.command_mode = True
+        self._clients.add(client)
+        return {}
+
+    def _query_version(self, client: _Client, args: dict[str, Any]) -> Any:
+        return self._version_info()
+
+    def _query_commands(self, client: _Client, args: dict[str, Any]) -> Any:
+        return [{"name": command} for command in _COMMAND_ARGS]
+
+    def _query_status(self, client: _Client, args: dict[str, Any]) -> Any:
+        return {"status": "running", "running": True}
+
+    def _query_memory_devices(self, client: _Client, args: dict[str, Any]) -> Any:
+        return [{"type": "virtio-mem", "data": device.memory_device_info()} for device in self._iter_devices()]
+
+    def _query_memory_size_summary(self, client: _Client, args: dict[str, Any]) -> Any:
+        plugged = sum(int(device.memory_device_info()["size"]) for device in self._iter_devices())
+        return {"base-memory": 0, "plugged-memory": plugged}
+
+    def _qom_list(self, client: _Client, args: dict[str, Any]) -> Any:
+        return self._resolve(args["path"]).qom_list()
+
+    def _qom_get(self, client: _Client, args: dict[str, Any]) -> Any:
         device = self._resolve(args["path"])
-        if name == "qom-list":
-            return device.qom_list()
         prop = args["property"]
         try:
-            if name == "qom-get":
-                return device.qom_get(prop)
+            return device.qom_get(prop)
+        except (PropertyNotFound, PropertyReadOnly, ValueError, TypeError) as exc:
+            raise _property_error(exc, device, prop) from exc
+
+    def _qom_set(self, client: _Client, args: dict[str, Any]) -> Any:
+        device = self._resolve(args["path"])
+        prop = args["property"]
+        try:
             device.qom_set(prop, args["value"])
-            return {}
-        except PropertyNotFound as exc:
-            raise _QmpError(str(exc) or f"Property '{device.id}.{prop}' not found") from exc
-        except PropertyReadOnly as exc:
-            raise _QmpError(str(exc) or f"Property '{device.id}.{prop}' is not writable") from exc
-        except (ValueError, TypeError) as exc:
-            raise _QmpError(str(exc) or f"Invalid value for property '{device.id}.{prop}'") from exc
+        except (PropertyNotFound, PropertyReadOnly, ValueError, TypeError) as exc:
+            raise _property_error(exc, device, prop) from exc
+        return {}
+
+
+def _property_error(exc: Exception, device: ControlledDevice, prop: str) -> _QmpError:
+    """The QMP error for what a device's qom_get/qom_set raised."""
+    if isinstance(exc, PropertyNotFound):
+        return _QmpError(str(exc) or f"Property '{device.id}.{prop}' not found")
+    if isinstance(exc, PropertyReadOnly):
+        return _QmpError(str(exc) or f"Property '{device.id}.{prop}' is not writable")
+    return _QmpError(str(exc) or f"Invalid value for property '{device.id}.{prop}'")
+
+
+def _describe_request(request: Any) -> str:
+    """How log lines name a request."""
+    execute = request.get("execute") if isinstance(request, dict) else None
+    return f"command {execute!r}" if isinstance(execute, str) else "a malformed request"
 
 
 # ---------------------------------------------------------------------------

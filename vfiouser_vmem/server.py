@@ -426,16 +426,23 @@ class ControlledVmem:
         self.server = server
         self.id = server.config.id
         self.qom_path = f"/machine/peripheral/{self.id}/virtio-backend"
+        # Built once: management tools and the benchmark poll qom-get every
+        # few ms.
+        self._prop_table = self._build_props()
 
     def _props(self) -> dict[str, tuple[str, Callable[[], Any]]]:
-        m = self.server.model
+        """Property -> (QOM type, getter)."""
+        return self._prop_table
+
+    def _build_props(self) -> dict[str, tuple[str, Callable[[], Any]]]:
+        s = self.server
         return {
-            "size": ("size", lambda: m.plugged_size),
-            "requested-size": ("size", lambda: m.requested_size),
-            "block-size": ("size", lambda: m.block_size),
-            "max-size": ("size", lambda: m.region_size),
+            "size": ("size", lambda: s.model.plugged_size),
+            "requested-size": ("size", lambda: s.model.requested_size),
+            "block-size": ("size", lambda: s.model.block_size),
+            "max-size": ("size", lambda: s.model.region_size),
             "memaddr": ("uint64", lambda: self.server.transport.memory_bar_addr),
-            "node": ("uint32", lambda: m.node_id or 0),
+            "node": ("uint32", lambda: s.model.node_id or 0),
             "memdev": ("link<memory-backend>", lambda: f"/objects/{self.server.config.memdev}"),
             # Unplugged but not yet given back to the host (docs/discard.md).
             "discard-pending": ("size", lambda: self.server.discards.pending_bytes),
