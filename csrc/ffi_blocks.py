@@ -9,7 +9,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("vmem_blocks", "vmem_queue")
+PARTS = ("vmem_blocks", "vmem_queue", "vmem_config")
 
 ffibuilder = FFI()
 for part in PARTS:

@@ -158,6 +158,7 @@ extern "Python" ssize_t vfu_py_region9(vfu_ctx_t *, char *, size_t, loff_t, bool
 /* The context's private pointer (vfu_create_ctx's pvt) and the notify fast
  * path: see SOURCE below. */
 typedef int (vmem_notify_serve_fn)(void *arg, int *need_python);
+typedef int (vmem_fast_read_fn)(void *arg, char *buf, size_t count, uint64_t offset);
 struct vmem_vfu_private {
     void *handle;
     uint64_t notify_offset;
@@ -169,6 +170,9 @@ struct vmem_vfu_private {
     int notify_armed;
     int irq_errno;
     int irq_failed_vector;
+    vmem_fast_read_fn *fast_read;
+    void *fast_read_arg;
+    int reads_armed;
 };
 ssize_t vmem_region_fast_notify(vfu_ctx_t *, char *, size_t, loff_t, bool);
 """
@@ -194,6 +198,9 @@ SOURCE = r"""
  * returns the MSI-X vector to trigger or -1, and sets *need_python when the
  * notify must also be counted as a kick for Python. */
 typedef int (vmem_notify_serve_fn)(void *arg, int *need_python);
+/* The device's answer to a read of the region (csrc/vmem_config.h
+ * vmem_bar0_fast_read): 1 when it filled buf, 0 when the read is Python's. */
+typedef int (vmem_fast_read_fn)(void *arg, char *buf, size_t count, uint64_t offset);
 
 struct vmem_vfu_private {
     void *handle;            /* ffi.new_handle(VfuContext) */
@@ -213,6 +220,11 @@ struct vmem_vfu_private {
      * (0: none) and vector, for Python to log (take_notify_irq_error). */
     int irq_errno;
     int irq_failed_vector;
+    /* Optional: tried for every read of the region while reads_armed;
+     * disarmed before any Python callback, not by the reads themselves. */
+    vmem_fast_read_fn *fast_read;
+    void *fast_read_arg;
+    int reads_armed;
 };
 
 /* cffi defines the extern "Python" functions after this code. */
@@ -254,6 +266,10 @@ vmem_region_fast_notify(vfu_ctx_t *ctx, char *buf, size_t count, loff_t offset,
         if (p->kicks != UINT32_MAX) {
             p->kicks++;
         }
+        return (ssize_t)count;
+    }
+    if (!is_write && p->reads_armed && p->fast_read != NULL && offset >= 0
+        && p->fast_read(p->fast_read_arg, buf, count, (uint64_t)offset)) {
         return (ssize_t)count;
     }
     return vfu_py_region0(ctx, buf, count, offset, is_write);

@@ -316,6 +316,12 @@ class VirtioMemDevice:
         raise ProtocolViolation(f"unknown request type {kind}")
 
     # -- the C request path (csrc/vmem_queue.h) -------------------------
+    @property
+    def c_state(self) -> object:
+        """The model's ``struct vmem_device_state`` (csrc/vmem_queue.h), for
+        C code that reads it between requests (csrc/vmem_config.h)."""
+        return self._c
+
     def c_request_state(self) -> object:
         """The ``struct vmem_device_state`` for one ``vmem_serve_queue``
         call, with what it may serve decided now; ``c_requests_served``

@@ -211,6 +211,9 @@ class DeviceServer:
         # interrupt raised before the reply, while the transport arms it
         # (docs/request-path.md).
         ctx.set_notify_serve(self.transport.notify_serve.fn_address, self.transport.notify_serve.arg_address)
+        # And the device configuration reads the driver makes after each
+        # resize (csrc/vmem_config.h), while the transport says so.
+        ctx.set_fast_read(self.transport.fast_read_address, self.transport.fast_read_arg_address)
         ctx.on_reset = self._reset
         ctx.on_dma_register = self._dma_register
         ctx.on_dma_unregister = self._dma_unregister
@@ -376,14 +379,16 @@ class DeviceServer:
         self.update_notify_serve()
 
     def update_notify_serve(self) -> None:
-        """Arm the notify serve for the state the device is in now, or
-        disarm it (VirtioPciTransport.arm_notify_serve): after each vfio-user
-        message, and after anything on this thread that changes what it
-        relies on (control commands, the discard worker's failures)."""
+        """Arm the notify serve and the C answer to device-configuration
+        reads for the state the device is in now, or disarm them
+        (VirtioPciTransport.arm_notify_serve, arm_fast_reads): after each
+        vfio-user message, and after anything on this thread that changes
+        what they rely on (control commands, the discard worker's failures)."""
         if self.connected:
             self.ctx.notify_armed = self.transport.arm_notify_serve()
+            self.ctx.reads_armed = self.transport.arm_fast_reads()
         else:
-            self.ctx.notify_armed = False
+            self.ctx.notify_armed = self.ctx.reads_armed = False
 
     async def run(self) -> None:
         """Serve clients one after the other, and give unplugged memory back

@@ -254,6 +254,8 @@ class VfuContext:
             self._private.notify_length = 0
             self._private.notify_armed = 0
             self._private.notify_serve = ffi.NULL
+            self._private.reads_armed = 0
+            self._private.fast_read = ffi.NULL
 
     def take_kicks(self) -> int:
         """Notify writes answered by the fast path since the last call (the
@@ -285,6 +287,27 @@ class VfuContext:
     def notify_armed(self, armed: bool) -> None:
         # Only on the thread that calls run(), between two run() calls.
         self._private.notify_armed = 1 if armed and self._private.notify_serve != ffi.NULL else 0
+
+    def set_fast_read(self, fn_address: int, arg_address: int) -> None:
+        """The C function (``int fn(void *arg, char *buf, size_t count,
+        uint64_t offset)``) tried for every read of the fast_notify region
+        while ``reads_armed``: it returns 1 when it answered the read into
+        ``buf``, 0 to leave it to the region's Python callback.  Addresses,
+        kept valid by the caller as for ``set_notify_serve``."""
+        if self._private.notify_region < 0:
+            raise ValueError("set_fast_read needs a fast_notify window (setup_region)")
+        self._private.reads_armed = 0
+        self._private.fast_read = ffi.cast("vmem_fast_read_fn *", fn_address)
+        self._private.fast_read_arg = ffi.cast("void *", arg_address)
+
+    @property
+    def reads_armed(self) -> bool:
+        return bool(self._private.reads_armed)
+
+    @reads_armed.setter
+    def reads_armed(self, armed: bool) -> None:
+        # Only on the thread that calls run(), between two run() calls.
+        self._private.reads_armed = 1 if armed and self._private.fast_read != ffi.NULL else 0
 
     def take_notify_irq_error(self) -> tuple[int, int] | None:
         """(vector, errno) of the last interrupt a served notify could not
@@ -409,7 +432,7 @@ def vfu_py_log(vfu_ctx, level, msg):
 @ffi.def_extern()
 def vfu_py_reset(vfu_ctx, reset_type):
     ctx = _context(vfu_ctx)
-    ctx._private.notify_armed = 0
+    ctx._private.notify_armed = ctx._private.reads_armed = 0
     # Kicks counted before a reset belong to the virtio state it discards
     # (as transport.kick_pending, which the reset clears); kicks after it,
     # in the same run(), are counted anew.
@@ -436,7 +459,7 @@ def _dma_region(info) -> DmaRegion:
 @ffi.def_extern()
 def vfu_py_dma_register(vfu_ctx, info):
     ctx = _context(vfu_ctx)
-    ctx._private.notify_armed = 0
+    ctx._private.notify_armed = ctx._private.reads_armed = 0
     try:
         if ctx.on_dma_register is not None:
             ctx.on_dma_register(_dma_region(info))
@@ -447,7 +470,7 @@ def vfu_py_dma_register(vfu_ctx, info):
 @ffi.def_extern()
 def vfu_py_dma_unregister(vfu_ctx, info):
     ctx = _context(vfu_ctx)
-    ctx._private.notify_armed = 0
+    ctx._private.notify_armed = ctx._private.reads_armed = 0
     try:
         if ctx.on_dma_unregister is not None:
             ctx.on_dma_unregister(_dma_region(info))
@@ -462,7 +485,7 @@ def _make_region_callback(index: int):
         ctx = _context(vfu_ctx)
         # Whatever the access changes, a served notify must not rely on the
         # state it was armed with (set_notify_serve).
-        ctx._private.notify_armed = 0
+        ctx._private.notify_armed = ctx._private.reads_armed = 0
         access = ctx._region_access.get(index)
         try:
             if access is None:

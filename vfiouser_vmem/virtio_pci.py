@@ -21,6 +21,8 @@ import struct
 import time
 from typing import Callable
 
+from vfiouser_vmem._blocks import ffi as _blocks_ffi, lib as _blocks_lib
+from vfiouser_vmem.blocks import CField
 from vfiouser_vmem.device import CONFIG_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, ProtocolViolation, VirtioMemDevice
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.virtqueue import (
@@ -127,10 +129,15 @@ class VirtioPciTransport:
     """The virtio-pci function state of one device (everything but the
     vfio-user plumbing, which the server wires to it).
 
+    ``config_generation`` lives in the ``struct vmem_bar0_reads`` that the C
+    answer to device-configuration reads uses (csrc/vmem_config.h).
+
     ``config_space`` is the PCI config space (libvfio-user's copy), read for
     the BAR address and the MSI-X enable bit; ``trigger(vector)`` raises an
     MSI-X interrupt.
     """
+
+    config_generation = CField("config_generation")
 
     def __init__(
         self,
@@ -144,6 +151,12 @@ class VirtioPciTransport:
     ) -> None:
         self.device = device
         self.name = name
+        self._c = _blocks_ffi.new("struct vmem_bar0_reads *")
+        self._c.dev = device.c_state
+        self._c.region_size = device.region_size
+        self._c.node_id = device.node_id or 0
+        self._c.device_cfg_offset = DEVICE_CFG_OFFSET
+        self._c.generation_offset = COMMON_CFG_OFFSET + _COMMON["config_generation"][0]
         self.config_space = config_space
         self.trigger = trigger
         self.memory_bar_index = memory_bar_index
@@ -523,6 +536,24 @@ class VirtioPciTransport:
         # One size change for both (process_queue may have told it already).
         self.device.flush_size_events()
         return answered
+
+    @property
+    def fast_read_address(self) -> int:
+        """``vmem_bar0_fast_read`` and its argument, for
+        ``VfuContext.set_fast_read`` (valid as long as this transport)."""
+        return int(_blocks_ffi.cast("uintptr_t", _blocks_ffi.addressof(_blocks_lib, "vmem_bar0_fast_read")))
+
+    @property
+    def fast_read_arg_address(self) -> int:
+        return int(_blocks_ffi.cast("uintptr_t", self._c))
+
+    def arm_fast_reads(self) -> bool:
+        """Whether reads of the device configuration (and of
+        config_generation) may be answered in C until the next Python
+        callback: only with the memory BAR's address known (bar0_access
+        warns about an unassigned one)."""
+        self.refresh_addr()
+        return self.device.addr != 0
 
     def take_notify_served(self) -> int:
         """The bookkeeping of the requests the last notify write served in C
