@@ -479,3 +479,20 @@ def test_random_request_streams_agree(seed):
     if c.mode == "notify":
         assert c.in_notify > 0.1 * acks, "too little was served inside the notify write to be tested"
     assert 0 < len(c.interrupts) < 60, "interrupts were always or never suppressed: untested"
+
+
+def test_a_system_reset_drops_requests_served_in_a_notify_but_not_booked():
+    """The connection broke in the vfu_run_ctx that served them: the reset
+    unplugs and discards everything, and the next client's first message
+    must not book them (a discard, a size event, an owed interrupt)."""
+    g = Guest(in_c=True, mode="notify")
+    g.request(PLUG, BAR_ADDR, 2)
+    g.serve()
+    g.request(UNPLUG, BAR_ADDR, 1)
+    vector = blocks_lib.vmem_serve_on_notify(blocks_ffi.cast("void *", g.transport.notify_serve.arg_address),
+                                             g.need_python)
+    assert vector == 1 and g.transport.notify_serve._c.nr_served == 1
+    g.transport.system_reset()
+    assert g.transport.notify_serve._c.nr_served == 0
+    assert g.transport.take_notify_served() == 0
+    assert g.device.plugged_size == 0

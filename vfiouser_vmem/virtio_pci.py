@@ -205,6 +205,10 @@ class VirtioPciTransport:
         """vfio-user DEVICE_RESET / lost connection: unplug and discard all
         (QEMU: "unplug memory only during system resets"), reset virtio and
         the MSI-X enable bits as a PCI reset does."""
+        # Requests a notify write served but nobody booked (the connection
+        # broke in the same vfu_run_ctx): the reset below unplugs and
+        # discards everything anyway.
+        self.notify_serve.take()
         try:
             self.device.system_reset()
         finally:
@@ -539,12 +543,12 @@ class VirtioPciTransport:
 
     @property
     def fast_read_address(self) -> int:
-        """``vmem_bar0_fast_read`` and its argument, for
-        ``VfuContext.set_fast_read`` (valid as long as this transport)."""
+        """The address of ``vmem_bar0_fast_read``, for ``VfuContext.set_fast_read``."""
         return int(_blocks_ffi.cast("uintptr_t", _blocks_ffi.addressof(_blocks_lib, "vmem_bar0_fast_read")))
 
     @property
     def fast_read_arg_address(self) -> int:
+        """Its argument (``struct vmem_bar0_reads``), valid as long as this transport."""
         return int(_blocks_ffi.cast("uintptr_t", self._c))
 
     def arm_fast_reads(self) -> bool:
@@ -557,10 +561,11 @@ class VirtioPciTransport:
 
     def take_notify_served(self) -> int:
         """The bookkeeping of the requests the last notify write served in C
-        (discards, ISR, observers; size events are due, for the caller's
-        flush), as process_queue does after the C path; returns how many.  When that call stopped for Python,
-        the notify also counted as a kick, and process_queue serves the rest
-        and decides the interrupt for all of them."""
+        (discards, ISR, observers; their size event is left for the caller's
+        flush), as process_queue does after the C path; returns how many.
+        When that call stopped for Python, the notify also counted as a
+        kick, and process_queue serves the rest and decides the interrupt
+        for all of them."""
         count, interrupt_due, need_python, _ = self.notify_serve.take()
         if not count:
             return 0
