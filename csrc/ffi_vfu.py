@@ -16,6 +16,43 @@ import sys
 
 from cffi import FFI
 
+# The context's private data: shared by the cdef (cffi parses C comments
+# away) and the compiled source, so the two cannot drift apart.
+PRIVATE = r"""
+/* The device's serve of a notify (csrc/vmem_queue.h vmem_serve_on_notify):
+ * returns the MSI-X vector to trigger or -1, and sets *need_python when the
+ * notify must also be counted as a kick for Python. */
+typedef int (vmem_notify_serve_fn)(void *arg, int *need_python);
+/* The device's answer to a read of the region (csrc/vmem_config.h
+ * vmem_bar0_fast_read): 1 when it filled buf, 0 when the read is Python's. */
+typedef int (vmem_fast_read_fn)(void *arg, char *buf, size_t count, uint64_t offset);
+
+struct vmem_vfu_private {
+    void *handle;            /* ffi.new_handle(VfuContext) */
+    uint64_t notify_offset;  /* the notify window, within notify_region */
+    uint64_t notify_length;
+    int notify_region;       /* -1: none; else VFU_PCI_DEV_BAR0_REGION_IDX */
+    /* Notify writes since VfuContext.take_kicks() last read it.  Written
+     * here, inside vfu_run_ctx, and read/reset by take_kicks(): both on the
+     * trio thread, never at the same time, so no atomics are needed. */
+    uint32_t kicks;
+    /* Optional: called for a notify write while notify_armed; disarmed
+     * after one call and before any Python callback (VfuContext). */
+    vmem_notify_serve_fn *notify_serve;
+    void *notify_serve_arg;
+    int notify_armed;
+    /* The last vfu_irq_trigger of a served notify that failed: its errno
+     * (0: none) and vector, for Python to log (take_notify_irq_error). */
+    int irq_errno;
+    int irq_failed_vector;
+    /* Optional: tried for every read of the region while reads_armed;
+     * disarmed before any Python callback, not by the reads themselves. */
+    vmem_fast_read_fn *fast_read;
+    void *fast_read_arg;
+    int reads_armed;
+};
+"""
+
 CDEF = r"""
 typedef long loff_t;
 struct iovec { void *iov_base; size_t iov_len; };
@@ -156,24 +193,8 @@ extern "Python" ssize_t vfu_py_region8(vfu_ctx_t *, char *, size_t, loff_t, bool
 extern "Python" ssize_t vfu_py_region9(vfu_ctx_t *, char *, size_t, loff_t, bool);
 
 /* The context's private pointer (vfu_create_ctx's pvt) and the notify fast
- * path: see SOURCE below. */
-typedef int (vmem_notify_serve_fn)(void *arg, int *need_python);
-typedef int (vmem_fast_read_fn)(void *arg, char *buf, size_t count, uint64_t offset);
-struct vmem_vfu_private {
-    void *handle;
-    uint64_t notify_offset;
-    uint64_t notify_length;
-    int notify_region;
-    uint32_t kicks;
-    vmem_notify_serve_fn *notify_serve;
-    void *notify_serve_arg;
-    int notify_armed;
-    int irq_errno;
-    int irq_failed_vector;
-    vmem_fast_read_fn *fast_read;
-    void *fast_read_arg;
-    int reads_armed;
-};
+ * path: PRIVATE above, SOURCE below. */
+""" + PRIVATE + r"""
 ssize_t vmem_region_fast_notify(vfu_ctx_t *, char *, size_t, loff_t, bool);
 """
 
@@ -194,39 +215,7 @@ SOURCE = r"""
 
 #include <errno.h>
 
-/* The device's serve of a notify (csrc/vmem_queue.h vmem_serve_on_notify):
- * returns the MSI-X vector to trigger or -1, and sets *need_python when the
- * notify must also be counted as a kick for Python. */
-typedef int (vmem_notify_serve_fn)(void *arg, int *need_python);
-/* The device's answer to a read of the region (csrc/vmem_config.h
- * vmem_bar0_fast_read): 1 when it filled buf, 0 when the read is Python's. */
-typedef int (vmem_fast_read_fn)(void *arg, char *buf, size_t count, uint64_t offset);
-
-struct vmem_vfu_private {
-    void *handle;            /* ffi.new_handle(VfuContext) */
-    uint64_t notify_offset;  /* the notify window, within notify_region */
-    uint64_t notify_length;
-    int notify_region;       /* -1: none; else VFU_PCI_DEV_BAR0_REGION_IDX */
-    /* Notify writes since VfuContext.take_kicks() last read it.  Written
-     * here, inside vfu_run_ctx, and read/reset by take_kicks(): both on the
-     * trio thread, never at the same time, so no atomics are needed. */
-    uint32_t kicks;
-    /* Optional: called for a notify write while notify_armed; disarmed
-     * after one call and before any Python callback (VfuContext). */
-    vmem_notify_serve_fn *notify_serve;
-    void *notify_serve_arg;
-    int notify_armed;
-    /* The last vfu_irq_trigger of a served notify that failed: its errno
-     * (0: none) and vector, for Python to log (take_notify_irq_error). */
-    int irq_errno;
-    int irq_failed_vector;
-    /* Optional: tried for every read of the region while reads_armed;
-     * disarmed before any Python callback, not by the reads themselves. */
-    vmem_fast_read_fn *fast_read;
-    void *fast_read_arg;
-    int reads_armed;
-};
-
+""" + PRIVATE + r"""
 /* cffi defines the extern "Python" functions after this code. */
 static ssize_t vfu_py_region0(vfu_ctx_t *, char *, size_t, loff_t, bool);
 

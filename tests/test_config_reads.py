@@ -12,7 +12,8 @@ import struct
 
 import pytest
 
-from test_protocol import BAR_ADDR, BLOCK, TIMEOUT, Vmem, vmem, vmem_factory  # noqa: F401 (fixtures)
+from test_protocol import BAR_ADDR, BLOCK, Vmem, vmem, vmem_factory  # noqa: F401 (fixtures)
+from test_vfu_notify import Bar0Spy, spy  # noqa: F401 (fixture)
 from vfiouser_vmem._blocks import ffi as blocks_ffi, lib as blocks_lib
 from vfiouser_vmem.device import CONFIG_SIZE, MIB, VirtioMemDevice
 from vfiouser_vmem.server import ControlledVmem
@@ -114,23 +115,6 @@ def test_empty_reads_are_pythons():
 
 
 # -- the server, over a real vfio-user socket -------------------------------------
-
-
-class Bar0Spy:
-    def __init__(self, v: Vmem) -> None:
-        self.calls: list[tuple[int, int, bool]] = []
-        self._real = v.server.transport.bar0_access
-
-    def __call__(self, offset: int, buf: memoryview, is_write: bool) -> None:
-        self.calls.append((offset, len(buf), is_write))
-        self._real(offset, buf, is_write)
-
-
-@pytest.fixture
-def spy(vmem: Vmem, monkeypatch: pytest.MonkeyPatch) -> Bar0Spy:  # noqa: F811
-    s = Bar0Spy(vmem)
-    monkeypatch.setattr(vmem.server.transport, "bar0_access", s)
-    return s
 
 
 async def test_config_reads_after_a_resize_never_reach_python(vmem: Vmem, spy: Bar0Spy) -> None:  # noqa: F811
