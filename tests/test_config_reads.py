@@ -64,7 +64,7 @@ BAR_ADDR_T = 0x40_0000_0000
 
 def test_every_device_config_read_is_answered_alike():
     t = transport()
-    assert t.arm_fast_reads()
+    assert t.arm_c_paths()[1]
     for state in states(t):
         for offset in range(DEVICE_CFG_OFFSET - 8, DEVICE_CFG_OFFSET + CONFIG_SIZE + 8):
             for count in (1, 2, 4, 8):
@@ -80,7 +80,7 @@ def test_every_device_config_read_is_answered_alike():
 
 def test_the_values_are_the_models():
     t = transport(node=7)
-    t.arm_fast_reads()
+    t.arm_c_paths()[1]
     d = t.device
     d.handle_request(struct.pack("<H6xQH6x", 0, BAR_ADDR_T + 4 * BS, 3))
     block_size, node, addr, region, usable, plugged, requested = struct.unpack(
@@ -102,7 +102,7 @@ def test_config_generation_is_answered_and_only_as_one_byte():
 
 def test_an_unassigned_bar_is_left_to_python_which_warns(caplog: pytest.LogCaptureFixture):
     t = transport(bar_addr=0)
-    assert not t.arm_fast_reads()
+    assert not t.arm_c_paths()[1]
     assert c_read(t, DEVICE_CFG_OFFSET, 8) is None  # even if it were armed
     py_read(t, DEVICE_CFG_OFFSET, 8)
     assert "has no guest address" in caplog.text
@@ -110,7 +110,7 @@ def test_an_unassigned_bar_is_left_to_python_which_warns(caplog: pytest.LogCaptu
 
 def test_empty_reads_are_pythons():
     t = transport()
-    t.arm_fast_reads()
+    t.arm_c_paths()[1]
     assert c_read(t, DEVICE_CFG_OFFSET, 0) is None
 
 

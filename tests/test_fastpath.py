@@ -127,7 +127,7 @@ class Guest:
         queue register): the binding disarmed the notify serve, and the
         server armed it again afterwards (DeviceServer.update_notify_serve)."""
         if self.mode == "notify":
-            self.armed = self.transport.arm_notify_serve()
+            self.armed = self.transport.arm_c_paths()[0]
 
     def _desc(self, addr: int, length: int, flags: int) -> int:
         i = self.next_desc

@@ -172,6 +172,15 @@ class CField:
         setattr(obj._c, self.field, value)
 
 
+def c_address(thing: str | object) -> int:
+    """The address of a C function of the helper (by name) or of its cdata,
+    for the vfio-user binding (``VfuContext.set_notify_serve``,
+    ``set_fast_read``), which is another cffi module."""
+    if isinstance(thing, str):
+        thing = ffi.addressof(lib, thing)
+    return int(ffi.cast("uintptr_t", thing))
+
+
 def _discard_error(rc: int, failed: int, what: str) -> DiscardError:
     err = -rc
     return DiscardError(err, f"{what} failed at offset {failed}: {os.strerror(err)}", failed)

@@ -656,15 +656,10 @@ class QmpServer:
     def _resolve(self, path: str) -> ControlledDevice:
         # The first device that path names, by id, /machine/peripheral/<id> or qom_path.
         peripheral = path[len(_PERIPHERAL):] if path.startswith(_PERIPHERAL) else None
-        for device in self._devices.values():
+        for device in self._iter_devices():
             dev_id = device.id
             if path == dev_id or peripheral == dev_id or path == device.qom_path:
                 return device
-        if self._extra_devices:
-            for device in self._iter_devices():
-                dev_id = device.id
-                if path == dev_id or peripheral == dev_id or path == device.qom_path:
-                    return device
         raise _QmpError(f"Device '{path}' not found", "DeviceNotFound")
 
     def add_device(self, device: ControlledDevice) -> None:

@@ -369,10 +369,7 @@ class DeviceServer:
             failed = self.ctx.take_notify_irq_error()
             if failed is not None:
                 vector, err = failed
-                # As the transport's _interrupt: the interrupt is lost, the
-                # device carries on.
-                self.log.warning("%s: MSI-X vector %d could not be triggered: %s",
-                                 self.config.id, vector, os.strerror(err))
+                self.transport.interrupt_lost(vector, VfuError(err, f"vfu_irq_trigger({vector}): {os.strerror(err)}"))
             self.transport.serve_kicks(self.ctx.take_kicks() > 0)
         finally:
             self.discards.wake()
@@ -381,12 +378,11 @@ class DeviceServer:
     def update_notify_serve(self) -> None:
         """Arm the notify serve and the C answer to device-configuration
         reads for the state the device is in now, or disarm them
-        (VirtioPciTransport.arm_notify_serve, arm_fast_reads): after each
+        (VirtioPciTransport.arm_c_paths): after each
         vfio-user message, and after anything on this thread that changes
         what they rely on (control commands, the discard worker's failures)."""
         if self.connected:
-            self.ctx.notify_armed = self.transport.arm_notify_serve()
-            self.ctx.reads_armed = self.transport.arm_fast_reads()
+            self.ctx.notify_armed, self.ctx.reads_armed = self.transport.arm_c_paths()
         else:
             self.ctx.notify_armed = self.ctx.reads_armed = False
 

@@ -273,11 +273,8 @@ class VfuContext:
         until the context is closed or ``set_notify_serve(0, 0)``.  The
         function returns an MSI-X vector that is then triggered (before the
         reply to the write), or -1."""
-        if self._private.notify_region < 0:
-            raise ValueError("set_notify_serve needs a fast_notify window (setup_region)")
-        self._private.notify_armed = 0
-        self._private.notify_serve = ffi.cast("vmem_notify_serve_fn *", fn_address)
-        self._private.notify_serve_arg = ffi.cast("void *", arg_address)
+        self._set_c_hook("set_notify_serve", "notify_serve", "vmem_notify_serve_fn *", "notify_armed",
+                         fn_address, arg_address)
 
     @property
     def notify_armed(self) -> bool:
@@ -285,8 +282,7 @@ class VfuContext:
 
     @notify_armed.setter
     def notify_armed(self, armed: bool) -> None:
-        # Only on the thread that calls run(), between two run() calls.
-        self._private.notify_armed = 1 if armed and self._private.notify_serve != ffi.NULL else 0
+        self._arm_c_hook("notify_serve", "notify_armed", armed)
 
     def set_fast_read(self, fn_address: int, arg_address: int) -> None:
         """The C function (``int fn(void *arg, char *buf, size_t count,
@@ -294,11 +290,8 @@ class VfuContext:
         while ``reads_armed``: it returns 1 when it answered the read into
         ``buf``, 0 to leave it to the region's Python callback.  Addresses,
         kept valid by the caller as for ``set_notify_serve``."""
-        if self._private.notify_region < 0:
-            raise ValueError("set_fast_read needs a fast_notify window (setup_region)")
-        self._private.reads_armed = 0
-        self._private.fast_read = ffi.cast("vmem_fast_read_fn *", fn_address)
-        self._private.fast_read_arg = ffi.cast("void *", arg_address)
+        self._set_c_hook("set_fast_read", "fast_read", "vmem_fast_read_fn *", "reads_armed",
+                         fn_address, arg_address)
 
     @property
     def reads_armed(self) -> bool:
@@ -306,8 +299,22 @@ class VfuContext:
 
     @reads_armed.setter
     def reads_armed(self, armed: bool) -> None:
-        # Only on the thread that calls run(), between two run() calls.
-        self._private.reads_armed = 1 if armed and self._private.fast_read != ffi.NULL else 0
+        self._arm_c_hook("fast_read", "reads_armed", armed)
+
+    def _set_c_hook(self, what: str, fn_field: str, fn_type: str, armed_field: str,
+                    fn_address: int, arg_address: int) -> None:
+        """Install a C hook of the fast_notify region (``fn_field`` and its
+        ``_arg``), disarmed."""
+        if self._private.notify_region < 0:
+            raise ValueError(f"{what} needs a fast_notify window (setup_region)")
+        setattr(self._private, armed_field, 0)
+        setattr(self._private, fn_field, ffi.cast(fn_type, fn_address))
+        setattr(self._private, f"{fn_field}_arg", ffi.cast("void *", arg_address))
+
+    def _arm_c_hook(self, fn_field: str, armed_field: str, armed: bool) -> None:
+        # Only on the thread that calls run(), between two run() calls; never
+        # armed without a function.
+        setattr(self._private, armed_field, 1 if armed and getattr(self._private, fn_field) != ffi.NULL else 0)
 
     def take_notify_irq_error(self) -> tuple[int, int] | None:
         """(vector, errno) of the last interrupt a served notify could not

@@ -21,8 +21,8 @@ import struct
 import time
 from typing import Callable
 
-from vfiouser_vmem._blocks import ffi as _blocks_ffi, lib as _blocks_lib
-from vfiouser_vmem.blocks import CField
+from vfiouser_vmem._blocks import ffi as _blocks_ffi
+from vfiouser_vmem.blocks import CField, c_address
 from vfiouser_vmem.device import CONFIG_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, ProtocolViolation, VirtioMemDevice
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.virtqueue import (
@@ -174,7 +174,7 @@ class VirtioPciTransport:
         #: False: every request goes through Python (tests compare the two).
         self.serve_in_c = True
         self._c_served = served_array(QUEUE_MAX_SIZE)
-        #: The C request path inside the notify write (arm_notify_serve).
+        #: The C request path inside the notify write (arm_c_paths).
         self.notify_serve = NotifyServe(self.queue, self.memory, QUEUE_MAX_SIZE)
         # Requests served inside a notify write that stopped for Python:
         # process_queue counts them when it decides on the interrupt.
@@ -245,9 +245,13 @@ class VirtioPciTransport:
             try:
                 self.trigger(vector)
             except OSError as exc:
-                # The guest enabled MSI-X but the client gave no eventfd for
-                # the vector: the interrupt is lost, the device carries on.
-                log.warning("%s: MSI-X vector %d could not be triggered: %s", self.name, vector, exc)
+                self.interrupt_lost(vector, exc)
+
+    def interrupt_lost(self, vector: int, why: object) -> None:
+        """The guest enabled MSI-X but the client gave no eventfd for the
+        vector (here or in the C notify serve): the interrupt is lost, the
+        device carries on."""
+        log.warning("%s: MSI-X vector %d could not be triggered: %s", self.name, vector, why)
 
     def notify_config(self) -> None:
         """Config change: new generation and a config interrupt (QEMU's
@@ -510,18 +514,18 @@ class VirtioPciTransport:
                 served.append((results[i].type, results[i].response, in_c_s[i] + share_s))
 
     # -- serving inside the notify write -----------------------------------
-    def arm_notify_serve(self) -> bool:
+    def _arm_notify_serve(self) -> bool:
         """Get ``notify_serve`` ready for the guest's next notify write and
         say whether it may run: only in the state where process_queue would
         hand the whole queue to the C path first.  The vfio-user binding
         disarms it after one notify and before any other callback, so this
         runs again after each vfio-user message (server.serve_requests)
-        and after anything else that changes what it checks."""
+        and after anything else that changes what it checks.  The BAR
+        address is the caller's to refresh (arm_c_paths)."""
         q = self.queue
         if (not self.serve_in_c or self.hold_requests or self.kick_pending or self.broken_reason
                 or not (q.enabled and self.status & VIRTIO_CONFIG_S_DRIVER_OK)):
             return False
-        self.refresh_addr()
         vector = q.msix_vector
         # As _interrupt: never a vector the guest did not enable.
         if not (vector != VIRTIO_MSI_NO_VECTOR and vector < MSIX_VECTORS and self.msix_enabled()):
@@ -544,19 +548,25 @@ class VirtioPciTransport:
     @property
     def fast_read_address(self) -> int:
         """The address of ``vmem_bar0_fast_read``, for ``VfuContext.set_fast_read``."""
-        return int(_blocks_ffi.cast("uintptr_t", _blocks_ffi.addressof(_blocks_lib, "vmem_bar0_fast_read")))
+        return c_address("vmem_bar0_fast_read")
 
     @property
     def fast_read_arg_address(self) -> int:
         """Its argument (``struct vmem_bar0_reads``), valid as long as this transport."""
-        return int(_blocks_ffi.cast("uintptr_t", self._c))
+        return c_address(self._c)
 
-    def arm_fast_reads(self) -> bool:
+    def arm_c_paths(self) -> tuple[bool, bool]:
+        """After each vfio-user message: (arm the notify serve, arm the C
+        answer to device-configuration reads), with the BAR address read
+        once for both."""
+        self.refresh_addr()
+        return self._arm_notify_serve(), self._arm_fast_reads()
+
+    def _arm_fast_reads(self) -> bool:
         """Whether reads of the device configuration (and of
         config_generation) may be answered in C until the next Python
         callback: only with the memory BAR's address known (bar0_access
         warns about an unassigned one)."""
-        self.refresh_addr()
         return self.device.addr != 0
 
     def take_notify_served(self) -> int:

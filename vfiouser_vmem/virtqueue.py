@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from vfiouser_vmem._blocks import ffi as _ffi, lib as _lib
-from vfiouser_vmem.blocks import CField
+from vfiouser_vmem.blocks import CField, c_address
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -324,12 +324,12 @@ class NotifyServe:
 
     @property
     def fn_address(self) -> int:
-        return int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "vmem_serve_on_notify")))
+        return c_address("vmem_serve_on_notify")
 
     @property
     def arg_address(self) -> int:
         """Valid as long as this object."""
-        return int(_ffi.cast("uintptr_t", self._c))
+        return c_address(self._c)
 
     def prepare(self, device_state: object, irq_vector: int) -> None:
         """The next call serves against ``device_state`` (the device model's
