@@ -11,6 +11,7 @@
 #include "vmem_queue.h"
 #include "vmem_blocks.h"
 
+#include <setjmp.h>
 #include <string.h>
 #include <time.h>
 
@@ -44,34 +45,24 @@ struct vring_desc {
     uint16_t next;
 };
 
-/* The host address of [addr, addr + len) when it lies in one reachable
- * mapping, else NULL (Python then reports why, or handles the straddle). */
-static uint8_t *guest_ptr(struct vmem_guest_memory *mem, uint64_t addr, uint64_t len)
+/* The host address of [addr, addr + len) when it lies in one mapping that
+ * allows the access, else NULL (Python then reports why, or handles the
+ * straddle). */
+static uint8_t *guest_ptr(struct vmem_guest_memory *mem, uint64_t addr, uint64_t len, int want_write)
 {
-    if (addr + len < addr)
-        return NULL;
-    for (uint32_t n = 0; n < mem->nr_maps; n++) {
-        uint32_t i = (mem->last + n) % mem->nr_maps;
-        struct vmem_mapping *m = &mem->maps[i];
-        if (addr >= m->iova && addr - m->iova < m->length) {
-            if (m->host == NULL || len > m->length - (addr - m->iova))
-                return NULL;
-            mem->last = i;
-            return m->host + (addr - m->iova);
-        }
-    }
-    return NULL;
+    return vmem_guest_ptr(mem, addr, len, want_write);
 }
 
 /* guest_ptr(base + offset): ring addresses come from the driver, and an
  * address that wraps past 2^64 is out of reach (Python's path computes it
  * without wrapping and refuses it), not a way back to low guest memory. */
-static uint8_t *ring_ptr(struct vmem_guest_memory *mem, uint64_t base, uint64_t offset, uint64_t len)
+static uint8_t *ring_ptr(struct vmem_guest_memory *mem, uint64_t base, uint64_t offset, uint64_t len,
+                         int want_write)
 {
     uint64_t addr;
     if (__builtin_add_overflow(base, offset, &addr))
         return NULL;
-    return guest_ptr(mem, addr, len);
+    return guest_ptr(mem, addr, len, want_write);
 }
 
 static uint64_t now_ns(void)
@@ -148,12 +139,12 @@ static int serve_request(struct vmem_device_state *dev, uint16_t type, uint64_t 
 /* Serve the chain at the head of the available ring.  1: served; 0: empty
  * queue; -1: Python must serve it (nothing consumed, nothing changed). */
 static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struct vmem_device_state *dev,
-                     struct vmem_served *out)
+                     struct vmem_served *out, volatile int *applied)
 {
     uint16_t size = vq->size, avail_idx, head;
     uint8_t *p;
 
-    if (size == 0 || (p = ring_ptr(mem, vq->driver_addr, 2, 2)) == NULL)
+    if (size == 0 || (p = ring_ptr(mem, vq->driver_addr, 2, 2, 0)) == NULL)
         return -1;
     memcpy(&avail_idx, p, 2);
     /* The driver writes the ring entry, then the index (spec 2.7.13): read
@@ -164,7 +155,7 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
         return 0;
     if (pending > size)
         return -1;
-    if ((p = ring_ptr(mem, vq->driver_addr, 4 + 2u * (vq->last_avail_idx % size), 2)) == NULL)
+    if ((p = ring_ptr(mem, vq->driver_addr, 4 + 2u * (vq->last_avail_idx % size), 2, 0)) == NULL)
         return -1;
     memcpy(&head, p, 2);
 
@@ -180,7 +171,7 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
         struct vring_desc desc;
         if (index >= size || walked++ >= size) /* out of the ring, or a loop */
             return -1;
-        if ((p = ring_ptr(mem, vq->desc_addr, 16u * index, 16)) == NULL)
+        if ((p = ring_ptr(mem, vq->desc_addr, 16u * index, 16, 0)) == NULL)
             return -1;
         memcpy(&desc, p, sizeof(desc));
         if (desc.flags & VRING_DESC_F_INDIRECT)
@@ -192,7 +183,7 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
             uint32_t need = RESPONSE_SIZE > writable_bytes ? RESPONSE_SIZE - writable_bytes : 0;
             uint32_t n = desc.len < need ? desc.len : need;
             writable[nr_writable] = NULL;
-            if (n && (writable[nr_writable] = guest_ptr(mem, desc.addr, n)) == NULL)
+            if (n && (writable[nr_writable] = guest_ptr(mem, desc.addr, n, 1)) == NULL)
                 return -1;
             writable_len[nr_writable++] = n;
             writable_bytes += n;
@@ -203,7 +194,7 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
             if (desc.len < n)
                 n = desc.len;
             if (n) {
-                if ((p = guest_ptr(mem, desc.addr, n)) == NULL)
+                if ((p = guest_ptr(mem, desc.addr, n, 0)) == NULL)
                     return -1;
                 readable_bytes += n;
                 uint32_t take = REQUEST_SIZE - request_bytes;
@@ -219,10 +210,24 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
     }
     if (request_bytes < REQUEST_SIZE || writable_bytes < RESPONSE_SIZE)
         return -1;
-    uint8_t *used_elem = ring_ptr(mem, vq->device_addr, 4 + 8u * (vq->used_idx % size), 8);
-    uint8_t *used_idx = ring_ptr(mem, vq->device_addr, 2, 2);
+    uint8_t *used_elem = ring_ptr(mem, vq->device_addr, 4 + 8u * (vq->used_idx % size), 8, 1);
+    uint8_t *used_idx = ring_ptr(mem, vq->device_addr, 2, 2, 1);
     if (used_elem == NULL || used_idx == NULL)
         return -1;
+
+    /* Touch what the answer will write, for reading, before the request
+     * changes anything: a file shrunk under a mapping faults here (the
+     * guard in serve_one_guarded), while nothing has changed yet. */
+    for (unsigned i = 0; i < nr_writable; i++) {
+        if (writable_len[i]) {
+            volatile uint8_t first = writable[i][0], last = writable[i][writable_len[i] - 1];
+            (void)first, (void)last;
+        }
+    }
+    {
+        volatile uint8_t touch = used_elem[0] + used_elem[7] + used_idx[0] + used_idx[1];
+        (void)touch;
+    }
 
     uint64_t started = now_ns();
     uint16_t type, nb_blocks, state;
@@ -238,6 +243,16 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
     uint16_t code = (uint16_t)response;
     memcpy(answer, &code, 2);
     memcpy(answer + 8, &state, 2);
+    /* The request took effect: recorded before the answer is written, so
+     * that a fault while writing it (the file shrunk between the touch
+     * above and here) still tells Python what changed. */
+    out->addr = addr;
+    out->type = type;
+    out->nb_blocks = nb_blocks;
+    out->response = code;
+    out->state = state;
+    out->elapsed_ns = 0;
+    *applied = 1;
     uint32_t pos = 0;
     for (unsigned i = 0; i < nr_writable; i++) {
         if (writable_len[i]) {
@@ -253,31 +268,72 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
     memcpy(used_idx, &next_used, 2);
     vq->used_idx = next_used;
     vq->last_avail_idx = (uint16_t)(vq->last_avail_idx + 1);
-
-    out->addr = addr;
-    out->type = type;
-    out->nb_blocks = nb_blocks;
-    out->response = code;
-    out->state = state;
     out->elapsed_ns = now_ns() - started;
     return 1;
+}
+
+/* The host address a guarded access faulted at, as a guest address. */
+static uint64_t fault_guest_addr(const struct vmem_guest_memory *mem, uint64_t host)
+{
+    for (uint32_t i = 0; i < mem->nr_maps; i++) {
+        const struct vmem_mapping *m = &mem->maps[i];
+        uint64_t start = (uint64_t)(uintptr_t)m->host;
+        if (m->host != NULL && host >= start && host - start < m->length)
+            return m->iova + (host - start);
+    }
+    return 0;
+}
+
+/* serve_one under the SIGBUS guard (vmem_guest.h).  2: the guest memory
+ * faulted (mem->faulted); *applied says whether the request had already
+ * taken effect (it is then in *out, and its chain is consumed so that it
+ * is never applied twice). */
+static int serve_one_guarded(struct vmem_vring *vq, struct vmem_guest_memory *mem, struct vmem_device_state *dev,
+                             struct vmem_served *out, int *applied_out)
+{
+    sigjmp_buf env;
+    volatile int applied = 0;
+    int rc;
+
+    if (sigsetjmp(env, 0)) {
+        mem->faulted = 1;
+        mem->fault_addr = fault_guest_addr(mem, vmem_guard_fault_host);
+        if (applied)
+            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx + 1);
+        *applied_out = applied;
+        return 2;
+    }
+    vmem_guard_env = &env;
+    rc = serve_one(vq, mem, dev, out, &applied);
+    vmem_guard_env = NULL;
+    *applied_out = applied;
+    return rc;
 }
 
 int vmem_serve_queue(struct vmem_vring *vq, struct vmem_guest_memory *mem, struct vmem_device_state *dev,
                      struct vmem_served *served, uint32_t max_served, uint32_t *nr_served)
 {
     *nr_served = 0;
+    if (mem->faulted)
+        return VMEM_SERVE_FAULT; /* until Python has stopped the queue */
     while (*nr_served < max_served) {
-        int rc = serve_one(vq, mem, dev, &served[*nr_served]);
+        int applied = 0;
+        int rc = serve_one_guarded(vq, mem, dev, &served[*nr_served], &applied);
+        if (rc == 2) {
+            if (applied)
+                (*nr_served)++;
+            return VMEM_SERVE_FAULT;
+        }
         if (rc == 0) {
             /* The used index is written (serve_one): only now may the flags
              * be read, or a driver that re-enables interrupts in between
              * would miss one (virtio spec 2.7.10). */
-            uint8_t *p = guest_ptr(mem, vq->driver_addr, 2);
+            uint64_t bad;
+            uint16_t flags = 0;
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            vq->avail_flags = 0;
-            if (p != NULL)
-                memcpy(&vq->avail_flags, p, 2);
+            if (vmem_guest_read(mem, vq->driver_addr, (uint8_t *)&flags, 2, &bad) != VMEM_ACCESS_OK)
+                flags = 0;
+            vq->avail_flags = flags;
             return VMEM_SERVE_DONE;
         }
         if (rc < 0)

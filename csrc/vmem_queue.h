@@ -15,8 +15,9 @@
  * Only accepted requests are served here: PLUG, UNPLUG and STATE answered
  * ACK.  Everything else -- refusals (they are logged with the reason), NACK,
  * UNPLUG_ALL, unknown types, a chain that breaks the ring rules or lies
- * outside the mapped guest memory -- stops the call with VMEM_SERVE_SLOW
- * *before anything of that chain is consumed*, and Python's path (the
+ * outside the mapped guest memory, or whose response buffer or used ring
+ * the device may not write -- stops the call with VMEM_SERVE_SLOW *before
+ * anything of that chain is consumed*, and Python's path (the
  * reference semantics, virtqueue.py and device.py) handles it.  So the C
  * path never decides differently from Python; it only decides faster.
  *
@@ -28,24 +29,17 @@
 
 #include <stdint.h>
 
+#include "vmem_guest.h"
+
 /* CDEF-BEGIN */
 #define VMEM_SERVE_DONE 0 /* no request left in the queue */
 #define VMEM_SERVE_SLOW 1 /* the next chain is for Python; none of it consumed */
 #define VMEM_SERVE_FULL 2 /* the served[] array is full; call again */
-
-/* One DMA mapping of guest memory into this process.  host == NULL: the
- * device cannot reach it (Python explains why). */
-struct vmem_mapping {
-    uint64_t iova;
-    uint64_t length;
-    uint8_t *host;
-};
-
-struct vmem_guest_memory {
-    struct vmem_mapping *maps;
-    uint32_t nr_maps;
-    uint32_t last; /* the mapping that served the last access: tried first */
-};
+/* Guest memory faulted (the client shrank the file behind a mapping):
+ * mem->faulted says where.  A request whose answer was being written when
+ * it faulted is in served[] (its state change happened) and its chain is
+ * consumed; the queue must stop (virtio_pci.py). */
+#define VMEM_SERVE_FAULT 3
 
 /* The device side of a split virtqueue. */
 struct vmem_vring {

@@ -362,6 +362,52 @@ class VfioUserClient:
             await self._send_all(HEADER.pack(msg_id, command, total, flags, 0) + payload, fds)
             return await self._receive_reply(msg_id, command)
 
+    # -- raw bytes, for clients that misbehave ------------------------------------
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are (a partial message, a message in pieces)."""
+        view = memoryview(data)
+        while view:
+            view = view[await self._sock.send(view):]
+
+    async def receive_raw(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` of whatever the server sends next; b"" when it
+        closed the connection."""
+        try:
+            return await self._sock.recv(max_bytes)
+        except ConnectionResetError:
+            return b""
+
+    async def send_until_full(self, message: bytes, count: int) -> int:
+        """Send ``message`` up to ``count`` times without reading a reply,
+        until the socket takes no more; returns how many went out (the last
+        one begun is finished, so that every message is whole)."""
+        raw = socket.socket(fileno=os.dup(self._sock.fileno()))
+        try:
+            raw.setblocking(False)
+            sent = 0
+            while sent < count:
+                view = memoryview(message)
+                try:
+                    n = raw.send(view)
+                except BlockingIOError:
+                    break
+                view = view[n:]
+                while view:  # a message begun is finished
+                    await trio.lowlevel.wait_writable(self._sock)
+                    try:
+                        view = view[raw.send(view):]
+                    except BlockingIOError:
+                        continue
+                sent += 1
+                if sent % 256 == 0:
+                    await trio.lowlevel.checkpoint()
+            return sent
+        finally:
+            raw.close()  # the dup only; trio's socket is non-blocking already
+
     async def _simple(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes:
         reply = await self.request(command, payload, fds)
         if reply.fds:

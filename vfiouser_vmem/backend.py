@@ -8,6 +8,7 @@ BAR, so punching a hole frees the pages in both processes at once.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 
@@ -21,7 +22,7 @@ class MemfdBackend:
     (for guest buffers that lie in the device's own memory)."""
 
     def __init__(self, size_bytes: int, *, name: str = "vfiouser-vmem", hugetlb: bool = False) -> None:
-        flags = os.MFD_CLOEXEC
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
         if hugetlb:
             flags |= os.MFD_HUGETLB
         self.size_bytes = size_bytes
@@ -29,6 +30,11 @@ class MemfdBackend:
         self.fd = os.memfd_create(name, flags)
         try:
             os.ftruncate(self.fd, size_bytes)
+            # The fd goes to every client (the mmap-able BAR): sealed so that
+            # none can shrink it under this process's own mapping (touching
+            # it would then be SIGBUS here) or grow it.  Punching holes stays
+            # allowed (F_SEAL_WRITE is not set).
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self._map = mmap.mmap(self.fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(self.fd)

@@ -29,6 +29,7 @@ from vfiouser_vmem.discard import DiscardQueue
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.vfu import (
     CAP_FLAG_READONLY,
+    PROT_READ,
     ConnectionLost,
     DmaRegion,
     IrqType,
@@ -259,20 +260,45 @@ class DeviceServer:
                 raise ValueError(f"write beyond the device's {format_size(self.config.size_bytes)}")
             buf[:] = bytes(len(buf))
             return
+        bs = self.model.block_size
+        first = offset // bs
         if is_write:
-            bs = self.model.block_size
-            first = offset // bs
             if self.model.bitmap.range_state(first, (end - 1) // bs - first + 1) != RangeState.PLUGGED:
                 raise PermissionError(f"write to unplugged memory at offset {offset:#x}")
             self.backend.view[offset:end] = buf
-        else:
-            buf[:] = self.backend.view[offset:end]
+            return
+        # Unplugged memory reads as zeros without touching the backend: a
+        # read fault on a shmem hole allocates a page, so reading through
+        # the backend would let a client make the host allocate the whole
+        # device with reads (and it would stay allocated).
+        pos = offset
+        while pos < end:
+            block = pos // bs
+            block_end = min(end, (block + 1) * bs)
+            if self.model.bitmap.range_state(block, 1) == RangeState.PLUGGED:
+                buf[pos - offset:block_end - offset] = self.backend.view[pos:block_end]
+            else:
+                buf[pos - offset:block_end - offset] = bytes(block_end - pos)
+            pos = block_end
 
     # -- DMA ------------------------------------------------------------
     def _dma_register(self, region: DmaRegion) -> None:
-        view = region.view()
-        if view is not None:
-            self.transport.memory.add(region.iova, region.length, view)
+        memory = self.transport.memory
+        if region.vaddr:
+            # Only what libvfio-user mapped, with the client's protection
+            # (vfu.py DmaRegion): touching more, or writing a read-only
+            # mapping, would be SIGSEGV for every device of this process.
+            view = region.view()
+            reachable = len(view) if view is not None else 0
+            if view is not None:
+                memory.add(region.iova, reachable, view)
+            if reachable < region.length:
+                why = ("mapped without read access (DMA_MAP prot 0)" if not region.prot & PROT_READ else
+                       "not mapped by this server: the DMA_MAP file offset is not page aligned, so "
+                       "libvfio-user mapped only whole pages from below it")
+                self.log.warning("%s: guest memory %#x-%#x: %s", self.config.id, region.iova + reachable,
+                                 region.iova + region.length, why)
+                memory.add(region.iova + reachable, region.length - reachable, None, why)
             return
         # QEMU maps the device's own BAR back to us without an fd (DESIGN.md
         # section 2), and the memory BARs of the other devices of this
@@ -331,11 +357,71 @@ class DeviceServer:
             except VfuError as exc:
                 self.log.warning("%s: refused a vfio-user client on %s: %s", cid, self.config.socket, exc)
 
+    #: How long a client may take to send the rest of a message it began,
+    #: or to read the replies it has, before it is dropped: QEMU's own
+    #: vfio-user client gives up on a reply after 5 s (x-msg-timeout).
+    MESSAGE_DEADLINE_S = 5.0
+    #: While a message is incomplete, how often to look again (doubling up
+    #: to the second figure).  Readiness cannot say it: the socket is
+    #: readable as soon as any of it is there.
+    _PARTIAL_POLL_S = (0.001, 0.05)
+
+    async def _until_message_ready(self) -> bool:
+        """Wait (without holding the thread) until the next message is in the
+        socket in full; False when the client took longer than the deadline."""
+        if self.ctx.message_ready():
+            return True
+        delay_s, max_delay_s = self._PARTIAL_POLL_S
+        with trio.move_on_after(self.MESSAGE_DEADLINE_S):
+            while True:
+                await trio.sleep(delay_s)
+                if self.ctx.message_ready():
+                    return True
+                delay_s = min(delay_s * 2, max_delay_s)
+        return False
+
+    async def _until_can_reply(self) -> bool:
+        """Wait until a reply would not block; False when the client has not
+        read its replies within the deadline."""
+        if self.ctx.can_reply():
+            return True
+        with trio.move_on_after(self.MESSAGE_DEADLINE_S):
+            while not self.ctx.can_reply():
+                await trio.lowlevel.wait_writable(self.ctx.poll_fd)
+            return True
+        return False
+
+    def _drop_stuck_client(self, why: str) -> None:
+        """Drop a client that holds its connection in the middle of a message
+        or does not read its replies; libvfio-user then sees a lost
+        connection (the lost-connection reset runs, as if it had gone)."""
+        self.log.error("%s: dropping vfio-user client %d: %s", self.config.id, self.clients_total, why)
+        self.ctx.drop_client()
+        # What is still buffered fails at once on a shut-down socket.
+        for _ in range(self.MAX_CONSECUTIVE_RUN_ERRORS):
+            try:
+                self.ctx.run()
+            except VfuError:
+                continue
+        raise ConnectionLost(why)
+
     async def _serve_client(self) -> None:
         cid = self.config.id
         failures = 0
+        # The backstop: no blocking read or write of libvfio-user's can
+        # take longer than the deadline (it is not expected to block at all).
+        self.ctx.bound_io(self.MESSAGE_DEADLINE_S)
         while True:
             await trio.lowlevel.wait_readable(self.ctx.poll_fd)
+            # libvfio-user reads a message and sends its reply with blocking
+            # calls on this thread, which serves every device and QMP: it
+            # gets a message only when all of it has arrived and the reply
+            # can go out without waiting (docs/robustness.md).
+            if not await self._until_message_ready():
+                self._drop_stuck_client(f"it sent part of a message and not the rest within "
+                                        f"{self.MESSAGE_DEADLINE_S:g} s")
+            if not await self._until_can_reply():
+                self._drop_stuck_client(f"it has not read its replies for {self.MESSAGE_DEADLINE_S:g} s")
             try:
                 self.ctx.run()
                 failures = 0

@@ -109,18 +109,39 @@ class DmaRegion:
     ``vaddr`` is where libvfio-user mapped the client's fd in this process,
     or 0 when the client sent no fd (QEMU does that for memory it cannot
     share: guest RAM without ``share=on``, and the device's own BARs).
+    ``mapping_start``/``mapping_length`` is the mmap libvfio-user made
+    (lib/dma.c dma_map_region: ``round_up(length)`` bytes from the page
+    below the file offset), and ``prot`` the client's protection, which
+    that mmap has too.
     """
 
     iova: int
     length: int
     vaddr: int
     prot: int
+    mapping_start: int = 0
+    mapping_length: int = 0
+
+    @property
+    def reachable_bytes(self) -> int:
+        """How much of the region, from ``iova`` on, this process has mapped.
+        Less than ``length`` when the client's file offset is not page
+        aligned: libvfio-user maps ``round_up(length)`` bytes from
+        ``round_down(offset)``, so the region's tail is left out."""
+        if not self.vaddr:
+            return 0
+        end = self.mapping_start + self.mapping_length
+        return max(0, min(self.length, end - self.vaddr))
 
     def view(self) -> memoryview | None:
-        """The mapped guest memory, valid until the region is unregistered."""
-        if not self.vaddr:
+        """The mapped guest memory (``reachable_bytes`` of it), valid until the
+        region is unregistered; read-only without PROT_WRITE, None without
+        PROT_READ or an fd.  Touching more, or writing a read-only one, is
+        SIGSEGV."""
+        if not self.vaddr or not self.prot & PROT_READ or not self.reachable_bytes:
             return None
-        return memoryview(ffi.buffer(ffi.cast("char *", self.vaddr), self.length))
+        view = memoryview(ffi.buffer(ffi.cast("char *", self.vaddr), self.reachable_bytes))
+        return view if self.prot & PROT_WRITE else view.toreadonly()
 
 
 def _check(ret: int, what: str) -> int:
@@ -378,6 +399,38 @@ class VfuContext:
             raise ConnectionLost(os.strerror(err))
         raise VfuError(err, f"vfu_run_ctx: {os.strerror(err)}")
 
+    def message_ready(self) -> bool:
+        """Whether the client's next message is in the socket in full (or
+        the connection is at its end): only then may ``run()`` be called, or
+        libvfio-user's blocking reads would wait for the rest of it on the
+        thread that serves every device (csrc/ffi_vfu.py)."""
+        state = lib.vmem_vfu_message_state(self.poll_fd)
+        if state < 0:
+            raise VfuError(-state, f"cannot look at the next message: {os.strerror(-state)}")
+        return state == lib.VMEM_MSG_READY
+
+    def can_reply(self) -> bool:
+        """Whether a reply can be sent now without blocking: False while the
+        client does not read the replies it has (libvfio-user's send would
+        wait for it, csrc/ffi_vfu.py)."""
+        state = lib.vmem_vfu_can_reply(self.poll_fd)
+        if state < 0:
+            raise VfuError(-state, f"cannot look at the connection: {os.strerror(-state)}")
+        return bool(state)
+
+    def bound_io(self, timeout_s: float) -> None:
+        """A blocking receive or send on the client's connection gives up
+        after ``timeout_s`` (SO_RCVTIMEO/SO_SNDTIMEO): the backstop behind
+        ``message_ready``/``can_reply``, so that nothing can hold the
+        thread longer (libvfio-user then drops the client)."""
+        conn = socket.socket(fileno=os.dup(self.poll_fd))
+        try:
+            tv = struct.pack("ll", int(timeout_s), int((timeout_s % 1) * 1_000_000))
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        finally:
+            conn.close()
+
     def client_pid(self) -> int | None:
         """The attached client's PID (SO_PEERCRED), for log lines."""
         conn = socket.socket(fileno=os.dup(self.poll_fd))
@@ -460,6 +513,8 @@ def _dma_region(info) -> DmaRegion:
         length=int(info.iova.iov_len),
         vaddr=int(ffi.cast("uintptr_t", info.vaddr)),
         prot=int(info.prot),
+        mapping_start=int(ffi.cast("uintptr_t", info.mapping.iov_base)),
+        mapping_length=int(info.mapping.iov_len),
     )
 
 

@@ -27,6 +27,7 @@ from vfiouser_vmem.device import CONFIG_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, Prot
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.virtqueue import (
     SERVE_DONE,
+    SERVE_FAULT,
     SERVE_FULL,
     GuestMemory,
     GuestMemoryError,
@@ -200,6 +201,8 @@ class VirtioPciTransport:
         self._notify_served_pending = 0
         self.broken_reason = None
         self._warned_unassigned_bar = False
+        # A fault stopped the old queue; the driver's new one may lie elsewhere.
+        self.memory.c_memory.faulted = 0
 
     def system_reset(self) -> None:
         """vfio-user DEVICE_RESET / lost connection: unplug and discard all
@@ -408,9 +411,12 @@ class VirtioPciTransport:
         if not q.enabled:
             return
         try:
-            self.memory.read(q.desc_addr, 16 * q.size)
-            self.memory.read(q.driver_addr, 6 + 2 * q.size)
-            self.memory.read(q.device_addr, 6 + 8 * q.size)
+            self.memory.check(q.desc_addr, 16 * q.size, writable=False)
+            self.memory.check(q.driver_addr, 6 + 2 * q.size, writable=False)
+            # The device writes the used ring: a read-only mapping there (a
+            # ring in guest ROM, DMA_MAP without write access) is refused
+            # now rather than at the first answer.
+            self.memory.check(q.device_addr, 6 + 8 * q.size, writable=True)
         except GuestMemoryError as exc:
             self._mark_broken(f"the virtqueue is unreachable: {exc}")
 
@@ -468,6 +474,8 @@ class VirtioPciTransport:
                     self._c_requests_served(self._c_served, count, waited_s, served)
                     if result == SERVE_FULL:
                         continue
+                    if result == SERVE_FAULT:
+                        raise GuestMemoryError(self.memory.fault_message or "guest memory faulted")
                 # The next chain is Python's: a refusal, UNPLUG_ALL, a
                 # broken ring (or serve_in_c is off).
                 chain = q.pop(self.memory)
@@ -478,6 +486,9 @@ class VirtioPciTransport:
                         f"chain {chain.head} has {chain.writable_bytes} device-writable bytes, "
                         f"a response needs {RESPONSE_SIZE}"
                     )
+                # The answer must be deliverable before the request may take
+                # effect: a request that changed state is always answered.
+                q.check_push(self.memory, chain, RESPONSE_SIZE)
                 started = time.perf_counter()
                 response = self.device.handle_request(chain.readable)
                 q.push(self.memory, chain, response)

@@ -2,8 +2,9 @@
 
 Guest memory is reached through the DMA mappings QEMU registers over
 vfio-user.  Mappings change only inside ``VfuContext.run()``; everything here
-runs between two ``run()`` calls, so a view taken here is never used after
-its mapping is gone.
+runs between two ``run()`` calls, so a mapping is never used after it is
+gone.  Every access honours the mapping's protection and runs under the
+C helper's SIGBUS guard (csrc/vmem_guest.h).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from dataclasses import dataclass
 
 from vfiouser_vmem._blocks import ffi as _ffi, lib as _lib
 from vfiouser_vmem.blocks import CField, c_address
+
+# A client may shrink the file behind its DMA mapping at any time: touching
+# it then is SIGBUS, which the guard turns into a refused access.
+_rc = _lib.vmem_guard_install()
+if _rc < 0:  # pragma: no cover - sigaction does not fail for SIGBUS
+    raise OSError(-_rc, "cannot install the SIGBUS guard for guest memory")
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
@@ -26,65 +33,77 @@ _USED_ELEM = struct.Struct("<II")
 
 
 class GuestMemoryError(Exception):
-    """A guest address the device cannot reach."""
+    """A guest address the device cannot reach (or not write, or whose
+    memory vanished under the mapping)."""
 
 
 class _Mapping:
-    __slots__ = ("iova", "end", "buffer", "why_unreachable")
+    __slots__ = ("iova", "end", "buffer", "why_unreachable", "writable")
 
-    def __init__(self, iova: int, length: int, buffer: memoryview | None, why_unreachable: str) -> None:
+    def __init__(self, iova: int, length: int, buffer: memoryview | None, why_unreachable: str,
+                 writable: bool) -> None:
         self.iova = iova
         self.end = iova + length
         self.buffer = buffer
         self.why_unreachable = why_unreachable
+        self.writable = writable
+
+
+_U64_LIMIT = 1 << 64
 
 
 class GuestMemory:
     """The client's DMA mappings, looked up by guest physical address.
 
-    Every virtio-mem request costs about ten small accesses (ring indices,
-    descriptors, request, response, used element), nearly always inside the
-    one mapping that holds the rings: the last mapping found is tried first
-    and single-mapping accesses go straight to its buffer.
+    Every access goes through the C helper (csrc/vmem_guest.h): it honours
+    each mapping's protection (a read-only mapping is never written, an
+    unreachable one never touched) and runs under the SIGBUS guard, so
+    that no mapping a client sets up, and nothing it does to the file
+    behind it afterwards, can kill the process.  The same table serves the
+    C request path (``c_memory``).
     """
 
     def __init__(self) -> None:
         self._mappings: list[_Mapping] = []  # sorted by iova
         self._starts: list[int] = []
-        self._last: _Mapping | None = None
-        #: The same mappings for the C request path (csrc/vmem_queue.h),
-        #: rebuilt on every change (a handful per boot).
+        #: The mappings for the C helper (csrc/vmem_guest.h), rebuilt on
+        #: every change (a handful per boot).
         self.c_memory = _ffi.new("struct vmem_guest_memory *")
         self._c_maps: object = None
         self._c_buffers: list[object] = []
+        self._bad = _ffi.new("uint64_t *")
+        self._update_c_memory()
 
     def __len__(self) -> int:
         return len(self._mappings)
 
     def add(self, iova: int, length: int, buffer: memoryview | None, why_unreachable: str = "") -> None:
         """Register a mapping; ``buffer`` None marks memory the device cannot
-        reach, ``why_unreachable`` says why (shown when the guest uses it)."""
+        reach, ``why_unreachable`` says why (shown when the guest uses it).
+        A read-only ``buffer`` is never written."""
         if buffer is not None and len(buffer) < length:
             raise ValueError(f"mapping at {iova:#x}: buffer of {len(buffer)} bytes for {length} bytes")
         self._drop(iova, length)
         i = bisect.bisect_right(self._starts, iova)
         self._starts.insert(i, iova)
-        self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable))
+        writable = buffer is not None and not buffer.readonly
+        self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable, writable))
         self._update_c_memory()
 
     def remove(self, iova: int, length: int) -> None:
+        """Forget the mappings inside [iova, iova + length) (one DMA_UNMAP:
+        the server may have registered a region as several pieces)."""
         self._drop(iova, length)
         self._update_c_memory()
 
     def _drop(self, iova: int, length: int) -> None:
-        self._mappings = [m for m in self._mappings if not (m.iova == iova and m.end - m.iova == length)]
+        end = iova + length
+        self._mappings = [m for m in self._mappings if not (iova <= m.iova and m.end <= end)]
         self._starts = [m.iova for m in self._mappings]
-        self._last = None
 
     def clear(self) -> None:
         self._mappings.clear()
         self._starts.clear()
-        self._last = None
         self._update_c_memory()
 
     def _update_c_memory(self) -> None:
@@ -95,83 +114,87 @@ class GuestMemory:
         for entry, m in zip(maps, self._mappings):
             entry.iova = m.iova
             entry.length = m.end - m.iova
-            # A read-only buffer is left to Python, which then refuses the
-            # response write with its own message.
-            if m.buffer is not None and not m.buffer.readonly and len(m.buffer):
+            if m.buffer is not None and len(m.buffer):
                 host = _ffi.from_buffer("uint8_t[]", m.buffer)
                 buffers.append(host)
                 entry.host = host
+                entry.writable = 1 if m.writable else 0
         self.c_memory.maps = maps
         self.c_memory.nr_maps = len(self._mappings)
         self.c_memory.last = 0
+        # New mappings: whatever faulted before is for the old ones.
+        self.c_memory.faulted = 0
         self._c_maps, self._c_buffers = maps, buffers
 
-    def _find(self, addr: int) -> _Mapping:
-        m = self._last
-        if m is not None and m.iova <= addr < m.end:
-            return m
-        i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0:
-            m = self._mappings[i]
-            if m.iova <= addr < m.end:
-                if m.buffer is None:
-                    raise GuestMemoryError(f"guest address {addr:#x}: {m.why_unreachable}")
-                self._last = m
-                return m
-        raise GuestMemoryError(f"guest address {addr:#x} is not in any DMA mapping")
-
-    def _chunks(self, addr: int, length: int):
-        if addr < 0 or length < 0 or addr + length > 1 << 64:
-            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} overflows")
-        while length > 0:
-            m = self._find(addr)
-            start = addr - m.iova
-            n = min(length, m.end - addr)
-            yield m.buffer[start : start + n]
-            addr += n
-            length -= n
-
-    def _within_one(self, addr: int, length: int) -> tuple[memoryview, int] | None:
-        """(buffer, offset) when [addr, addr + length) lies in one mapping."""
-        if addr < 0:
+    @property
+    def fault_message(self) -> str | None:
+        """What the last guarded access that faulted found, or None."""
+        if not self.c_memory.faulted:
             return None
-        m = self._find(addr)
-        if addr + length <= m.end:
-            return m.buffer, addr - m.iova
+        return (f"guest memory at {int(self.c_memory.fault_addr):#x} is no longer backed by the client's "
+                "file (it was shrunk under the DMA mapping)")
+
+    def _find(self, addr: int) -> _Mapping | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and self._mappings[i].iova <= addr < self._mappings[i].end:
+            return self._mappings[i]
         return None
 
+    def _refused(self, rc: int, addr: int, length: int, bad: int) -> GuestMemoryError:
+        if rc == _lib.VMEM_ACCESS_FAULT:
+            return GuestMemoryError(self.fault_message or f"guest memory at {bad:#x} faulted")
+        if rc == _lib.VMEM_ACCESS_READ_ONLY:
+            return GuestMemoryError(
+                f"guest address {bad:#x} is mapped read-only (DMA_MAP without write access): "
+                "the device cannot write there")
+        if addr + length > _U64_LIMIT or addr < 0 or length < 0:
+            return GuestMemoryError(f"guest range {addr:#x}+{length:#x} overflows")
+        m = self._find(bad)
+        if m is not None and m.buffer is None:
+            return GuestMemoryError(f"guest address {bad:#x}: {m.why_unreachable}")
+        return GuestMemoryError(f"guest address {bad:#x} is not in any DMA mapping")
+
+    def _range_ok(self, addr: int, length: int) -> None:
+        if addr >= _U64_LIMIT:  # a ring address plus an offset, past 2^64
+            raise GuestMemoryError(f"guest address {addr:#x} is not in any DMA mapping")
+        if addr < 0 or length < 0 or addr + length > _U64_LIMIT:
+            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} overflows")
+
     def read(self, addr: int, length: int) -> bytes:
-        one = self._within_one(addr, length) if length > 0 else None
-        if one is not None:
-            buf, start = one
-            return bytes(buf[start : start + length])
-        return b"".join(bytes(chunk) for chunk in self._chunks(addr, length))
+        self._range_ok(addr, length)
+        if length == 0:
+            return b""
+        out = bytearray(length)
+        rc = _lib.vmem_guest_read(self.c_memory, addr, _ffi.from_buffer(out), length, self._bad)
+        if rc:
+            raise self._refused(rc, addr, length, int(self._bad[0]))
+        return bytes(out)
 
     def write(self, addr: int, data: bytes) -> None:
-        one = self._within_one(addr, len(data)) if data else None
-        if one is not None:
-            buf, start = one
-            buf[start : start + len(data)] = data
+        self._range_ok(addr, len(data))
+        if not data:
             return
-        pos = 0
-        for chunk in self._chunks(addr, len(data)):
-            chunk[:] = data[pos : pos + len(chunk)]
-            pos += len(chunk)
+        rc = _lib.vmem_guest_write(self.c_memory, addr, data, len(data), self._bad)
+        if rc:
+            raise self._refused(rc, addr, len(data), int(self._bad[0]))
+
+    def check(self, addr: int, length: int, *, writable: bool) -> None:
+        """Raise GuestMemoryError unless [addr, addr + length) can be read
+        (and written, with ``writable``) now; writes nothing."""
+        self._range_ok(addr, length)
+        if length == 0:
+            return
+        rc = _lib.vmem_guest_check(self.c_memory, addr, length, 1 if writable else 0, self._bad)
+        if rc:
+            raise self._refused(rc, addr, length, int(self._bad[0]))
 
     def unpack(self, fmt: struct.Struct, addr: int) -> tuple:
-        """``fmt.unpack`` of the guest bytes at ``addr``, without a copy when they lie in one mapping."""
-        one = self._within_one(addr, fmt.size)
-        if one is not None:
-            return fmt.unpack_from(*one)
+        """``fmt.unpack`` of the guest bytes at ``addr``."""
         return fmt.unpack(self.read(addr, fmt.size))
 
     def pack(self, fmt: struct.Struct, addr: int, *values: object) -> None:
-        """``fmt.pack`` into the guest bytes at ``addr``, in place when they lie in one mapping."""
-        one = self._within_one(addr, fmt.size)
-        if one is not None:
-            fmt.pack_into(one[0], one[1], *values)
-        else:
-            self.write(addr, fmt.pack(*values))
+        """``fmt.pack`` into the guest bytes at ``addr``."""
+        self.write(addr, fmt.pack(*values))
 
     def read_u16(self, addr: int) -> int:
         return self.unpack(_U16, addr)[0]
@@ -199,6 +222,7 @@ class Chain:
 SERVE_DONE = _lib.VMEM_SERVE_DONE
 SERVE_SLOW = _lib.VMEM_SERVE_SLOW
 SERVE_FULL = _lib.VMEM_SERVE_FULL
+SERVE_FAULT = _lib.VMEM_SERVE_FAULT
 
 
 def served_array(n: int):
@@ -273,6 +297,22 @@ class SplitQueue:
             index = nxt
         raise QueueError(f"descriptor chain from head {head} is longer than the queue (a loop?)")
 
+    def check_push(self, mem: GuestMemory, chain: Chain, response_bytes: int) -> None:
+        """Raise GuestMemoryError unless ``push`` of a ``response_bytes``
+        response would succeed: the part of the writable buffers it fills and
+        the used ring's element and index are writable now.  Before a request
+        takes effect, so that a request that changes state is always answered
+        (and one that cannot be answered changes nothing)."""
+        pos = 0
+        for addr, length in chain.writable:
+            if pos >= response_bytes:
+                break
+            n = min(length, response_bytes - pos)
+            mem.check(addr, n, writable=True)
+            pos += n
+        mem.check(self.device_addr + 4 + 8 * (self.used_idx % self.size), 8, writable=True)
+        mem.check(self.device_addr + 2, 2, writable=True)
+
     def push(self, mem: GuestMemory, chain: Chain, response: bytes) -> None:
         """Write ``response`` into the chain's writable buffers and return it
         to the driver (the used element before the used index: spec 2.7.8)."""
@@ -293,9 +333,10 @@ class SplitQueue:
         (csrc/vmem_queue.h) against ``device_state`` (the device model's
         ``struct vmem_device_state``), recording each in ``served``.
 
-        Returns (SERVE_DONE, SERVE_SLOW or SERVE_FULL, how many were served).
-        SERVE_SLOW: the next chain is for ``pop``/``push`` and the device
-        model in Python; none of it was consumed."""
+        Returns (SERVE_DONE, SERVE_SLOW, SERVE_FULL or SERVE_FAULT, how many
+        were served).  SERVE_SLOW: the next chain is for ``pop``/``push`` and
+        the device model in Python; none of it was consumed.  SERVE_FAULT:
+        guest memory faulted (``mem.fault_message``); the queue must stop."""
         rc = _lib.vmem_serve_queue(self._c, mem.c_memory, device_state, served, len(served), self._c_nr_served)
         return rc, self._c_nr_served[0]
 

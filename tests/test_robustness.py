@@ -1,0 +1,451 @@
+"""No vfio-user client can kill, freeze or mislead the server (docs/robustness.md).
+
+One server process serves every virtio-mem device of a host, so these tests
+run ``vfiouser-vmem serve`` as a separate process with two devices (vm0,
+vm1) and attack vm0 over its vfio-user socket, the way a broken or hostile
+QEMU (or a guest steering QEMU) could: DMA mappings the server must not
+trust, messages that stop half way, replies nobody reads, chains whose
+answer cannot be delivered, reads of unplugged memory.  After each attack
+the process must still run, QMP must answer, and vm1 must still serve its
+own client; where the attack happens while the other clients wait, they
+must be answered meanwhile, not after the attacker was dropped.
+
+Nothing sleeps for synchronisation: the server's answers, QMP and the
+process state are awaited under ``trio.fail_after``.  The time bounds are
+liveness bounds, far above what the operations take, and below the
+server's 5 s per-message deadline where a test must show that others were
+served *while* an attacker held its connection.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import trio
+
+from proc_util import terminate
+from vfio_user_client import (
+    BAR2,
+    CONFIG_REGION,
+    DMA_READ,
+    DMA_RW,
+    FLAG_TYPE_COMMAND,
+    HEADER,
+    HEADER_SIZE,
+    VFIO_USER_REGION_READ,
+    VFIO_USER_REGION_WRITE,
+    VfioUserClient,
+    VfioUserError,
+)
+from virtio_driver import (
+    ACK,
+    DEFAULT_BAR_ADDR,
+    PLUG,
+    STATUS_NEEDS_RESET,
+    UNPLUG_ALL,
+    Chain,
+    VirtioMemDriver,
+    request,
+)
+
+EXE = [os.path.join(os.path.dirname(sys.executable), "vfiouser-vmem")]
+MiB = 1 << 20
+BLOCK = 2 * MiB
+TIMEOUT = 30  # for things that take milliseconds: a process start, a round trip
+#: Other clients must be answered within this while an attacker holds its
+#: connection: below the server's per-message deadline (server.py
+#: MESSAGE_DEADLINE_S, 5 s), so that an answer cannot be the one that
+#: comes after the attacker was dropped.
+WHILE_HELD_S = 3.0
+DEADLINE_S = 5.0
+_REGION_ACCESS = struct.Struct("<QII")  # offset, region, count
+
+
+class Served:
+    """``serve`` with vm0 (1 GiB, 256 MiB requested) and vm1 (512 MiB)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.qmp = str(tmp / "q")
+        self.sockets = {"vm0": str(tmp / "vm0.sock"), "vm1": str(tmp / "vm1.sock")}
+        self.proc = subprocess.Popen(
+            [*EXE, "serve", "--qmp", self.qmp,
+             "--object", "memory-backend-memfd,id=mem0,size=1G",
+             "--device", f"id=vm0,memdev=mem0,socket={self.sockets['vm0']},requested-size=256M",
+             "--object", "memory-backend-memfd,id=mem1,size=512M",
+             "--device", f"id=vm1,memdev=mem1,socket={self.sockets['vm1']},requested-size=128M"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.first_line = self.proc.stdout.readline()
+        if "ready" not in self.first_line:
+            rc, err = terminate(self.proc)
+            raise AssertionError(f"serve did not start ({rc}): {self.first_line!r}\n{err}")
+        self.stderr = ""
+
+    def stop(self) -> tuple[int, str]:
+        rc, err = terminate(self.proc)
+        self.stderr += err
+        return rc, self.stderr
+
+
+@pytest.fixture
+def served():
+    tmp = Path(tempfile.mkdtemp(prefix="vmem-", dir="/tmp"))
+    server = None
+    try:
+        server = Served(tmp)
+        yield server
+        rc, err = server.stop()
+        # Killed by a signal shows as a negative code: the defect itself.
+        assert rc == 0, f"serve exited with {rc}:\n{err}"
+    finally:
+        if server is not None:
+            server.stop()
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+
+
+async def qmp(served: Served, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """One QMP command on a fresh connection; its ``return``."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(served.qmp)
+        buf = b""
+
+        async def line() -> dict[str, Any]:
+            nonlocal buf
+            while b"\n" not in buf:
+                chunk = await sock.recv(65536)
+                assert chunk, "QMP closed the connection"
+                buf += chunk
+            text, buf = buf.split(b"\n", 1)
+            return json.loads(text)
+
+        assert "QMP" in await line()
+        await sock.send(b'{"execute": "qmp_capabilities"}')
+        assert (await line()) == {"return": {}}
+        message = {"execute": command} if arguments is None else {"execute": command, "arguments": arguments}
+        await sock.send(json.dumps(message).encode())
+        while True:
+            reply = await line()
+            if "event" not in reply:
+                break
+        assert "return" in reply, reply
+        return reply["return"]
+    finally:
+        sock.close()
+
+
+async def sizes(served: Served) -> dict[str, int]:
+    with trio.fail_after(TIMEOUT):
+        devices = await qmp(served, "query-memory-devices")
+    return {d["data"]["id"]: d["data"]["size"] for d in devices}
+
+
+async def assert_alive(served: Served, within_s: float = TIMEOUT) -> None:
+    """The process runs, QMP answers, and vm1 serves a new client."""
+    assert served.proc.poll() is None, f"serve died with {served.proc.returncode}"
+    with trio.fail_after(within_s):
+        assert set(await sizes(served)) == {"vm0", "vm1"}
+        async with await VfioUserClient.connect(served.sockets["vm1"]) as other:
+            info = await other.device_info()
+    assert info.num_regions > CONFIG_REGION
+    assert served.proc.poll() is None, f"serve died with {served.proc.returncode}"
+
+
+@asynccontextmanager
+async def driver_on(served: Served, dev: str = "vm0", *, map_ram: bool = True,
+                    **kwargs: Any) -> AsyncIterator[VirtioMemDriver]:
+    """A client and driver on ``dev``, PCI set up; guest RAM DMA-mapped
+    read-write when ``map_ram``; virtio not started."""
+    with trio.fail_after(TIMEOUT):
+        client = await VfioUserClient.connect(served.sockets[dev])
+    driver = VirtioMemDriver(client, bar_addr=DEFAULT_BAR_ADDR, **kwargs)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await driver.probe_pci()
+            await driver.setup_pci()
+            if map_ram:
+                await driver.map_ram()
+        yield driver
+    finally:
+        driver.close()
+        client.close()
+
+
+async def hang_up(client: VfioUserClient) -> None:
+    """Until the server has shut the connection down (POLLRDHUP), without
+    reading what it sent before."""
+    poller = select.poll()
+    poller.register(client.fileno(), select.POLLRDHUP)
+    while not any(ev & select.POLLRDHUP for _, ev in await trio.to_thread.run_sync(poller.poll, 100)):
+        pass
+
+
+async def status(driver: VirtioMemDriver) -> int:
+    with trio.fail_after(TIMEOUT):
+        return await driver.status()
+
+
+# ---------------------------------------------------------------------------
+# A client kills the server: DMA mappings it must not take for granted
+
+
+async def test_rings_in_a_read_only_mapping_stop_the_queue_not_the_server(served: Served) -> None:
+    # QEMU maps read-only guest memory (ROM) with prot READ; a guest can put
+    # its used ring there.  The first used-ring write was SIGSEGV.
+    async with driver_on(served, map_ram=False) as d:
+        with trio.fail_after(TIMEOUT):
+            await d.client.dma_map(d.ram.iova, d.ram.size, d.ram.fd, prot=DMA_READ)
+            await d.start_virtio()
+            d.prepare(request(PLUG, DEFAULT_BAR_ADDR, 1))
+            d.publish()
+            await d.kick()
+        assert await status(d) & STATUS_NEEDS_RESET
+        await assert_alive(served)
+        assert (await sizes(served))["vm0"] == 0
+
+
+async def test_response_buffer_in_a_read_only_mapping_changes_nothing(served: Served) -> None:
+    # Rings in writable memory, the response buffer in a read-only mapping:
+    # the request must not take effect (it could not be answered).
+    ro = os.memfd_create("ro-guest-ram")
+    os.ftruncate(ro, 64 << 10)
+    ro_iova = 0x100000000
+    try:
+        async with driver_on(served) as d:
+            with trio.fail_after(TIMEOUT):
+                await d.client.dma_map(ro_iova, 64 << 10, ro, prot=DMA_READ)
+                await d.start_virtio()
+                req_addr = d.slot_addr(0)
+                d.ram.write(req_addr, request(PLUG, DEFAULT_BAR_ADDR, 1))
+                d.post(Chain([(req_addr, 24)], [(ro_iova, 10)]))
+                d.publish()
+                await d.kick()
+            assert await status(d) & STATUS_NEEDS_RESET
+            assert d.used_idx() == 0
+            await assert_alive(served)
+            assert (await sizes(served))["vm0"] == 0
+    finally:
+        os.close(ro)
+
+
+async def test_rings_in_a_mapping_without_access_stop_the_queue(served: Served) -> None:
+    # DMA_MAP with no access flags: the mmap is PROT_NONE; reading the rings
+    # at DRIVER_OK was SIGSEGV.
+    async with driver_on(served, map_ram=False) as d:
+        with trio.fail_after(TIMEOUT):
+            await d.client.dma_map(d.ram.iova, d.ram.size, d.ram.fd, prot=0)
+            await d.start_virtio()
+        assert await status(d) & STATUS_NEEDS_RESET
+    await assert_alive(served)
+
+
+async def test_mapping_beyond_the_end_of_its_file_is_refused(served: Served) -> None:
+    # 1 MiB mapped of a 64 KiB memfd, the response buffer past the end of the
+    # file: touching it was SIGBUS.
+    small = os.memfd_create("small-guest-ram")
+    os.ftruncate(small, 64 << 10)
+    try:
+        async with driver_on(served, map_ram=False) as d:
+            with trio.fail_after(TIMEOUT), pytest.raises(VfioUserError):
+                await d.client.dma_map(0x200000000, 1 * MiB, small)
+            with trio.fail_after(TIMEOUT):
+                await d.client.device_info()  # the connection carries on
+    finally:
+        os.close(small)
+    await assert_alive(served)
+
+
+async def test_guest_ram_shrunk_after_dma_map_stops_the_queue_not_the_server(served: Served) -> None:
+    # The client shrinks its memfd to 0 after DMA_MAP, then kicks: every ring
+    # and buffer access is beyond the end of the file (SIGBUS).
+    async with driver_on(served) as d:
+        with trio.fail_after(TIMEOUT):
+            await d.start_virtio()
+            assert await d.plug(DEFAULT_BAR_ADDR, 1) == ACK
+        before = await sizes(served)
+        d.prepare(request(PLUG, DEFAULT_BAR_ADDR + BLOCK, 1))
+        d.publish()
+        os.ftruncate(d.ram.fd, 0)
+        with trio.fail_after(TIMEOUT):
+            await d.kick()
+        assert await status(d) & STATUS_NEEDS_RESET
+        await assert_alive(served)
+        # The request could not be answered: it took no effect.  (Checked
+        # before the client goes: a lost connection unplugs everything.)
+        assert (await sizes(served))["vm0"] == before["vm0"] == BLOCK
+
+
+async def test_guest_ram_shrunk_with_requests_in_the_python_path(served: Served) -> None:
+    # The same, with the request for Python's path (a refusal): every access
+    # Python makes is guarded too.
+    async with driver_on(served) as d:
+        with trio.fail_after(TIMEOUT):
+            await d.start_virtio()
+        d.prepare(request(PLUG, DEFAULT_BAR_ADDR + 1, 1))  # unaligned: ERROR, served by Python
+        d.publish()
+        os.ftruncate(d.ram.fd, 0)
+        with trio.fail_after(TIMEOUT):
+            await d.kick()
+        assert await status(d) & STATUS_NEEDS_RESET
+    await assert_alive(served)
+
+
+async def test_unaligned_file_offset_leaves_the_tail_unreachable(served: Served) -> None:
+    # DMA_MAP at file offset 0x800: libvfio-user maps round_up(size) bytes
+    # from round_down(offset), so the last 0x800 bytes are not mapped; a
+    # response buffer there was SIGSEGV.
+    async with driver_on(served, map_ram=False) as d:
+        ram = d.ram
+        os.ftruncate(ram.fd, ram.size + 0x2000)
+        tail_iova = 0x300000000
+        with trio.fail_after(TIMEOUT):
+            await d.client.dma_map(ram.iova, ram.size, ram.fd)
+            await d.client.dma_map(tail_iova, 0x1000, ram.fd, offset=ram.size + 0x800)
+            await d.start_virtio()
+            req_addr = d.slot_addr(0)
+            ram.write(req_addr, request(PLUG, DEFAULT_BAR_ADDR, 1))
+            d.post(Chain([(req_addr, 24)], [(tail_iova + 0x1000 - 0x10, 10)]))
+            d.publish()
+            await d.kick()
+        assert await status(d) & STATUS_NEEDS_RESET
+        assert d.used_idx() == 0
+        await assert_alive(served)
+        assert (await sizes(served))["vm0"] == 0
+
+
+# ---------------------------------------------------------------------------
+# A client freezes the server: I/O that never completes
+
+
+async def test_half_a_message_holds_neither_qmp_nor_the_other_devices(served: Served) -> None:
+    # The 16-byte header of a REGION_READ and not its body: libvfio-user
+    # waited for the body in a blocking recv() on the only thread.
+    with trio.fail_after(TIMEOUT):
+        attacker = await VfioUserClient.connect(served.sockets["vm0"])
+    try:
+        await attacker.send_raw(HEADER.pack(1, VFIO_USER_REGION_READ, HEADER_SIZE + _REGION_ACCESS.size,
+                                            FLAG_TYPE_COMMAND, 0))
+        await assert_alive(served, within_s=WHILE_HELD_S)
+        # And the attacker is dropped after the deadline.
+        with trio.fail_after(DEADLINE_S + TIMEOUT):
+            assert await attacker.receive_raw() == b""
+    finally:
+        attacker.close()
+    await assert_alive(served)
+
+
+async def test_a_client_that_reads_no_replies_holds_nobody(served: Served) -> None:
+    # 20,000 small requests and no reply read: libvfio-user's blocking
+    # sendmsg() of a reply stopped the only thread once the socket was full.
+    with trio.fail_after(TIMEOUT):
+        attacker = await VfioUserClient.connect(served.sockets["vm0"])
+    try:
+        one = HEADER.pack(2, VFIO_USER_REGION_READ, HEADER_SIZE + _REGION_ACCESS.size, FLAG_TYPE_COMMAND, 0)
+        one += _REGION_ACCESS.pack(0, CONFIG_REGION, 4)
+        with trio.fail_after(TIMEOUT):
+            sent = await attacker.send_until_full(one, 20_000)
+        # The socket took no more: the server no longer reads from it,
+        # because its replies are not read.
+        assert 0 < sent < 20_000
+        await assert_alive(served, within_s=WHILE_HELD_S)
+        # Still not reading: the server hangs up after its deadline (the
+        # replies already sent stay readable, so wait for the hang-up itself).
+        with trio.fail_after(DEADLINE_S + TIMEOUT):
+            await hang_up(attacker)
+    finally:
+        attacker.close()
+    await assert_alive(served)
+
+
+# ---------------------------------------------------------------------------
+# A client makes it do the wrong thing
+
+
+@pytest.mark.parametrize("req", [request(PLUG, DEFAULT_BAR_ADDR, 1), request(UNPLUG_ALL)],
+                         ids=["plug", "unplug_all"])
+async def test_a_request_that_cannot_be_answered_takes_no_effect(served: Served, req: bytes) -> None:
+    async with driver_on(served) as d:
+        with trio.fail_after(TIMEOUT):
+            await d.start_virtio()
+            if req[0] == UNPLUG_ALL:
+                assert await d.plug(DEFAULT_BAR_ADDR, 2) == ACK
+        before = (await sizes(served))["vm0"]
+        req_addr = d.slot_addr(1)
+        d.ram.write(req_addr, req)
+        # The 10-byte response at a guest address no DMA mapping covers.
+        d.post(Chain([(req_addr, 24)], [(0x7000_0000_0000, 10)]))
+        d.publish()
+        with trio.fail_after(TIMEOUT):
+            await d.kick()
+        assert await status(d) & STATUS_NEEDS_RESET
+        await assert_alive(served)
+        assert (await sizes(served))["vm0"] == before
+
+
+async def test_region_writes_up_to_the_advertised_size_stay_in_step(served: Served) -> None:
+    async with driver_on(served) as d:
+        with trio.fail_after(TIMEOUT):
+            await d.start_virtio()
+            assert await d.plug(DEFAULT_BAR_ADDR, 1) == ACK
+        max_bytes = d.client.server_capabilities["capabilities"]["max_data_xfer_size"]
+        data = os.urandom(max_bytes)
+        # Sent in pieces, as a busy client's large message arrives.
+        message = HEADER.pack(7, VFIO_USER_REGION_WRITE, HEADER_SIZE + _REGION_ACCESS.size + len(data),
+                              FLAG_TYPE_COMMAND, 0) + _REGION_ACCESS.pack(0, BAR2, len(data)) + data
+        with trio.fail_after(TIMEOUT):
+            for start in range(0, len(message), 16384):
+                await d.client.send_raw(message[start:start + 16384])
+            reply = await d.client.receive_raw(HEADER_SIZE + _REGION_ACCESS.size)
+            assert HEADER.unpack_from(reply)[0] == 7 and not HEADER.unpack_from(reply)[3] & 0x20
+            assert await d.client.region_read(BAR2, 0, 64) == data[:64]  # in step
+    await assert_alive(served)
+
+
+async def test_a_region_write_beyond_the_advertised_size_drops_only_its_client(served: Served) -> None:
+    async with driver_on(served) as d:
+        max_bytes = d.client.server_capabilities["capabilities"]["max_data_xfer_size"]
+        data = bytes(max_bytes * 2)
+        message = HEADER.pack(7, VFIO_USER_REGION_WRITE, HEADER_SIZE + _REGION_ACCESS.size + len(data),
+                              FLAG_TYPE_COMMAND, 0) + _REGION_ACCESS.pack(0, BAR2, len(data)) + data
+        with trio.fail_after(TIMEOUT):
+            await d.client.send_raw(message[:32768])
+            # The header says more than the server accepts: dropped at once
+            # rather than parsing the body as headers.
+            assert await d.client.receive_raw() == b""
+    await assert_alive(served)
+
+
+async def test_reading_unplugged_memory_allocates_nothing(served: Served) -> None:
+    async with driver_on(served) as d:
+        info = await d.client.region_info(BAR2)
+        bar_fd = os.dup(info.fd)
+        try:
+            with trio.fail_after(TIMEOUT):
+                await d.start_virtio()
+                assert await d.plug(DEFAULT_BAR_ADDR, 1) == ACK
+                mapped = mmap.mmap(bar_fd, BLOCK, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                mapped[:8] = b"plugged!"
+                mapped.close()
+                allocated = os.fstat(bar_fd).st_blocks * 512
+                for offset in range(BLOCK, 64 * MiB, 1 * MiB):  # 62 MiB of unplugged memory
+                    assert await d.client.region_read(BAR2, offset, 4096) == bytes(4096)
+                assert await d.client.region_read(BAR2, 0, 8) == b"plugged!"
+            assert os.fstat(bar_fd).st_blocks * 512 == allocated
+        finally:
+            os.close(bar_fd)
+    await assert_alive(served)
