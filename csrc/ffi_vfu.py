@@ -197,11 +197,11 @@ extern "Python" ssize_t vfu_py_region9(vfu_ctx_t *, char *, size_t, loff_t, bool
 """ + PRIVATE + r"""
 ssize_t vmem_region_fast_notify(vfu_ctx_t *, char *, size_t, loff_t, bool);
 
-/* The connection's next message (VfuContext.message_state). */
-#define VMEM_MSG_READY 1
-#define VMEM_MSG_PARTIAL 0
-int vmem_vfu_message_state(int fd);
-int vmem_vfu_can_reply(int fd);
+/* The connection's next message (VfuContext.next_message). */
+#define VMEM_MSG_READY ...
+#define VMEM_MSG_PARTIAL ...
+#define VMEM_MSG_NO_ROOM ...
+int vmem_vfu_next_message(int fd);
 """
 
 # C compiled into the module.  The notify fast path: the guest's write to the
@@ -226,20 +226,28 @@ SOURCE = r"""
 
 #define VMEM_MSG_READY 1
 #define VMEM_MSG_PARTIAL 0
+#define VMEM_MSG_NO_ROOM 2
 #define VMEM_MAX_MSG_BYTES (128u << 10)
 
-/* libvfio-user (0b28d20) reads a message with blocking recv()s on the
- * thread that serves every device: a client that sends a header and not
- * its body held that thread until the body came.  The server therefore
- * hands it a message only once all of it is in the socket (libvfio-user
- * patch 0006 caps messages so that one always fits): VMEM_MSG_READY when
- * it is (or the connection is at its end, which libvfio-user must see),
- * VMEM_MSG_PARTIAL while it is still coming, -errno on error.  Peeking
- * leaves the bytes, and any fds, where they are. */
-int vmem_vfu_message_state(int fd)
+/* libvfio-user (0b28d20) reads a message with blocking recv()s, and sends
+ * its reply with a blocking sendmsg(), on the thread that serves every
+ * device: a client that sent a header and not its body, or that read no
+ * replies, held that thread.  The server therefore hands it a message only
+ * when this says VMEM_MSG_READY:
+ * - all of the message is in the socket (libvfio-user patch 0006 caps
+ *   messages so that one always fits the client's send buffer), or the
+ *   connection is at its end (which libvfio-user must see); else
+ *   VMEM_MSG_PARTIAL.  Peeking leaves the bytes, and any fds, in place.
+ * - and its reply can be sent without blocking: for a Unix socket, POLLOUT
+ *   means at least three quarters of the send buffer are free, more than
+ *   any reply to a message the server accepts; else VMEM_MSG_NO_ROOM (the
+ *   client does not read its replies).
+ * -errno on error. */
+int vmem_vfu_next_message(int fd)
 {
     struct { uint16_t msg_id, cmd; uint32_t msg_size, flags, error_no; } hdr;
-    int avail = 0;
+    struct pollfd p = { .fd = fd, .events = POLLOUT };
+    int avail = 0, rc;
     ssize_t n;
 
     if (ioctl(fd, FIONREAD, &avail) < 0)
@@ -256,22 +264,13 @@ int vmem_vfu_message_state(int fd)
     /* A size no accepted message has (patch 0006: 64 KiB of data plus the
      * message's own fields) is libvfio-user's to refuse, which drops the
      * client: ready, whatever follows. */
-    if (hdr.msg_size < sizeof(hdr) || hdr.msg_size > VMEM_MAX_MSG_BYTES)
-        return VMEM_MSG_READY;
-    return (uint32_t)avail >= hdr.msg_size ? VMEM_MSG_READY : VMEM_MSG_PARTIAL;
-}
-
-/* 1 when a reply can be sent without blocking (for a Unix socket: at least
- * three quarters of the send buffer are free, more than any reply of a
- * message the server accepts), 0 when the client does not read its
- * replies, -errno on error. */
-int vmem_vfu_can_reply(int fd)
-{
-    struct pollfd p = { .fd = fd, .events = POLLOUT };
-    int rc = poll(&p, 1, 0);
+    if (hdr.msg_size >= sizeof(hdr) && hdr.msg_size <= VMEM_MAX_MSG_BYTES && (uint32_t)avail < hdr.msg_size)
+        return VMEM_MSG_PARTIAL;
+    rc = poll(&p, 1, 0);
     if (rc < 0)
         return -errno;
-    return rc == 1 && (p.revents & (POLLOUT | POLLERR | POLLHUP)) ? 1 : 0;
+    /* An error or hang-up on the socket: libvfio-user's send fails at once. */
+    return rc == 1 && (p.revents & (POLLOUT | POLLERR | POLLHUP)) ? VMEM_MSG_READY : VMEM_MSG_NO_ROOM;
 }
 
 """ + PRIVATE + r"""

@@ -2,6 +2,7 @@
  * vmem_guest: guest memory access under a SIGBUS guard (see vmem_guest.h).
  */
 #include "vmem_guest.h"
+#include "vmem_blocks.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -70,12 +71,25 @@ static struct vmem_mapping *find(struct vmem_guest_memory *mem, uint64_t addr)
     return NULL;
 }
 
+/* For device memory: whether [offset, offset + n) of mapping m (n > 0)
+ * lies in plugged blocks. */
+static int plugged(const struct vmem_mapping *m, uint64_t offset, uint64_t n)
+{
+    uint64_t start = m->device_offset + offset;
+    uint64_t first = start / m->block_size, last = (start + n - 1) / m->block_size;
+    if (last >= m->nb_blocks)
+        return 0;
+    return vmem_bitmap_range_state(m->plugged_words, m->nb_blocks, first, last - first + 1) == VMEM_RANGE_ALL_SET;
+}
+
 uint8_t *vmem_guest_ptr(struct vmem_guest_memory *mem, uint64_t addr, uint64_t len, int want_write)
 {
     if (addr + len < addr)
         return NULL;
     struct vmem_mapping *m = find(mem, addr);
     if (m == NULL || m->host == NULL || (want_write && !m->writable) || len > m->length - (addr - m->iova))
+        return NULL;
+    if (m->plugged_words != NULL && len && !plugged(m, addr - m->iova, len))
         return NULL;
     return m->host + (addr - m->iova);
 }
@@ -112,6 +126,11 @@ static int walk(struct vmem_guest_memory *mem, uint64_t addr, uint64_t len, int 
         uint64_t offset = at - m->iova, n = m->length - offset;
         if (n > len - done)
             n = len - done;
+        if (m->plugged_words != NULL && !plugged(m, offset, n)) {
+            vmem_guard_env = NULL;
+            *bad_addr = at;
+            return VMEM_ACCESS_UNPLUGGED;
+        }
         piece(m->host + offset, done, n, arg);
         done += n;
         at += n;

@@ -43,6 +43,7 @@
 #define VMEM_ACCESS_UNMAPPED 1 /* no mapping, or one the device cannot reach */
 #define VMEM_ACCESS_READ_ONLY 2 /* a write to a mapping without PROT_WRITE */
 #define VMEM_ACCESS_FAULT 3 /* SIGBUS: the file behind the mapping is gone there */
+#define VMEM_ACCESS_UNPLUGGED 4 /* device memory the guest has not plugged */
 
 /* One DMA mapping of guest memory into this process.  host == NULL: the
  * device cannot reach it (Python explains why). */
@@ -51,6 +52,15 @@ struct vmem_mapping {
     uint64_t length;
     uint8_t *host;
     int writable;
+    /* Device memory: a memory BAR of this server's that QEMU maps back,
+     * reached through the server's own mapping of the backend.  Only its
+     * plugged blocks may be touched: reading a hole of a shmem backend
+     * allocates a page, so a buffer in unplugged memory would make the host
+     * allocate memory the guest was never given.  NULL: guest RAM. */
+    const uint64_t *plugged_words;
+    uint64_t nb_blocks;
+    uint64_t block_size;
+    uint64_t device_offset; /* where iova lies in the device region */
 };
 
 struct vmem_guest_memory {

@@ -449,3 +449,77 @@ async def test_reading_unplugged_memory_allocates_nothing(served: Served) -> Non
         finally:
             os.close(bar_fd)
     await assert_alive(served)
+
+
+async def test_buffers_in_unplugged_device_memory_allocate_nothing(served: Served) -> None:
+    # QEMU maps the device's own BAR back without an fd, and the server
+    # reaches it through its own mapping of the backend: a request buffer
+    # in unplugged memory was read there, which allocates a page of the
+    # backend (a read fault on a shmem hole).
+    async with driver_on(served) as d:
+        info = await d.client.region_info(BAR2)
+        bar_fd = os.dup(info.fd)
+        try:
+            with trio.fail_after(TIMEOUT):
+                await d.start_virtio()
+                assert await d.plug(DEFAULT_BAR_ADDR, 1) == ACK
+                await d.client.dma_map_no_fd(DEFAULT_BAR_ADDR, info.size, DMA_RW)
+            allocated = os.fstat(bar_fd).st_blocks * 512
+            unplugged = DEFAULT_BAR_ADDR + 32 * BLOCK
+            resp_addr = d.slot_addr(0) + 32
+            d.post(Chain([(unplugged, 24)], [(resp_addr, 10)]))
+            d.publish()
+            with trio.fail_after(TIMEOUT):
+                await d.kick()
+            assert await status(d) & STATUS_NEEDS_RESET
+            assert os.fstat(bar_fd).st_blocks * 512 == allocated
+            await assert_alive(served)
+            assert (await sizes(served))["vm0"] == BLOCK
+        finally:
+            os.close(bar_fd)
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_random_messages_kill_nothing(served: Served, seed: int) -> None:
+    # Random vfio-user messages, whole and well framed or not at all, on
+    # connections of their own: each connection ends (refused, or dropped),
+    # the process carries on.  (A bounded sample: the fuzzers of the project
+    # are the long run.)
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(8):
+        with trio.fail_after(TIMEOUT):
+            attacker = await VfioUserClient.connect(served.sockets["vm0"])
+        try:
+            for _ in range(rng.randrange(1, 40)):
+                body = rng.randbytes(rng.choice([0, 1, 8, 16, 24, 40, 200, 4096]))
+                size = HEADER_SIZE + len(body) if rng.random() < 0.8 else rng.randrange(0, 1 << 32)
+                cmd = rng.randrange(0, 20)
+                if cmd in (1, 2, 3, 13):  # VERSION again, DMA maps and resets: the other tests'
+                    cmd = VFIO_USER_REGION_READ
+                message = HEADER.pack(rng.randrange(1 << 16), cmd, size, FLAG_TYPE_COMMAND, 0) + body
+                try:
+                    with trio.fail_after(TIMEOUT):
+                        await attacker.send_raw(message)
+                except (BrokenPipeError, ConnectionResetError):
+                    break  # dropped: the server found the stream out of step
+        finally:
+            attacker.close()
+        await assert_alive(served)
+
+
+def test_libvfio_user_log_lines_are_escaped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A release build of libvfio-user keeps client strings out of its log
+    # (lib/tran.c: "No client-supplied strings in the log for release
+    # build"), a debug build or another version may not: the binding
+    # escapes every line, so that no client can forge a line (a line break)
+    # or send escape sequences to whoever reads the log on a terminal.
+    from vfiouser_vmem._vfu import ffi, lib
+    from vfiouser_vmem.vfu import VfuContext
+
+    with VfuContext(str(tmp_path / "s.sock")) as ctx:
+        with caplog.at_level("ERROR"):
+            lib.vfu_py_log(ctx._ctx, 3, ffi.new("char[]", b'failed to parse client JSON "\x1b[31m\nFORGED"'))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ['libvfio-user: failed to parse client JSON "\\x1b[31m\\nFORGED"']

@@ -27,12 +27,14 @@ from vfiouser_vmem.control import PropertyNotFound, PropertyReadOnly
 from vfiouser_vmem.device import DiscardFailed, VirtioMemDevice
 from vfiouser_vmem.discard import DiscardQueue
 from vfiouser_vmem.sizes import format_size
+from vfiouser_vmem.virtqueue import DeviceMemory
 from vfiouser_vmem.vfu import (
     CAP_FLAG_READONLY,
     PROT_READ,
     ConnectionLost,
     DmaRegion,
     IrqType,
+    MessageState,
     PciType,
     Region,
     RegionFlag,
@@ -307,8 +309,10 @@ class DeviceServer:
             bar_addr = server.transport.memory_bar_addr
             if bar_addr and bar_addr <= region.iova and region.iova + region.length <= bar_addr + server.bar_size:
                 start = region.iova - bar_addr
+                # Only its plugged blocks are touched (csrc/vmem_guest.h).
+                device = DeviceMemory(server.model.bitmap, server.model.block_size, start)
                 self.transport.memory.add(region.iova, region.length,
-                                          server.backend.view[start:start + region.length])
+                                          server.backend.view[start:start + region.length], device=device)
                 return
         why = (f"guest memory {region.iova:#x}-{region.iova + region.length:#x} was mapped without a file "
                "descriptor, so this server cannot reach it: start QEMU with shared guest RAM "
@@ -366,43 +370,53 @@ class DeviceServer:
     #: readable as soon as any of it is there.
     _PARTIAL_POLL_S = (0.001, 0.05)
 
-    async def _until_message_ready(self) -> bool:
-        """Wait (without holding the thread) until the next message is in the
-        socket in full; False when the client took longer than the deadline."""
-        if self.ctx.message_ready():
-            return True
+    async def _until_next_message(self, state: MessageState) -> MessageState:
+        """Wait, without holding the thread, until ``run()`` may handle the
+        next message (MessageState.READY), or the deadline passes (then the
+        state the client left it in)."""
         delay_s, max_delay_s = self._PARTIAL_POLL_S
         with trio.move_on_after(self.MESSAGE_DEADLINE_S):
-            while True:
-                await trio.sleep(delay_s)
-                if self.ctx.message_ready():
-                    return True
-                delay_s = min(delay_s * 2, max_delay_s)
-        return False
+            while state != MessageState.READY:
+                if state == MessageState.NO_ROOM:
+                    await trio.lowlevel.wait_writable(self.ctx.poll_fd)
+                else:
+                    await trio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, max_delay_s)
+                state = self.ctx.next_message()
+        return state
 
-    async def _until_can_reply(self) -> bool:
-        """Wait until a reply would not block; False when the client has not
-        read its replies within the deadline."""
-        if self.ctx.can_reply():
-            return True
-        with trio.move_on_after(self.MESSAGE_DEADLINE_S):
-            while not self.ctx.can_reply():
-                await trio.lowlevel.wait_writable(self.ctx.poll_fd)
-            return True
-        return False
+    def _end_client(self) -> None:
+        """Make sure the client's connection is gone (after an internal
+        error): shut it down, let libvfio-user see it (lost-connection reset)."""
+        if getattr(self, "_conn_fd", None) is None or self.ctx.poll_fd != self._conn_fd:
+            return
+        try:
+            self._drop_stuck_client("after an internal error")
+        except ConnectionLost:
+            pass
+        except Exception:
+            self.log.exception("%s: could not drop vfio-user client %d", self.config.id, self.clients_total)
+        self.discards.wake()
 
     def _drop_stuck_client(self, why: str) -> None:
         """Drop a client that holds its connection in the middle of a message
         or does not read its replies; libvfio-user then sees a lost
         connection (the lost-connection reset runs, as if it had gone)."""
         self.log.error("%s: dropping vfio-user client %d: %s", self.config.id, self.clients_total, why)
+        conn_fd = self.ctx.poll_fd
         self.ctx.drop_client()
-        # What is still buffered fails at once on a shut-down socket.
+        # libvfio-user reads end-of-file at once and resets the connection
+        # (lost-connection reset: everything unplugged and discarded).
         for _ in range(self.MAX_CONSECUTIVE_RUN_ERRORS):
+            if self.ctx.poll_fd != conn_fd:
+                break
             try:
                 self.ctx.run()
+            except ConnectionLost:
+                break
             except VfuError:
                 continue
+        self.discards.wake()
         raise ConnectionLost(why)
 
     async def _serve_client(self) -> None:
@@ -411,17 +425,21 @@ class DeviceServer:
         # The backstop: no blocking read or write of libvfio-user's can
         # take longer than the deadline (it is not expected to block at all).
         self.ctx.bound_io(self.MESSAGE_DEADLINE_S)
+        conn_fd = self._conn_fd = self.ctx.poll_fd
         while True:
-            await trio.lowlevel.wait_readable(self.ctx.poll_fd)
+            await trio.lowlevel.wait_readable(conn_fd)
             # libvfio-user reads a message and sends its reply with blocking
             # calls on this thread, which serves every device and QMP: it
             # gets a message only when all of it has arrived and the reply
             # can go out without waiting (docs/robustness.md).
-            if not await self._until_message_ready():
-                self._drop_stuck_client(f"it sent part of a message and not the rest within "
-                                        f"{self.MESSAGE_DEADLINE_S:g} s")
-            if not await self._until_can_reply():
-                self._drop_stuck_client(f"it has not read its replies for {self.MESSAGE_DEADLINE_S:g} s")
+            state = self.ctx.next_message()
+            if state != MessageState.READY:
+                state = await self._until_next_message(state)
+                if state == MessageState.PARTIAL:
+                    self._drop_stuck_client(f"it sent part of a message and not the rest within "
+                                            f"{self.MESSAGE_DEADLINE_S:g} s")
+                elif state == MessageState.NO_ROOM:
+                    self._drop_stuck_client(f"it has not read its replies for {self.MESSAGE_DEADLINE_S:g} s")
             try:
                 self.ctx.run()
                 failures = 0
@@ -438,6 +456,12 @@ class DeviceServer:
                 # The lost-connection reset queued the discard of everything.
                 self.discards.wake()
                 raise
+            if self.ctx.poll_fd != conn_fd:
+                # libvfio-user closed the connection itself (a stream out of
+                # step, a reply it could not send) and said so only as an
+                # error, or not at all: the poll fd is the listening one now.
+                self.discards.wake()
+                raise ConnectionLost("libvfio-user closed the connection")
             self.serve_requests()
 
     def serve_requests(self) -> None:
@@ -492,6 +516,13 @@ class DeviceServer:
             except ConnectionLost as exc:
                 self.log.info("%s: vfio-user client %d disconnected (%s); waiting for the next one",
                               cid, self.clients_total, exc)
+            except Exception:
+                # A bug, or a state of libvfio-user's not foreseen: it must
+                # not take every other device down with this one.  The
+                # client goes; the device waits for the next.
+                self.log.exception("%s: internal error serving vfio-user client %d; dropping it",
+                                   cid, self.clients_total)
+                self._end_client()
             finally:
                 self.connected = False
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vfiouser_vmem._vfu import ffi, lib
+from vfiouser_vmem.logtext import printable
 
 log = logging.getLogger("vfiouser_vmem.vfu")
 
@@ -72,6 +73,18 @@ class IrqType(enum.IntEnum):
     MSIX = lib.VFU_DEV_MSIX_IRQ
     ERR = lib.VFU_DEV_ERR_IRQ
     REQ = lib.VFU_DEV_REQ_IRQ
+
+
+class MessageState(enum.IntEnum):
+    """What ``VfuContext.next_message`` found on the client's connection."""
+
+    #: All of the next message has arrived (or the connection is at its end)
+    #: and its reply can be sent: ``run()`` will not block.
+    READY = lib.VMEM_MSG_READY
+    #: Part of the next message is still to come.
+    PARTIAL = lib.VMEM_MSG_PARTIAL
+    #: The client has not read the replies it has: a reply would block.
+    NO_ROOM = lib.VMEM_MSG_NO_ROOM
 
 
 class ResetType(enum.IntEnum):
@@ -399,24 +412,15 @@ class VfuContext:
             raise ConnectionLost(os.strerror(err))
         raise VfuError(err, f"vfu_run_ctx: {os.strerror(err)}")
 
-    def message_ready(self) -> bool:
-        """Whether the client's next message is in the socket in full (or
-        the connection is at its end): only then may ``run()`` be called, or
-        libvfio-user's blocking reads would wait for the rest of it on the
-        thread that serves every device (csrc/ffi_vfu.py)."""
-        state = lib.vmem_vfu_message_state(self.poll_fd)
+    def next_message(self) -> MessageState:
+        """Whether ``run()`` may handle the client's next message now: only
+        when all of it has arrived and its reply can go out at once, or
+        libvfio-user's blocking reads and sends would wait for the client
+        on the thread that serves every device (csrc/ffi_vfu.py)."""
+        state = lib.vmem_vfu_next_message(self.poll_fd)
         if state < 0:
             raise VfuError(-state, f"cannot look at the next message: {os.strerror(-state)}")
-        return state == lib.VMEM_MSG_READY
-
-    def can_reply(self) -> bool:
-        """Whether a reply can be sent now without blocking: False while the
-        client does not read the replies it has (libvfio-user's send would
-        wait for it, csrc/ffi_vfu.py)."""
-        state = lib.vmem_vfu_can_reply(self.poll_fd)
-        if state < 0:
-            raise VfuError(-state, f"cannot look at the connection: {os.strerror(-state)}")
-        return bool(state)
+        return MessageState(state)
 
     def bound_io(self, timeout_s: float) -> None:
         """A blocking receive or send on the client's connection gives up
@@ -443,14 +447,21 @@ class VfuContext:
             conn.close()
 
     def drop_client(self) -> None:
-        """Shut the client's connection down; the next ``run()`` then sees
-        the lost connection (reset callback, ``ConnectionLost``), as if the
-        client had gone away by itself."""
-        conn = socket.socket(fileno=os.dup(self.poll_fd))
+        """End the client's connection now: the next ``run()`` sees it lost
+        (reset callback with LOST_CONN, ``ConnectionLost``), as if the client
+        had gone away by itself, whatever the client left in the socket.
+
+        The connection's fd is replaced (dup2) by a socket whose peer is
+        already closed: libvfio-user's next read gets end-of-file at once,
+        however many messages the client had queued, and the client's
+        connection is closed with it."""
+        conn_fd = self.poll_fd
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            conn.shutdown(socket.SHUT_RDWR)
+            peer.close()
+            os.dup2(ours.fileno(), conn_fd, inheritable=False)
         finally:
-            conn.close()
+            ours.close()
 
     def close(self) -> None:
         if self._config_view is not None:
@@ -484,7 +495,10 @@ def _context(vfu_ctx) -> VfuContext:
 @ffi.def_extern()
 def vfu_py_log(vfu_ctx, level, msg):
     try:
-        _context(vfu_ctx).log.log(_SYSLOG_TO_LOGGING.get(level, logging.INFO), "libvfio-user: %s", ffi.string(msg).decode(errors="replace").rstrip())
+        # libvfio-user quotes what the client sent (version strings, JSON):
+        # escaped, so that no client can forge or colour a log line.
+        text = printable(ffi.string(msg).decode(errors="replace").rstrip())
+        _context(vfu_ctx).log.log(_SYSLOG_TO_LOGGING.get(level, logging.INFO), "libvfio-user: %s", text)
     except Exception:  # never let a log line take the server down
         log.exception("libvfio-user log callback failed")
 

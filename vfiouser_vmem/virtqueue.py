@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from vfiouser_vmem._blocks import ffi as _ffi, lib as _lib
-from vfiouser_vmem.blocks import CField, c_address
+from vfiouser_vmem.blocks import BlockBitmap, CField, c_address
 
 # A client may shrink the file behind its DMA mapping at any time: touching
 # it then is SIGBUS, which the guard turns into a refused access.
@@ -37,16 +37,28 @@ class GuestMemoryError(Exception):
     memory vanished under the mapping)."""
 
 
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Where a mapping lies in a device's memory region, whose blocks only
+    may be touched while plugged (csrc/vmem_guest.h): the device's block
+    bitmap and block size, and the region offset of the mapping's start."""
+
+    bitmap: BlockBitmap
+    block_size_bytes: int
+    offset_bytes: int
+
+
 class _Mapping:
-    __slots__ = ("iova", "end", "buffer", "why_unreachable", "writable")
+    __slots__ = ("iova", "end", "buffer", "why_unreachable", "writable", "device")
 
     def __init__(self, iova: int, length: int, buffer: memoryview | None, why_unreachable: str,
-                 writable: bool) -> None:
+                 writable: bool, device: DeviceMemory | None) -> None:
         self.iova = iova
         self.end = iova + length
         self.buffer = buffer
         self.why_unreachable = why_unreachable
         self.writable = writable
+        self.device = device
 
 
 _U64_LIMIT = 1 << 64
@@ -77,17 +89,19 @@ class GuestMemory:
     def __len__(self) -> int:
         return len(self._mappings)
 
-    def add(self, iova: int, length: int, buffer: memoryview | None, why_unreachable: str = "") -> None:
+    def add(self, iova: int, length: int, buffer: memoryview | None, why_unreachable: str = "", *,
+            device: DeviceMemory | None = None) -> None:
         """Register a mapping; ``buffer`` None marks memory the device cannot
         reach, ``why_unreachable`` says why (shown when the guest uses it).
-        A read-only ``buffer`` is never written."""
+        A read-only ``buffer`` is never written; with ``device`` only the
+        plugged blocks of that device memory are touched."""
         if buffer is not None and len(buffer) < length:
             raise ValueError(f"mapping at {iova:#x}: buffer of {len(buffer)} bytes for {length} bytes")
         self._drop(iova, length)
         i = bisect.bisect_right(self._starts, iova)
         self._starts.insert(i, iova)
         writable = buffer is not None and not buffer.readonly
-        self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable, writable))
+        self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable, writable, device))
         self._update_c_memory()
 
     def remove(self, iova: int, length: int) -> None:
@@ -119,6 +133,11 @@ class GuestMemory:
                 buffers.append(host)
                 entry.host = host
                 entry.writable = 1 if m.writable else 0
+                if m.device is not None:
+                    entry.plugged_words = m.device.bitmap.words
+                    entry.nb_blocks = m.device.bitmap.nb_blocks
+                    entry.block_size = m.device.block_size_bytes
+                    entry.device_offset = m.device.offset_bytes
         self.c_memory.maps = maps
         self.c_memory.nr_maps = len(self._mappings)
         self.c_memory.last = 0
@@ -143,6 +162,10 @@ class GuestMemory:
     def _refused(self, rc: int, addr: int, length: int, bad: int) -> GuestMemoryError:
         if rc == _lib.VMEM_ACCESS_FAULT:
             return GuestMemoryError(self.fault_message or f"guest memory at {bad:#x} faulted")
+        if rc == _lib.VMEM_ACCESS_UNPLUGGED:
+            return GuestMemoryError(
+                f"guest address {bad:#x} lies in device memory the guest has not plugged "
+                "(touching it would make the host allocate it)")
         if rc == _lib.VMEM_ACCESS_READ_ONLY:
             return GuestMemoryError(
                 f"guest address {bad:#x} is mapped read-only (DMA_MAP without write access): "
