@@ -72,7 +72,7 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Rule 2 of DESIGN.md section 3 (device.py _range_error): aligned, not
+/* Rule 2 of docs/design.md, "virtio-mem rules" (device.py _range_error): aligned, not
  * empty, inside the usable region.  The first block, or -1 when Python must
  * refuse the range. */
 static int64_t first_block(const struct vmem_device_state *dev, uint64_t addr, uint16_t nb_blocks)

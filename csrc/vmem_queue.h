@@ -4,7 +4,7 @@
  * One call serves every available request the device can answer without
  * Python: it pops a chain from the split virtqueue (virtio spec 2.7), reads
  * the 24-byte request, applies the virtio-mem rules to the block bitmap
- * (spec 5.15.6; DESIGN.md section 3) and pushes the 10-byte response.
+ * (spec 5.15.6; docs/design.md, "virtio-mem rules") and pushes the 10-byte response.
  * Python (vfiouser_vmem/virtio_pci.py) then sends one interrupt, hands the
  * unplugged ranges to the discard queue and tells the size listeners.
  *

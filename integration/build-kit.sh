@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the QEMU/guest kit once and caches it (DESIGN.md section 4):
+# Builds the QEMU/guest kit once and caches it (docs/design.md, "Where the parts come from"):
 #   - a Debian trixie root (debootstrap minbase) holding QEMU 11 from
 #     trixie-backports (built with vfio-user-pci) and SeaBIOS;
 #   - the guest: Debian trixie's kernel (6.12) and a busybox initramfs that
@@ -33,7 +33,7 @@ ensure_debian_packages debootstrap cpio gzip xz-utils
 mkdir -p "$KIT_DIR"
 rm -f "$KIT_DIR/stamp"
 
-# Two ways to get QEMU 11 (DESIGN.md section 4):
+# Two ways to get QEMU 11 (docs/design.md, "Where the parts come from"):
 # - a debootstrap'd trixie root (default; works on Debian 12 and newer);
 # - VMEM_KIT_USE_HOST=1: the host itself is Debian trixie (the docker/
 #   image), QEMU is installed into it from trixie-backports.  No chroot, no

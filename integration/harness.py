@@ -81,7 +81,7 @@ class Kit:
 def kvm_works() -> bool:
     """True only for a KVM that runs a stock kernel.  The paravirtual
     kvm-pvm hosts of the CI machines expose /dev/kvm but fail with
-    "emulation failure" (DESIGN.md section 4), so ask the environment."""
+    "emulation failure" (docs/design.md, "Where the parts come from"), so ask the environment."""
     return os.environ.get("VMEM_ACCEL", "tcg") == "kvm"
 
 

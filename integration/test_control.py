@@ -28,7 +28,7 @@ import pytest
 from harness import GIB, MIB, Guest, GuestError, ServerProcess, wait_for
 
 BOOT_TIMEOUT_S = 240
-# TCG on two shared cores is slow and sometimes stalls (DESIGN.md section 4).
+# TCG on two shared cores is slow and sometimes stalls (docs/design.md, "Where the parts come from").
 RESIZE_TIMEOUT_S = 180
 EXE = shutil.which("vfiouser-vmem", path=str(Path(sys.executable).parent)) or "vfiouser-vmem"
 

@@ -12,7 +12,7 @@ import time
 from harness import GIB, MIB, wait_for
 
 BOOT_TIMEOUT_S = 240
-# TCG on two shared cores is slow and sometimes stalls (DESIGN.md section 4).
+# TCG on two shared cores is slow and sometimes stalls (docs/design.md, "Where the parts come from").
 RESIZE_TIMEOUT_S = 180
 
 

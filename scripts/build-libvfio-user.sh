@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds libvfio-user from the copy carried by Debian's QEMU source package
-# (DESIGN.md section 4), applies the project's patches
+# (docs/design.md, "Where the parts come from"), applies the project's patches
 # (scripts/libvfio-user-patches, see docs/libvfio-user.md), and installs it
 # into a prefix together with a pkg-config file.  Idempotent: the prefix is
 # named after the hash of this script and the patches.  Prints the prefix.
@@ -14,7 +14,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/lib.sh"
 CACHE=$VMEM_CACHE_DIR
 MIRROR=${VMEM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# Versions tried in order; newest QEMU sources sometimes 404 (DESIGN.md 4).
+# Versions tried in order; newest QEMU sources sometimes 404 (docs/design.md, "Where the parts come from").
 QEMU_SRC_VERSIONS=${VMEM_QEMU_SRC_VERSIONS:-"1:10.2.2+ds-1 1:10.0.13+ds-0+deb13u1"}
 LIBVFIO_USER_COMMIT=0b28d205572c80b568a1003db2c8f37ca333e4d7
 

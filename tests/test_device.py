@@ -1,4 +1,4 @@
-"""The virtio-mem device model, driven without sockets (DESIGN.md section 3)."""
+"""The virtio-mem device model, driven without sockets (docs/design.md, "virtio-mem rules")."""
 
 from __future__ import annotations
 

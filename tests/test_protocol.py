@@ -124,7 +124,7 @@ class MemoryBar:
         self.map = mmap.mmap(self.fd, map_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def allocated(self) -> int:
-        """Host memory in use: the honest measure (DESIGN.md section 2)."""
+        """Host memory in use: the honest measure (docs/design.md, "Memory through the BAR")."""
         return os.fstat(self.fd).st_blocks * 512
 
     def fill(self, offset: int, length: int, byte: int) -> None:
@@ -508,7 +508,7 @@ async def test_acpi_pxm_offered_when_a_node_is_configured(vmem_factory: VmemFact
 
 
 # ---------------------------------------------------------------------------
-# requests (DESIGN.md section 3)
+# requests (docs/design.md, "virtio-mem rules")
 
 
 async def test_plug_state_unplug_round_trip(vmem: Vmem) -> None:

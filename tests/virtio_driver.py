@@ -108,7 +108,7 @@ VRING_AVAIL_F_NO_INTERRUPT = 1
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 
-# -- virtio-mem (virtio spec 5.15; DESIGN.md section 3) ----------------------------
+# -- virtio-mem (virtio spec 5.15; docs/design.md, "virtio-mem rules") -------------
 PLUG, UNPLUG, UNPLUG_ALL, STATE = range(4)
 ACK, NACK, BUSY, ERROR = range(4)
 PLUGGED, UNPLUGGED, MIXED = range(3)

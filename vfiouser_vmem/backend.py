@@ -1,8 +1,8 @@
 """The memory backend: the host memory behind the device's memory BAR.
 
 A memfd (or a hugetlb memfd) owned by the server, sized to the whole BAR and
-sparse: nothing is allocated until the guest touches plugged memory (DESIGN.md
-section 2, "Plug is lazy").  The same fd is exported to QEMU as the mmap-able
+sparse: nothing is allocated until the guest touches plugged memory (docs/design.md,
+"Memory through the BAR", "Plug is lazy").  The same fd is exported to QEMU as the mmap-able
 BAR, so punching a hole frees the pages in both processes at once.
 """
 

@@ -2,7 +2,7 @@
 
 It owns the device configuration (virtio spec "Memory Device", device
 configuration layout), the per-block plugged state and the request rules of
-DESIGN.md section 3, in QEMU's validation order (hw/virtio/virtio-mem.c).
+docs/design.md ("virtio-mem rules"), in QEMU's validation order (hw/virtio/virtio-mem.c).
 Host memory is given back through an injected ``discard`` function so that
 unit tests can drive the model without a backend.
 """
@@ -202,7 +202,7 @@ class VirtioMemDevice:
 
     @property
     def features(self) -> int:
-        """Device features offered (DESIGN.md section 3)."""
+        """Device features offered (docs/design.md, "virtio-mem rules")."""
         bits = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
         if self.node_id is not None:
             bits |= 1 << VIRTIO_MEM_F_ACPI_PXM
@@ -356,7 +356,7 @@ class VirtioMemDevice:
             self._request_changed_size()
 
     def _range_error(self, request: Request) -> str | None:
-        """Rule 2 of DESIGN.md section 3: why the range is invalid, or None."""
+        """Rule 2 of docs/design.md, "virtio-mem rules": why the range is invalid, or None."""
         addr, nb_blocks = request.addr, request.nb_blocks
         block_size = self.block_size
         if addr % block_size:

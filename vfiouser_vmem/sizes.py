@@ -1,4 +1,4 @@
-"""Sizes in QEMU's notation (DESIGN.md section 6).
+"""Sizes in QEMU's notation (docs/design.md, "The interface contract").
 
 A size is a byte count, or a number with one of the suffixes K, M, G, T, P, E
 (powers of 1024), as QEMU's ``qemu_strtosz`` takes them: ``512M``, ``8G``,

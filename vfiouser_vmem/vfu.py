@@ -7,8 +7,8 @@ call that failed, and the library's log into the ``logging`` module.
 
 Callbacks run synchronously inside ``run()`` (in ``vfu_run_ctx``), on the
 caller's thread.  They must be quick and must not touch guest memory for
-long: a region access keeps QEMU's vCPU waiting for the reply (DESIGN.md
-section 2: never process the virtqueue inside a region callback; the one
+long: a region access keeps QEMU's vCPU waiting for the reply (docs/design.md,
+"Memory through the BAR": never process the virtqueue inside a region callback; the one
 exception is the device's C notify serve below, which never blocks and
 needs nothing from the client, docs/request-path.md).
 

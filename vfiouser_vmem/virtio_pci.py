@@ -1,6 +1,6 @@
 """virtio 1.x modern PCI transport (virtio spec 4.1) for the virtio-mem model.
 
-BAR layout (DESIGN.md section 2):
+BAR layout (docs/design.md, "Memory through the BAR"):
 
 - BAR0 (32-bit memory, 16 KiB, trapped): the virtio structures the vendor
   capabilities point at: common config, ISR, device config, notify.
@@ -83,7 +83,7 @@ MIN_MEMORY_BAR_BYTES = 128 << 20
 
 
 def memory_bar_size(region_size_bytes: int) -> int:
-    """A power of two >= max(device size, 128 MiB) (DESIGN.md section 2)."""
+    """A power of two >= max(device size, 128 MiB) (docs/design.md, "Memory through the BAR")."""
     size = MIN_MEMORY_BAR_BYTES
     while size < region_size_bytes:
         size <<= 1
@@ -187,7 +187,7 @@ class VirtioPciTransport:
     # -- state ---------------------------------------------------------
     def virtio_reset(self) -> None:
         """Driver-initiated reset (device_status <- 0): block state stays
-        (DESIGN.md section 3; the driver unplugs all on probe if needed)."""
+        (docs/design.md, "virtio-mem rules"; the driver unplugs all on probe if needed)."""
         self.device_feature_select = 0
         self.driver_feature_select = 0
         self.driver_features = 0
@@ -242,7 +242,7 @@ class VirtioPciTransport:
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         self.isr |= isr_bit
         # Only MSI-X: with INTx QEMU disables the BAR mmap until EOI and the
-        # guest soft-locks (DESIGN.md section 2).  Never trigger a vector the
+        # guest soft-locks (docs/design.md, "Memory through the BAR").  Never trigger a vector the
         # guest did not enable: the eventfd could be something else.
         if vector != VIRTIO_MSI_NO_VECTOR and vector < MSIX_VECTORS and self.msix_enabled():
             try:
