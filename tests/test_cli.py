@@ -142,10 +142,50 @@ def test_qom_set_bad_values_are_refused_and_change_nothing(tmp):
             assert text in reply["error"]["desc"], reply
         for prop in ("size", "block-size", "max-size"):
             reply = execute("qom-set", path="vmem0", property=prop, value=0)
-            assert "read-only" in reply["error"]["desc"]
+            assert reply["error"]["desc"] == f"Property 'virtio-mem-pci.{prop}' is not writable"
         assert execute("qom-get", path="vmem0", property="requested-size") == {"return": 0}
         assert execute("qom-set", path="vmem0", property="requested-size", value=1 << 30) == {"return": {}}
         assert execute("qom-get", path="vmem0", property="requested-size") == {"return": 1 << 30}
+        s.close()
+    finally:
+        rc, err = served.stop()
+    assert rc == 0, err
+
+
+def test_qom_set_refuses_values_outside_the_property_type_and_names_the_qom_type(tmp):
+    """Out of range for the property's QOM type is a type error, as QEMU's
+    visitors say it (qapi/qapi-visit-core.c, qobject-input-visitor.c), not a
+    device limit; a read-only or unknown property is named TYPE.NAME, as
+    qom/object.c does (the device is a virtio-mem-pci)."""
+    served = Served(tmp, "--size", "4G")
+    try:
+        s, execute = served.qmp_session()
+        uint32 = "Parameter 'x-fail-discards' expects uint32_t (0 to 4294967295), got {}"
+        uint64 = "Parameter 'requested-size' expects uint64 (a byte count), got {}"
+        cases = [
+            ("x-fail-discards", 99999999999999999999, uint32.format(99999999999999999999)),
+            ("x-fail-discards", 1 << 32, uint32.format(1 << 32)),
+            ("x-fail-discards", -1, uint32.format(-1)),
+            ("x-fail-discards", "3", uint32.format("'3'")),
+            ("x-fail-discards", True, uint32.format(True)),
+            ("requested-size", 1 << 64, uint64.format(1 << 64)),
+            ("requested-size", 10 ** 30, uint64.format(10 ** 30)),
+            ("size", 0, "Property 'virtio-mem-pci.size' is not writable"),
+            ("x-requests-pending", True, "Property 'virtio-mem-pci.x-requests-pending' is not writable"),
+            ("nope", 1, "Property 'virtio-mem-pci.nope' not found"),
+        ]
+        for prop, value, desc in cases:
+            reply = execute("qom-set", path="vmem0", property=prop, value=value)
+            assert reply == {"error": {"class": "GenericError", "desc": desc}}, (prop, value)
+        assert execute("qom-get", path="vmem0", property="nope") == {
+            "error": {"class": "GenericError", "desc": "Property 'virtio-mem-pci.nope' not found"}}
+        # The ends of the ranges are values like any other.
+        assert execute("qom-set", path="vmem0", property="x-fail-discards", value=(1 << 32) - 1) == {"return": {}}
+        assert execute("qom-get", path="vmem0", property="x-fail-discards") == {"return": (1 << 32) - 1}
+        assert execute("qom-set", path="vmem0", property="x-fail-discards", value=0) == {"return": {}}
+        reply = execute("qom-set", path="vmem0", property="requested-size", value=(1 << 64) - 1)
+        assert "above the device's maximum" in reply["error"]["desc"], reply
+        assert execute("qom-get", path="vmem0", property="requested-size") == {"return": 0}
         s.close()
     finally:
         rc, err = served.stop()
@@ -568,3 +608,117 @@ def test_serve_metrics_port_in_use_exits_1_and_cleans_up(tmp):
     assert f"metrics: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# Checked before anything starts: ids, socket paths, the QMP client limit
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--id", "0bad"], "--id: id '0bad' is not a valid QEMU id (a letter, then letters, digits, '-', '.' or '_')"),
+        (["--id", "vm 0"], "--id: id 'vm 0' is not a valid QEMU id"),
+        (["--id", ""], "--id: the id must not be empty (a letter, then letters, digits, '-', '.' or '_')"),
+        (["--qmp-max-clients", "0"], "--qmp-max-clients: 0 is not a positive count"),
+        (["--qmp-max-clients", "lots"], "--qmp-max-clients: invalid count 'lots'"),
+    ],
+)
+def test_serve_refuses_bad_single_device_values(tmp, flags, message):
+    result = run_cli("serve", "--socket", str(tmp / "s"), "--qmp", str(tmp / "q"), "--size", "1G", *flags)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert list(tmp.iterdir()) == []
+
+
+def test_serve_refuses_a_device_id_the_same_way_whichever_way_it_is_given(tmp):
+    flag = run_cli("serve", "--socket", str(tmp / "s"), "--qmp", str(tmp / "q"), "--size", "1G", "--id", "0bad")
+    device = run_cli("serve", "--qmp", str(tmp / "q"), "--object", "id=mem0,size=1G",
+                     "--device", f"id=0bad,memdev=mem0,socket={tmp}/s")
+    assert flag.returncode == device.returncode == 2
+    rule = "is not a valid QEMU id (a letter, then letters, digits, '-', '.' or '_')"
+    assert f"--id: id '0bad' {rule}" in flag.stderr
+    assert f"id '0bad' {rule}" in device.stderr
+
+
+@pytest.mark.parametrize("which", ["--qmp", "--socket", "--device", "toml qmp", "toml socket"])
+def test_serve_refuses_a_socket_in_a_missing_directory_before_starting(tmp, which):
+    missing = "/nonexistent-vmem-dir/sub"
+    qmp, sock = str(tmp / "q"), str(tmp / "s")
+    if which in ("--qmp", "toml qmp"):
+        qmp = f"{missing}/x.qmp"
+    else:
+        sock = f"{missing}/x.sock"
+    if which.startswith("toml"):
+        config = tmp / "vmem.toml"
+        config.write_text(f'qmp = "{qmp}"\n[[object]]\nid = "mem0"\nsize = "1G"\n'
+                          f'[[device]]\nid = "vm0"\nmemdev = "mem0"\nsocket = "{sock}"\n')
+        args = ["--config", str(config)]
+    elif which == "--device":
+        args = ["--qmp", qmp, "--object", "id=mem0,size=1G", "--device", f"id=vm0,memdev=mem0,socket={sock}"]
+    else:
+        args = ["--qmp", qmp, "--socket", sock, "--size", "1G"]
+    result = run_cli("serve", *args)
+    assert result.returncode == 2, result.stderr
+    path = qmp if "qmp" in which else sock
+    assert f"{path!r}: the directory {missing!r} does not exist" in result.stderr, result.stderr
+    where = {"--qmp": "--qmp", "--socket": "--socket", "--device": "--device 'id=vm0",
+             "toml qmp": f"{config if which.startswith('toml') else ''}: qmp",
+             "toml socket": "[[device]] #1: socket"}[which]
+    assert where in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp.iterdir()) == (["vmem.toml"] if which.startswith("toml") else [])
+
+
+def test_serve_names_the_qmp_path_when_it_cannot_listen_there(tmp):
+    # The directory exists, but no socket can be made in it: found at bind(), exit 1.
+    result = run_cli("serve", "--socket", str(tmp / "s"), "--size", "1G", "--qmp", "/proc/vmem-test.qmp")
+    assert result.returncode == 1, result.stderr
+    assert "cannot listen on the QMP socket /proc/vmem-test.qmp: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("qmp-max-clients = 0\n", "qmp-max-clients must be a positive count"),
+        ("qmp-max-clients = '8'\n", "qmp-max-clients must be a positive count"),
+        ("qmp-max-clients = true\n", "qmp-max-clients must be a positive count"),
+    ],
+)
+def test_config_file_refuses_a_bad_client_limit(tmp, text, message):
+    path = tmp / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config_file(str(path))
+
+
+@pytest.mark.parametrize("how", ["flag", "toml"])
+def test_serve_qmp_max_clients_bounds_the_connections(tmp, how):
+    """At the limit, a new QMP client is greeted at once and the one idle the
+    longest is closed, with a WARNING naming it."""
+    if how == "flag":
+        served = Served(tmp, "--size", "1G", "--qmp-max-clients", "2")
+    else:
+        config = tmp / "vmem.toml"
+        config.write_text(f'qmp = "{tmp}/vmem0.qmp"\nqmp-max-clients = 2\n[[object]]\nid = "mem0"\nsize = "1G"\n'
+                          f'[[device]]\nid = "vmem0"\nmemdev = "mem0"\nsocket = "{tmp}/vmem0.sock"\n')
+        served = Served.__new__(Served)
+        served.qmp = tmp / "vmem0.qmp"
+        served.proc = subprocess.Popen([*EXE, "serve", "--config", str(config)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        served.first_line = served.proc.stdout.readline()
+    try:
+        assert "ready" in served.first_line, served.first_line
+        first, _ = served.qmp_session()
+        second, _ = served.qmp_session()
+        third, execute = served.qmp_session()  # greeted, and able to run commands
+        assert execute("query-status") == {"return": {"status": "running", "running": True}}
+        first.settimeout(30)
+        assert first.recv(100) == b""  # closed by the server
+        for s in (first, second, third):
+            s.close()
+    finally:
+        rc, err = served.stop()
+    assert rc == 0, err
+    assert "WARNING" in err and "disconnecting client 1" in err, err

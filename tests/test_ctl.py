@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -374,3 +375,71 @@ async def test_sibling_memory_bars_are_reachable_and_shutdown_is_clean() -> None
     assert rc == 0, err
     assert "Traceback" not in err, err
     assert "without a file descriptor" not in err, err
+
+
+# ---------------------------------------------------------------------------
+# ctl against a QMP peer that misbehaves
+
+_GREETING = b'{"QMP": {"version": {"qemu": {"major": 11, "minor": 1, "micro": 0}, "package": ""}, "capabilities": []}}\n'
+
+#: What the fake peer does once it has accepted ctl's connection.
+_PEERS = {
+    "silent": [],  # accepts, never writes
+    "garbage": [b"\x00\xffnot json\x1b[2J\n"],
+    "closes mid-greeting": [b'{"QMP": {"vers', None],
+    "greets, then silent": [_GREETING],
+    "greets, then garbage": [_GREETING, b"]]]\n"],
+    "greets, then closes mid-reply": [_GREETING, b'{"return": {}, "id": "ct', None],
+    "greets, then an error that is not an object": [_GREETING, b'{"error": "boom", "id": "ctl-1"}\n'],
+    "greets, then nesting too deep to parse": [_GREETING, b"[" * 200_000 + b"\n"],
+    "a greeting that is not an object": [b'["QMP"]\n'],
+}
+
+
+@pytest.mark.parametrize("peer", list(_PEERS))
+async def test_ctl_names_the_socket_when_the_qmp_peer_misbehaves(peer: str) -> None:
+    """No traceback, whatever the peer does: a message naming the socket,
+    exit 1, within --qmp-timeout when the peer says nothing."""
+    tmp = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
+    path = f"{tmp}/peer.qmp"
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await listener.bind(path)
+        listener.listen()
+
+        async def serve_one() -> None:
+            conn, _ = await listener.accept()
+            with conn:
+                for chunk in _PEERS[peer]:
+                    if chunk is None:
+                        return  # closes
+                    await trio.SocketStream(conn).send_all(chunk)
+                    if chunk is _GREETING:  # wait for qmp_capabilities before the next message
+                        await conn.recv(65536)
+                await trio.sleep_forever()  # keeps the connection open, says nothing more
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_one)
+            with trio.fail_after(TIMEOUT):
+                result = await trio.run_process([*EXE, "ctl", "--qmp", path, "--qmp-timeout", "0.5", "info"],
+                                                capture_stdout=True, capture_stderr=True, check=False)
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out, err = text(result)
+    assert result.returncode == 1, (out, err)
+    assert "Traceback" not in err, err
+    assert err.startswith("vfiouser-vmem ctl: ") and path in err, err
+    assert len(err.splitlines()) == 1 and err.rstrip("\n").isprintable(), err  # peer bytes escaped
+    assert out == ""
+
+
+def test_ctl_help_documents_the_qmp_timeout(capsys) -> None:
+    from vfiouser_vmem import cli, ctl
+
+    for args in (["ctl", "--help"], ["ctl", "info", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(args)
+        assert "--qmp-timeout S" in capsys.readouterr().out
+    assert "--qmp-timeout S" in ctl.__doc__

@@ -10,6 +10,7 @@ prometheus_client's own parser.  Nothing sleeps.
 from __future__ import annotations
 
 import http.client
+import logging
 import shutil
 import socket
 import tempfile
@@ -19,6 +20,7 @@ from contextlib import ExitStack
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from vfio_user_client import BAR2, VfioUserClient
@@ -225,3 +227,126 @@ async def test_own_registry_not_the_global_one(exported) -> None:
     assert exporter.registry is not REGISTRY
     assert REGISTRY.get_sample_value("vfiouser_vmem_plugged_size_bytes", {"id": "d0"}) is None
     assert exporter.registry.get_sample_value("vfiouser_vmem_plugged_size_bytes", {"id": "d0"}) == 0
+
+
+# ---------------------------------------------------------------------------
+# No input on the metrics socket freezes the server or grows it without bound
+
+
+async def _wait_until(condition, what: str) -> None:
+    """Wait for ``condition()`` (server state), polling, bounded by 3 * TIMEOUT."""
+    with trio.move_on_after(3 * TIMEOUT):
+        while not condition():
+            await trio.sleep(0.01)
+        return
+    pytest.fail(f"timed out waiting until {what}")
+
+
+async def test_connections_are_bounded_and_a_scraper_still_gets_through(exported, caplog) -> None:
+    """Idle connections (nothing sent) beyond the limit: the oldest are
+    closed at once, without a response, with a WARNING; a scrape works."""
+    from vfiouser_vmem import metrics
+
+    exporter, _ = exported
+    host, port = exporter.address
+    idle = []
+    try:
+        for _ in range(metrics.MAX_CONNECTIONS + 10):
+            idle.append(await trio.open_tcp_stream(host, port))
+            await trio.testing.wait_all_tasks_blocked()  # the server has taken it: connections age in this order
+        for stream in idle[:10]:  # closed by the server, long before its request deadline
+            with trio.fail_after(TIMEOUT):
+                assert await stream.receive_some(100) == b""
+        assert (await scrape(exporter.url))[key("vfiouser_vmem_client_connected", id="d0")] == 0
+        assert exporter.open_connections <= metrics.MAX_CONNECTIONS
+    finally:
+        for stream in idle:
+            await stream.aclose()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "vfiouser_vmem.metrics"
+                and r.levelno == logging.WARNING]
+    assert len(warnings) >= 10 and all("closing the oldest" in w for w in warnings), warnings
+
+
+async def test_a_client_that_does_not_read_its_response_is_cut_off(exported, monkeypatch) -> None:
+    """The response is sent under a deadline too: a client that never reads
+    a large body does not hold its connection (and the body) forever."""
+    from vfiouser_vmem import metrics
+
+    exporter, _ = exported
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 0.5)
+    body = b"x" * (64 << 20)
+    monkeypatch.setattr(exporter, "render", lambda accept="": (body, "text/plain"))
+    host, port = exporter.address
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        await stream.send_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        await trio.testing.wait_all_tasks_blocked()  # the server took it and waits for room to write
+        await _wait_until(lambda: exporter.open_connections == 0, "the server gives up the connection")
+        received = 0
+        with trio.fail_after(TIMEOUT):
+            try:
+                while chunk := await stream.receive_some(1 << 20):
+                    received += len(chunk)
+            except trio.BrokenResourceError:
+                pass
+        assert received < len(body)
+    finally:
+        await stream.aclose()
+
+
+async def test_a_request_that_trickles_in_gets_408_at_the_deadline(exported, monkeypatch) -> None:
+    from vfiouser_vmem import metrics
+
+    exporter, _ = exported
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 0.5)
+    host, port = exporter.address
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        await stream.send_all(b"GET /metrics HTTP/1.0\r\nX-Slow: ")
+        answer = b""
+        with trio.fail_after(TIMEOUT):
+            while not answer.endswith(b"\r\n\r\n"):
+                with trio.move_on_after(0.05):  # one more byte of the header every 50 ms, forever
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+                    continue
+                await stream.send_all(b"x")
+        assert answer.startswith(b"HTTP/1.0 408 Request Timeout\r\n"), answer
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_garbage_requests_get_an_answer_and_no_traceback(exported, caplog, seed) -> None:
+    import random
+
+    exporter, _ = exported
+    host, port = exporter.address
+    rng = random.Random(seed)
+    heads = [
+        b"GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text; version=abc\r\n\r\n",
+        b"GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text; version=1.0.0\x00\r\n\r\n",
+        b"GET /metrics HTTP/1.0\r\nAccept: text/plain; version=" + bytes(range(256)) + b"\r\n\r\n",
+        b"\x00\xff\x1b[2J\r\n\r\n",
+        b"GET " + b"/" * 15000 + b" HTTP/1.0\r\n\r\n",
+        rng.randbytes(rng.randint(1, 20000)) + b"\r\n\r\n",
+        b"GET /metrics HTTP/1.0\r\n" + rng.randbytes(2000).replace(b"\n", b"") + b"\r\n\r\n",
+    ]
+
+    def ask(head: bytes) -> bytes:
+        with socket.create_connection((host, port), timeout=TIMEOUT) as s:
+            s.sendall(head)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            return data
+
+    for head in heads:
+        answer = await trio.to_thread.run_sync(ask, head)
+        assert answer.startswith(b"HTTP/1.0 "), (head[:80], answer[:80])
+    status, _, body = await trio.to_thread.run_sync(
+        lambda: fetch(exporter.url, headers={"Accept": "application/openmetrics-text; version=abc"}))
+    assert status == 200 and b"vfiouser_vmem_plugged_size_bytes" in body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records

@@ -1,4 +1,4 @@
-"""Tests of vfiouser_vmem.qmp: the QMP server (DESIGN.md section 6).
+"""Tests of vfiouser_vmem.qmp: the QMP server (docs/design.md, "The interface contract").
 
 Driven three ways: a raw socket client (framing, exact error texts), the real
 ``qemu.qmp`` library (asyncio, in a worker thread) and ``qmp-shell``.  The
@@ -12,16 +12,18 @@ import asyncio
 import json
 import logging
 import os
+import re
 import select
 import shutil
+import signal
 import socket
 import stat
 import sys
 import tempfile
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 import trio
@@ -133,6 +135,24 @@ class RawClient:
         await self.stream.aclose()
 
 
+@contextmanager
+def no_hang(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the code under test if it is still running after
+    ``seconds`` (a generous bound), instead of hanging the test run: SIGALRM
+    interrupts even a loop that never returns to trio."""
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def error(desc: str, error_class: str = "GenericError", **extra: Any) -> dict[str, Any]:
     return {"error": {"class": error_class, "desc": desc}, **extra}
 
@@ -235,6 +255,84 @@ async def test_bad_input_gets_an_error_and_the_connection_stays_usable(sock_dir:
         await client.assert_nothing_pending()
 
 
+@pytest.mark.parametrize(
+    ("raw", "desc"),
+    [
+        (b'{"execute": "query-version", "id": 1e999}', "JSON parse error, number 1e999 is out of range"),
+        (b'{"execute": "query-version", "id": -1E+400}', "JSON parse error, number -1E+400 is out of range"),
+        (b'{"execute": "qom-set", "id": 1, "arguments": {"path": "vmem0", "property": "requested-size",'
+         b' "value": 2.5e308}}', "JSON parse error, number 2.5e308 is out of range"),
+        (b"1e999 ", "JSON parse error, number 1e999 is out of range"),
+    ],
+)
+async def test_numbers_json_cannot_carry_back_are_refused_and_the_connection_stays(
+    sock_dir: str, raw: bytes, desc: str
+) -> None:
+    """Python reads 1e999 as inf, which no JSON reply can carry: echoing it as
+    the id made the encoding of the error reply raise, and the connection
+    was closed.  It is refused where it is read, like NaN."""
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": FakeDevice()}), path):
+        client = await RawClient.connect(path)
+        await client.send(raw)
+        assert await client.reply() == error(desc)
+        assert await client.command("query-status", id=2) == {"return": {"status": "running", "running": True}, "id": 2}
+        await client.assert_nothing_pending()
+
+
+@pytest.mark.parametrize(
+    "request_text",
+    [
+        '{"execute": "query-version", "id": "\\ud800"}',  # a lone surrogate: ensure_ascii writes it as an escape
+        '{"execute": "query-version", "id": {"\\udfff": ["\\ud800\\u0000"]}}',
+        '{"execute": "query-version", "id": ' + "9" * 4000 + "}",  # as long as int() reads
+        '{"execute": "query-version", "id": ' + "9" * 5000 + "}",  # longer: a parse error
+        '{"execute": "query-version", "id": [1, {"x": 1e999}]}',  # inf: once closed the connection
+        '{"execute": "query-version", "id": 1e-999}',
+        '{"execute": "query-version", "id": -0.0}',
+        '{"execute": "\\ud800", "id": 1}',
+        '{"execute": "query-version", "id": ' + "[" * 980 + "]" * 980 + "}",  # as deep as the parser goes
+        '{"execute": "query-version", "id": ' + "[" * 1100 + "]" * 1100 + "}",
+        '{"execute": "qom-get", "id": "\\ud800", "arguments": {"path": "\\udbff", "property": "x"}}',
+    ],
+)
+async def test_no_id_or_text_can_make_a_reply_fail_to_encode(sock_dir: str, request_text: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({"vmem0": FakeDevice()}), path):
+        client = await RawClient.connect(path)
+        await client.send(request_text)
+        reply = await client.reply()
+        assert set(reply) <= {"return", "error", "id"}, reply
+        if "id" in reply:
+            assert reply["id"] == json.loads(request_text)["id"]
+        assert await client.command("query-status", id=2) == {"return": {"status": "running", "running": True}, "id": 2}
+        await client.assert_nothing_pending()
+
+
+def test_an_id_that_cannot_be_encoded_is_refused_before_the_command_runs() -> None:
+    """Defence in depth behind the parser: a request whose id no reply could
+    carry (here built directly, a NaN) is refused, without its id, and its
+    command does not run."""
+    from vfiouser_vmem.qmp import _Client
+
+    device = FakeDevice()
+    server = QmpServer({"vmem0": device})
+    a, b = socket.socketpair()
+    try:
+        client = _Client(1, a, 8)
+        client.command_mode = True
+        for bad_id in (float("nan"), [float("inf")], {"k": object()}):
+            reply = server._dispatch(client, {"execute": "qom-set", "id": bad_id, "arguments": {
+                "path": "vmem0", "property": "requested-size", "value": 2 * MiB}})
+            message = json.loads(reply)
+            assert set(message) == {"error"}
+            assert message["error"]["desc"].startswith("QMP input member 'id' cannot be sent back in a reply: ")
+        assert device.values["requested-size"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
 async def test_errors_carry_the_id_when_the_request_had_one(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "q")
     async with running(QmpServer({}), path):
@@ -264,6 +362,56 @@ async def test_oversize_message_is_refused_and_the_stream_resyncs(sock_dir: str)
         await client.send(b' {"execute": "query-status", "id": 3}')
         assert await client.reply() == {"return": {"status": "running", "running": True}, "id": 3}
         await client.assert_nothing_pending()
+
+
+@pytest.mark.parametrize("kind", ["random", "dense"])
+async def test_garbage_on_one_connection_does_not_stop_the_others(
+    sock_dir: str, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """A megabyte of garbage on one connection (the structural path was
+    quadratic, with a reply and a log line per bad token): another connection
+    is answered promptly all along, and the garbage costs a bounded number of
+    replies and log lines.  "dense" garbage is almost all errors (stray
+    brackets, one-byte tokens), random bytes mostly long strings and tokens."""
+    import random
+
+    caplog.set_level(logging.INFO, logger="vfiouser_vmem.qmp")
+    path = os.path.join(sock_dir, "q")
+    rng = random.Random(1)
+    if kind == "random":
+        garbage = rng.randbytes(1 << 20)
+    else:
+        garbage = bytes(rng.choice(b"}],:x\x0b\x0c ") for _ in range(1 << 20))
+    with no_hang(120):
+        async with running(QmpServer({"vmem0": FakeDevice()}), path):
+            flooder = await RawClient.connect(path)
+            other = await RawClient.connect(path)
+            sent = trio.Event()
+            replies: list[bytes] = []
+
+            async def flood() -> None:
+                for i in range(0, len(garbage), 65536):
+                    await flooder.send(garbage[i:i + 65536])
+                sent.set()
+                await flooder.stream.send_eof()
+
+            async def read_flooder_replies() -> None:  # so that it never stalls on its own queue
+                replies.extend((await flooder.read_to_eof()).split(b"\n")[:-1])
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood)
+                nursery.start_soon(read_flooder_replies)
+                answered = 0
+                while not sent.is_set() or answered == 0:
+                    with trio.fail_after(TIMEOUT):  # answers at once, never stuck behind the garbage
+                        reply = await other.command("query-version", id=answered)
+                    assert reply == {"return": GREETING["QMP"]["version"], "id": answered}
+                    answered += 1
+    assert all(json.loads(line)["error"]["class"] == "GenericError" for line in replies)
+    assert 0 < len(replies) <= 1024, len(replies)  # about one per read, not one per bad byte
+    logged = [r for r in caplog.records if r.name == "vfiouser_vmem.qmp" and r.levelno == logging.INFO
+              and "refused" in r.getMessage()]
+    assert len(logged) <= 100, len(logged)
 
 
 async def test_default_limit_is_one_mebibyte(sock_dir: str) -> None:
@@ -300,8 +448,9 @@ def test_splitter_byte_by_byte() -> None:
         "s\\",
         True,
         {"c": 1},
-        "JSON parse error, invalid keyword 'x'",
-        "JSON parse error, stray ','",
+        # The ',' that ends the token x is itself an error, in the same read:
+        # consecutive errors of a read are coalesced into one.
+        "JSON parse error, invalid keyword 'x' (and 1 more JSON parse error after it)",
     ]
 
 
@@ -377,6 +526,50 @@ def test_splitter_fast_path_gives_what_the_structural_path_gives(seed: int) -> N
     assert _splitter_items([stream], fast=True, max_bytes=max_bytes) == _splitter_items(
         [stream], fast=False, max_bytes=max_bytes
     )
+
+
+#: Bytes that open a message (and so swallow what follows until it closes).
+_OPENERS = b'{["'
+
+
+def test_splitter_makes_progress_on_every_byte_value() -> None:
+    """Every byte value, alone, around and inside messages, whole or byte by
+    byte: each feed returns (b"\\x0b" and b"\\x0c" once made the structural
+    path loop forever: the token start took them for a token, the token end
+    for whitespace), both paths agree, and the stream resynchronises."""
+    with no_hang(30):
+        for value in range(256):
+            byte = bytes([value])
+            streams = [byte, byte + b' {"ok": 1}', b'{"ok": 1}' + byte, b'{"s": "' + byte + b'"}', b"[" + byte + b"]",
+                       b"x" + byte + b"y ", byte * 3 + b"\n" + b'{"ok": 1}', b'{"a": 1' + byte + b"}"]
+            for stream in streams:
+                for chunks in ([stream], [stream[i:i + 1] for i in range(len(stream))]):
+                    structural = _splitter_items(chunks, fast=False, max_bytes=4096)
+                    assert _splitter_items(chunks, fast=True, max_bytes=4096) == structural, (byte, chunks)
+                    assert len(structural) <= len(stream)  # every item consumed input
+                    if stream.endswith(b'{"ok": 1}') and byte not in _OPENERS:
+                        assert structural[-1] == {"ok": 1}, (byte, structural)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_splitter_on_random_garbage_is_bounded_and_both_paths_agree(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    garbage = rng.randbytes(rng.choice([10, 1000, 20_000]))
+    if seed % 2:  # garbage made of JSON's own characters nests, quotes and escapes
+        garbage = bytes(rng.choice(b'{}[]",:\\ \t\n\x0b\x0cax1"') for _ in range(len(garbage)))
+    stream = garbage + b' \n"" ]]]]}}}} {"ok": 1}'
+    cuts = sorted(rng.sample(range(1, len(stream)), min(rng.choice([0, 5, 100]), len(stream) - 1)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    with no_hang(30):
+        structural = _splitter_items(chunks, fast=False, max_bytes=4096)
+        assert _splitter_items(chunks, fast=True, max_bytes=4096) == structural
+        assert len(structural) <= len(stream)
+        splitter = _JsonStreamSplitter(max_bytes=4096)
+        for chunk in chunks:
+            splitter.feed(chunk)
+            assert len(splitter._buf) <= 4096 + len(chunk)
 
 
 def test_splitter_fast_path_keeps_the_nesting_limit_when_the_parser_could_go_deeper() -> None:
@@ -579,6 +772,73 @@ async def test_refused_commands_are_logged(sock_dir: str, caplog: pytest.LogCapt
     assert any("'qom-get'" in line and "Device 'nope' not found" in line for line in lines), lines
 
 
+#: Client text that must not reach a log line as it is: NUL, an ANSI escape
+#: sequence, a BOM, a lone surrogate, a line break.
+_NASTY = "\x00\x1b[31m\ufeff\ud800\nX"
+
+
+async def test_client_text_is_escaped_and_bounded_in_the_log(sock_dir: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Command names, device paths, property names and the input a parse
+    error quotes reach the log escaped (as repr escapes them) and cut to a
+    bounded length; the replies keep the text (JSON escapes it)."""
+    caplog.set_level(logging.INFO, logger="vfiouser_vmem.qmp")
+    path = os.path.join(sock_dir, "q")
+    long_name = "y" * 100_000
+    async with running(QmpServer({"vmem0": FakeDevice()}), path):
+        client = await RawClient.connect(path)
+        assert await client.command(_NASTY) == error(f"The command {_NASTY} has not been found", "CommandNotFound")
+        assert await client.command("qom-get", {"path": _NASTY, "property": "size"}) == error(
+            f"Device '{_NASTY}' not found", "DeviceNotFound")
+        assert await client.command("qom-get", {"path": "vmem0", "property": _NASTY}) == error(
+            f"Property 'vmem0.{_NASTY}' not found")
+        assert await client.command(long_name) == error(f"The command {long_name} has not been found", "CommandNotFound")
+        await client.send(b"\x00\x1bc\x07\xef\xbb\xbf\xff ")  # a bare token of control bytes and non-UTF-8
+        assert await client.reply() == error("JSON parse error, invalid UTF-8 sequence at byte 7")
+        await client.send(b"\x00\x1bc\x07\xef\xbb\xbf ")  # NUL, ESC c (reset the terminal), BEL, BOM
+        assert await client.reply() == error("JSON parse error, invalid keyword '\x00\x1bc\x07\ufeff'")
+        await client.send(json.dumps({"execute": "query-status", "\x1b[2J": 1}))
+        assert await client.reply() == error("QMP input member '\x1b[2J' is unexpected")
+    lines = [r.getMessage() for r in caplog.records if r.name == "vfiouser_vmem.qmp"]
+    for line in lines:
+        assert line.isprintable(), repr(line)
+        assert len(line) < 2000, len(line)
+    escaped = "\\x00\\x1b[31m\\ufeff\\ud800\\nX"
+    assert any(f"refused command '{escaped}': The command {escaped} has not been found" in line for line in lines), lines
+    assert any(f"Device '{escaped}' not found" in line for line in lines), lines
+    assert any(f"Property 'vmem0.{escaped}' not found" in line for line in lines), lines
+    assert any("invalid keyword '\\x00\\x1bc\\x07\\ufeff'" in line for line in lines), lines
+    assert any("QMP input member '\\x1b[2J' is unexpected" in line for line in lines), lines
+    assert any("yyy...[" in line and "more characters]" in line for line in lines), lines
+
+
+async def test_refused_input_log_lines_are_rate_limited_per_client(
+    sock_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused input or command is logged, up to a burst per client;
+    the rest are counted and the count is logged (no log flood from one
+    client sending bad requests one read at a time)."""
+    caplog.set_level(logging.INFO, logger="vfiouser_vmem.qmp")
+    path = os.path.join(sock_dir, "q")
+    sent = 300
+    async with running(QmpServer({}), path):
+        noisy = await RawClient.connect(path)
+        for i in range(sent):
+            bad = b"}" if i % 2 else b'{"execute": "nope"}'
+            await noisy.send(bad)
+            assert "error" in await noisy.reply()
+        await noisy.aclose()
+        await trio.testing.wait_all_tasks_blocked()  # the server has seen the end of the connection
+        other = await RawClient.connect(path)  # another client's lines are not held back by the noisy one's
+        await other.command("nope-too")
+    lines = [r.getMessage() for r in caplog.records if r.name == "vfiouser_vmem.qmp"]
+    refused = [line for line in lines if line.startswith("QMP client 1: refused")]
+    not_logged = sum(int(m.group(1)) for line in lines
+                     if (m := re.match(r"QMP client 1: (\d+) more refused inputs or commands were not logged", line)))
+    assert len(refused) <= 20
+    assert len(refused) + not_logged == sent
+    assert any(line.startswith("QMP client 2: refused command 'nope-too'") for line in lines), lines
+
+
 # ---------------------------------------------------------------------------
 # events
 
@@ -763,6 +1023,87 @@ async def test_an_event_goes_after_a_reply_still_being_written(sock_dir: str) ->
         assert await client.recv() == {"return": big}
         assert (await client.recv())["data"] == size_event(device, 2 * MiB)
         await client.assert_nothing_pending()
+
+
+async def _closed_by_server(client: RawClient) -> bool:
+    """Whether the server has closed this connection (reads what is left)."""
+    try:
+        await client.read_to_eof()
+    except trio.BrokenResourceError:  # closed with unread input: a reset
+        pass
+    return True
+
+
+async def test_at_the_client_limit_the_longest_idle_is_evicted_and_a_new_client_is_greeted(
+    sock_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """max_clients connections at most: a new one is still greeted at once;
+    to make room the server closes the connection idle the longest, one
+    still negotiating capabilities first, with a WARNING naming it."""
+    path = os.path.join(sock_dir, "q")
+    limit = 4
+    async with running(QmpServer({"vmem0": FakeDevice()}, max_clients=limit), path):
+        negotiated = [await RawClient.connect(path) for _ in range(2)]  # clients 1, 2
+        negotiating = [await RawClient.connect(path, negotiate=False) for _ in range(2)]  # 3, 4
+        extra = [await RawClient.connect(path, negotiate=False) for _ in range(limit + 10)]  # 5 to 18
+        # Each newcomer was greeted at once.  Room was made by closing 3 and
+        # 4 (negotiating, idle the longest), then newcomers in turn (still
+        # negotiating): the negotiated clients stay.
+        for gone in [*negotiating, *extra[:-2]]:
+            assert await _closed_by_server(gone)
+        assert await negotiated[1].command("query-version") == {"return": GREETING["QMP"]["version"]}
+        fresh = await RawClient.connect(path)  # client 19: closes 17, the newcomer idle the longest
+        assert await _closed_by_server(extra[-2])
+        assert await fresh.command("query-version") == {"return": GREETING["QMP"]["version"]}
+        assert await extra[-1].command("qmp_capabilities") == {"return": {}}
+        # All in command mode now: the one idle the longest goes, whatever its age.
+        assert await negotiated[0].command("query-status") == {"return": {"status": "running", "running": True}}
+        await RawClient.connect(path)  # client 20 closes client 2
+        assert await _closed_by_server(negotiated[1])
+        for client in (negotiated[0], fresh, extra[-1]):
+            assert await client.command("query-status") == {"return": {"status": "running", "running": True}}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "vfiouser_vmem.qmp" and r.levelno == logging.WARNING]
+    evicted = [int(m.group(1)) for line in warnings if (m := re.search(r"disconnecting client (\d+)", line))]
+    assert evicted == [3, 4, *range(5, 17), 17, 2], warnings
+    assert all(f"{limit} clients" in line and "--qmp-max-clients" in line for line in warnings), warnings
+    assert "still negotiating capabilities" in warnings[0] and "still negotiating" not in warnings[-1], warnings
+
+
+async def test_the_default_client_limit(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "q")
+    async with running(QmpServer({}), path):
+        clients = [await RawClient.connect(path, negotiate=False) for _ in range(64 + 5)]
+        for gone in clients[:5]:
+            assert await _closed_by_server(gone)
+        assert await clients[5].command("qmp_capabilities") == {"return": {}}
+        for client in clients:
+            await client.aclose()
+
+
+async def test_replies_queued_for_a_client_are_bounded_in_bytes(sock_dir: str) -> None:
+    """A client that sends requests but never reads stalls itself: what the
+    server holds for it is bounded in bytes (the replies here quote a 200 KB
+    parameter name), not only in messages."""
+    from vfiouser_vmem.qmp import DEFAULT_MAX_QUEUED_BYTES
+
+    path = os.path.join(sock_dir, "q")
+    name = "p" * 200_000
+    server = QmpServer({}, max_queued_messages=256)
+    async with running(server, path):
+        stuck = await RawClient.connect(path)
+
+        async def send_requests() -> None:
+            for i in range(100):  # 20 MB of replies
+                await stuck.send(json.dumps({"execute": "query-status", "id": i, "arguments": {name: 1}}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_requests)
+            await trio.testing.wait_all_tasks_blocked()  # the server stopped reading: the sender is stuck too
+            (client,) = [c for c in server._connections if c.number == 1]
+            assert client.queued_bytes <= DEFAULT_MAX_QUEUED_BYTES + len(name) + 1000
+            other = await RawClient.connect(path)  # and the others are served
+            assert await other.command("query-status") == {"return": {"status": "running", "running": True}}
+            nursery.cancel_scope.cancel()
 
 
 async def test_client_disconnects_are_harmless(sock_dir: str) -> None:

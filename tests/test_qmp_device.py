@@ -46,7 +46,7 @@ async def test_qemu_qmp_client_resizes_a_real_device_with_a_guest_attached(vmem:
                      "not a multiple of the block-size"),
                     ("qom-set", {"path": dev, "property": "requested-size", "value": "1G"}, "GenericError",
                      "expects uint64"),
-                    ("qom-set", {"path": dev, "property": "size", "value": 0}, "GenericError", "read-only"),
+                    ("qom-set", {"path": dev, "property": "size", "value": 0}, "GenericError", "is not writable"),
                     ("qom-get", {"path": dev, "property": "nope"}, "GenericError", "not found"),
                     ("qom-get", {"path": "nodev", "property": "size"}, "DeviceNotFound", "nodev"),
                     ("qom-get", {"path": dev}, "GenericError", "property"),

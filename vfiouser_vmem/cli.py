@@ -1,4 +1,4 @@
-"""The ``vfiouser-vmem`` command line (DESIGN.md section 6).
+"""The ``vfiouser-vmem`` command line (docs/design.md, "The interface contract").
 
 Commands:
     serve      run virtio-mem devices on vfio-user sockets, with a QMP socket
@@ -31,6 +31,7 @@ from vfiouser_vmem.config import (
     ConfigError,
     FileConfig,
     build_configs,
+    check_id,
     check_socket_path,
     device_spec,
     format_shell,
@@ -38,6 +39,7 @@ from vfiouser_vmem.config import (
     object_spec,
     qemu_args,
 )
+from vfiouser_vmem.logtext import printable
 from vfiouser_vmem.sizes import format_size, parse_size
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -147,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(serve)
     serve.add_argument("--qmp", metavar="PATH",
                        help="the UNIX socket on which the server speaks QMP (or qmp= in --config)")
+    serve.add_argument("--qmp-max-clients", type=_positive_int, metavar="N",
+                       help="at most N QMP connections (default 64, or qmp-max-clients= in --config); at the "
+                       "limit a new client is still served: the one idle the longest is disconnected")
     serve.add_argument("--socket-group", metavar="GROUP",
                        help="make the vfio-user and QMP sockets 0660 and owned by GROUP (default: 0600)")
     serve.add_argument("--metrics", metavar="[HOST]:PORT",
@@ -163,12 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--qmp defaults to $VFIOUSER_VMEM_QMP.\n\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    qmp_timeout_help = ("give up on a QMP peer that does not connect, greet or answer a command within S "
+                        "seconds (default 10; exit code 1)")
     ctl.add_argument("--qmp", metavar="PATH", default=None, help="the QMP socket")
+    ctl.add_argument("--qmp-timeout", type=_positive_float, default=10.0, metavar="S", help=qmp_timeout_help)
     ctl_sub = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
-    # --qmp is accepted after the subcommand too (SUPPRESS keeps the value
-    # given before it).
+    # --qmp and --qmp-timeout are accepted after the subcommand too (SUPPRESS
+    # keeps the value given before it).
     qmp_again = argparse.ArgumentParser(add_help=False)
     qmp_again.add_argument("--qmp", metavar="PATH", default=argparse.SUPPRESS, help="the QMP socket")
+    qmp_again.add_argument("--qmp-timeout", type=_positive_float, default=argparse.SUPPRESS, metavar="S",
+                           help=qmp_timeout_help)
     resize = ctl_sub.add_parser(
         "resize", parents=[qmp_again], help="set a device's requested-size",
         description="Set a device's requested-size; with --wait, wait until the guest has plugged or\n"
@@ -215,14 +225,16 @@ def _device_configs(parser: argparse.ArgumentParser, args: argparse.Namespace, *
     from vfiouser_vmem.server import DeviceConfig
 
     qemu_style = args.object or args.device
+    serving = args.command == "serve"  # its sockets' directories must exist now
     try:
         if file_config is not None:
-            return build_configs(file_config.objects, file_config.devices, qmp_path=qmp_path)
+            return build_configs(file_config.objects, file_config.devices, qmp_path=qmp_path,
+                                 need_directories=serving)
         if qemu_style:
             if not args.device:
                 raise ConfigError("--object given without any --device using it")
             return build_configs([object_spec(t) for t in args.object], [device_spec(t) for t in args.device],
-                                 qmp_path=qmp_path)
+                                 qmp_path=qmp_path, need_directories=serving)
     except ConfigError as exc:
         parser.error(str(exc))
 
@@ -236,13 +248,16 @@ def _device_configs(parser: argparse.ArgumentParser, args: argparse.Namespace, *
     requested = 0 if args.requested_size is None else args.requested_size
     try:
         _check_single(args.size, block_size, requested)
-        check_socket_path(args.socket, "--socket")
+        if args.id is not None:
+            check_id(args.id, "--id")  # the rule --device id= follows
+        check_socket_path(args.socket, "--socket", need_directory=serving)
     except ConfigError as exc:
         parser.error(str(exc))
     if qmp_path is not None and os.path.abspath(args.socket) == os.path.abspath(qmp_path):
         parser.error("--socket and --qmp must be different paths")
     return [DeviceConfig(socket=args.socket, size_bytes=args.size, block_size_bytes=block_size,
-                         requested_size_bytes=requested, id=args.id or "vmem0", node=args.node)]
+                         requested_size_bytes=requested, id="vmem0" if args.id is None else args.id,
+                         node=args.node)]
 
 
 def _check_single(size: int, block_size: int, requested: int) -> None:
@@ -309,9 +324,10 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if qmp_path is None:
         parser.error("the following arguments are required: --qmp")
     try:
-        check_socket_path(qmp_path, "--qmp")
+        check_socket_path(qmp_path, "--qmp" if args.qmp else f"{args.config}: qmp", need_directory=True)
     except ConfigError as exc:
         parser.error(str(exc))
+    max_clients = args.qmp_max_clients or (file_config.qmp_max_clients if file_config else None)
     group = args.socket_group or (file_config.socket_group if file_config else None)
     gid = None if group is None else _group_id(parser, group)
     exporter = None
@@ -338,7 +354,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     try:
-        trio.run(functools.partial(serve, configs, qmp_path, ready=ready, metrics=exporter, socket_group=gid))
+        trio.run(functools.partial(serve, configs, qmp_path, ready=ready, metrics=exporter, socket_group=gid,
+                                   qmp_max_clients=max_clients))
     except BaseException as exc:
         # Failures to start (a path or port in use, a permission), possibly
         # wrapped in exception groups by trio's nurseries: a message, exit 1.
@@ -346,7 +363,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if not all(isinstance(e, (SocketPathInUse, ValueError, OSError)) for e in leaves):
             raise
         for e in leaves:
-            logging.getLogger("vfiouser_vmem").error("%s", e)
+            logging.getLogger("vfiouser_vmem").error("%s", printable(e))
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -23,7 +23,8 @@ a byte count).
 The TOML file has the same keys, in ``[[object]]`` and ``[[device]]`` tables
 (integers are byte counts, strings take the size forms, booleans or
 ``"on"``/``"off"`` for flags), plus optional top-level ``qmp`` (the QMP
-socket path) and ``socket-group``::
+socket path), ``qmp-max-clients`` (a positive integer, as
+``--qmp-max-clients``) and ``socket-group``::
 
     qmp = "/run/vmem.qmp"
 
@@ -49,7 +50,7 @@ from typing import Any, Iterable
 
 from vfiouser_vmem.sizes import format_size, parse_size
 
-#: The largest device the server supports (DESIGN.md section 2: 1 TiB BARs).
+#: The largest device the server supports (docs/design.md, "Memory through the BAR": 1 TiB BARs).
 MAX_DEVICE_SIZE_BYTES = 1 << 40
 DEFAULT_BLOCK_SIZE_BYTES = 2 << 20
 #: sun_path holds 108 bytes including the terminating NUL.
@@ -59,10 +60,12 @@ OBJECT_TYPES = ("memory-backend-memfd",)
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-pci")
 OBJECT_KEYS = ("qom-type", "id", "size", "share", "hugetlb", "hugetlbsize")
 DEVICE_KEYS = ("driver", "id", "memdev", "socket", "node", "block-size", "requested-size")
-FILE_TOP_LEVEL_KEYS = ("qmp", "socket-group", "object", "device")
+FILE_TOP_LEVEL_KEYS = ("qmp", "qmp-max-clients", "socket-group", "object", "device")
 
-# QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'.
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+# QEMU's id_wellformed() (util/id.c): a letter, then letters, digits, '-',
+# '.', '_'.  Used with fullmatch: "$" would also match before a final "\n".
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+_ID_RULE = "(a letter, then letters, digits, '-', '.' or '_')"
 
 #: Why some keys QEMU knows are refused here (the default: "unknown key").
 _REFUSED_KEYS = {
@@ -155,6 +158,7 @@ class FileConfig:
     devices: list[Spec]
     qmp: str | None = None
     socket_group: str | None = None
+    qmp_max_clients: int | None = None
 
 
 def load_config_file(path: str) -> FileConfig:
@@ -184,7 +188,11 @@ def load_config_file(path: str) -> FileConfig:
     group = data.get("socket-group")
     if group is not None and not isinstance(group, (str, int)):
         raise ConfigError(f"{path}: socket-group must be a group name or number")
-    return FileConfig(specs["object"], specs["device"], qmp, None if group is None else str(group))
+    max_clients = data.get("qmp-max-clients")
+    if max_clients is not None and (isinstance(max_clients, bool) or not isinstance(max_clients, int)
+                                    or max_clients < 1):
+        raise ConfigError(f"{path}: qmp-max-clients must be a positive count (of QMP clients), got {max_clients!r}")
+    return FileConfig(specs["object"], specs["device"], qmp, None if group is None else str(group), max_clients)
 
 
 # ---------------------------------------------------------------------------
@@ -242,14 +250,19 @@ def _flag(spec: Spec, key: str, default: bool) -> bool:
     raise ConfigError(f"{spec.where}: {key}: expected on or off, got {value!r}")
 
 
+def check_id(value: str, where: str) -> str:
+    """An object or device id, as QEMU's id_wellformed() takes it; ConfigError
+    naming ``where`` (``--id``, ``--device '...'``, a TOML table)."""
+    if value == "":
+        raise ConfigError(f"{where}: the id must not be empty {_ID_RULE}")
+    if not _ID_RE.fullmatch(value):
+        raise ConfigError(f"{where}: id {value!r} is not a valid QEMU id {_ID_RULE}")
+    return value
+
+
 def _id(spec: Spec) -> str:
     value = _required_str(spec, "id", "the name used over QMP" if spec.kind == "device" else "the name memdev= refers to")
-    if not _ID_RE.match(value):
-        raise ConfigError(
-            f"{spec.where}: id {value!r} is not a valid QEMU id "
-            "(a letter, then letters, digits, '-', '.' or '_')"
-        )
-    return value
+    return check_id(value, spec.where)
 
 
 def default_huge_page_size() -> int | None:
@@ -319,9 +332,16 @@ def _node(spec: Spec) -> int | None:
     return value
 
 
-def check_socket_path(path: str, where: str) -> None:
+def check_socket_path(path: str, where: str, *, need_directory: bool = False) -> None:
+    """A UNIX socket path to listen on; ``need_directory``: its directory
+    must exist now (``serve``; ``qemu-args`` may describe another machine)."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise ConfigError(f"{where}: path {path!r} is longer than the {MAX_SOCKET_PATH_BYTES} bytes a UNIX socket path may have")
+    if need_directory:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            why = "is not a directory" if os.path.lexists(directory) else "does not exist"
+            raise ConfigError(f"{where}: cannot create the socket {path!r}: the directory {directory!r} {why}")
 
 
 def check_device(*, where: str, size: int, block_size: int, requested_size: int, page_size: int = 4096) -> None:
@@ -346,8 +366,10 @@ def check_device(*, where: str, size: int, block_size: int, requested_size: int,
         )
 
 
-def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path: str | None = None) -> list:
-    """Check every spec and return the DeviceConfigs, in device order."""
+def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path: str | None = None,
+                  need_directories: bool = False) -> list:
+    """Check every spec and return the DeviceConfigs, in device order;
+    ``need_directories``: see check_socket_path."""
     from vfiouser_vmem.server import DeviceConfig
 
     objects, devices = list(objects), list(devices)
@@ -383,7 +405,7 @@ def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path:
             raise ConfigError(f"{spec.where}: memdev {memdev!r} is already used by {used_memdevs[memdev]}")
         used_memdevs[memdev] = spec.where
         socket = _required_str(spec, "socket", "the vfio-user socket path QEMU connects to")
-        check_socket_path(socket, f"{spec.where}: socket")
+        check_socket_path(socket, f"{spec.where}: socket", need_directory=need_directories)
         key = os.path.abspath(socket)
         if key in sockets:
             raise ConfigError(f"{spec.where}: socket {socket!r} is already used by {sockets[key]}")

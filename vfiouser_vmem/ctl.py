@@ -5,9 +5,9 @@ Works against this server's QMP socket, and against a QEMU whose own
 
 Commands::
 
-    ctl [--qmp PATH] resize ID SIZE [--wait] [--timeout S]
-    ctl [--qmp PATH] info [--json]
-    ctl [--qmp PATH] watch [ID ...] [--count N] [--json]
+    ctl [--qmp PATH] [--qmp-timeout S] resize ID SIZE [--wait] [--timeout S]
+    ctl [--qmp PATH] [--qmp-timeout S] info [--json]
+    ctl [--qmp PATH] [--qmp-timeout S] watch [ID ...] [--count N] [--json]
 
 ``resize`` sets ``requested-size`` (``qom-set``).  With ``--wait`` it waits
 until the device's ``size`` (what the guest has plugged) equals the
@@ -25,7 +25,11 @@ limits these to one per second per device, always delivering the final
 size), for the given device ids or all; ``--count N`` stops after N lines;
 Ctrl-C or SIGTERM stops it (exit 0).  It says on stderr when it is subscribed.
 
-``--qmp`` defaults to ``$VFIOUSER_VMEM_QMP``.
+``--qmp`` defaults to ``$VFIOUSER_VMEM_QMP``.  ``--qmp-timeout S`` (default
+10) bounds the wait for the connection, the greeting and each reply; a peer
+that does not answer in time, answers something that is not QMP or closes
+mid-message is an error naming the socket (exit 1), never a traceback.  What
+the peer sent is shown escaped (logtext.printable).
 
 Exit codes: 0 success; 1 runtime error (QMP socket unreachable, a QMP
 error: its ``desc`` is printed); 2 bad usage; 3 ``resize --wait`` timed out.
@@ -40,9 +44,11 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from datetime import datetime
 from typing import Any, TextIO
 
+from vfiouser_vmem.logtext import printable
 from vfiouser_vmem.sizes import format_size
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -51,6 +57,10 @@ SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"
 #: second per device, so they alone would make the wait up to 1 s late.
 POLL_INTERVAL_S = 0.1
 MAX_LINE_BYTES = 16 << 20
+DEFAULT_QMP_TIMEOUT_S = 10.0
+#: Events kept while waiting for a reply (the oldest go first): a peer that
+#: floods events cannot make ctl grow without bound.
+MAX_QUEUED_EVENTS = 10_000
 
 
 class QmpError(Exception):
@@ -70,7 +80,7 @@ class QmpConnection:
     that arrive meanwhile are kept for :meth:`next_event`.
     """
 
-    def __init__(self, path: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, path: str, timeout_s: float = DEFAULT_QMP_TIMEOUT_S) -> None:
         self.path = path
         self.timeout_s = timeout_s
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,15 +90,21 @@ class QmpConnection:
         except OSError as exc:
             self.sock.close()
             raise QmpError(f"cannot connect to the QMP socket {path}: {exc.strerror or exc}") from None
-        self._buf = b""
+        self._buf = bytearray()
         self._next_id = 1
-        self.events: list[dict[str, Any]] = []
-        greeting = self._read(time.monotonic() + timeout_s)
-        if "QMP" not in greeting:
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED_EVENTS)
+        try:
+            try:
+                greeting = self._read(time.monotonic() + timeout_s)
+            except TimeoutError:
+                raise QmpError(f"no QMP greeting from {path} within {timeout_s:g} s") from None
+            if "QMP" not in greeting:
+                raise QmpError(f"{path} does not speak QMP (first message: {printable(json.dumps(greeting), 200)})")
+            self.greeting = greeting
+            self.execute("qmp_capabilities")
+        except BaseException:
             self.close()
-            raise QmpError(f"{path} does not speak QMP (first message: {json.dumps(greeting)[:200]})")
-        self.greeting = greeting
-        self.execute("qmp_capabilities")
+            raise
 
     def close(self) -> None:
         self.sock.close()
@@ -101,7 +117,25 @@ class QmpConnection:
 
     def _read(self, deadline: float | None) -> dict[str, Any]:
         """The next message; TimeoutError at ``deadline`` (None: wait forever)."""
-        while b"\n" not in self._buf:
+        while True:
+            line = self._read_line(deadline)
+            if line.strip():  # blank lines are skipped (in a loop: there may be many)
+                break
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
+            raise QmpError(f"the QMP server at {self.path} sent something that is not JSON: "
+                           f"{printable(line, 200)}") from None
+        if not isinstance(message, dict):
+            raise QmpError(f"the QMP server at {self.path} sent something that is not a JSON object: "
+                           f"{printable(line, 200)}")
+        return message
+
+    def _read_line(self, deadline: float | None) -> bytes:
+        buf = self._buf
+        scanned = 0
+        while (end := buf.find(b"\n", scanned)) < 0:
+            scanned = len(buf)  # look at each byte once, however the line arrives
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -119,19 +153,12 @@ class QmpConnection:
                 raise QmpError(f"QMP connection to {self.path} failed: {exc.strerror or exc}") from None
             if not data:
                 raise QmpError(f"the QMP server at {self.path} closed the connection")
-            self._buf += data
-            if len(self._buf) > MAX_LINE_BYTES:
-                raise QmpError("QMP message too long")
-        line, self._buf = self._buf.split(b"\n", 1)
-        if not line.strip():
-            return self._read(deadline)
-        try:
-            message = json.loads(line)
-        except ValueError:
-            raise QmpError(f"the QMP server sent something that is not JSON: {line[:200]!r}") from None
-        if not isinstance(message, dict):
-            raise QmpError(f"the QMP server sent something that is not a JSON object: {line[:200]!r}")
-        return message
+            buf += data
+            if len(buf) > MAX_LINE_BYTES:
+                raise QmpError(f"the QMP server at {self.path} sent a message longer than {MAX_LINE_BYTES} bytes")
+        line = bytes(buf[:end])
+        del buf[:end + 1]
+        return line
 
     def execute(self, command: str, **arguments: Any) -> Any:
         """Run a command; its ``return`` value, or QmpError with its desc."""
@@ -149,7 +176,8 @@ class QmpConnection:
             try:
                 reply = self._read(deadline)
             except TimeoutError:
-                raise QmpError(f"no reply to {command} within {self.timeout_s:.0f} s") from None
+                raise QmpError(f"no reply to {command} from the QMP server at {self.path} "
+                               f"within {self.timeout_s:g} s") from None
             if "event" in reply:
                 self.events.append(reply)
                 continue
@@ -157,13 +185,16 @@ class QmpConnection:
                 continue  # not ours (cannot happen on a connection of our own)
             if "error" in reply:
                 error = reply["error"]
+                if not isinstance(error, dict):
+                    raise QmpError(f"the QMP server at {self.path} sent a malformed error reply: "
+                                   f"{printable(json.dumps(reply), 200)}")
                 raise QmpError(str(error.get("desc", error)), str(error.get("class", "")))
             return reply.get("return")
 
     def next_event(self, timeout_s: float | None) -> dict[str, Any] | None:
         """The next event, or None after ``timeout_s`` (None: wait forever)."""
         if self.events:
-            return self.events.pop(0)
+            return self.events.popleft()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
@@ -204,16 +235,16 @@ def format_table(devices: list[dict[str, Any]]) -> str:
         data = entry.get("data", {})
         total += int(data.get("size", 0))
         memaddr = data.get("memaddr")
-        rows.append([
-            str(data.get("id", "")),
-            str(entry.get("type", "")),
+        rows.append([  # the names come from the peer: escaped
+            printable(data.get("id", "")),
+            printable(entry.get("type", "")),
             human(int(data.get("size", 0))),
             human(int(data.get("requested-size", 0))),
             human(int(data.get("max-size", 0))),
             human(int(data.get("block-size", 0))),
-            str(data.get("node", "")),
+            printable(data.get("node", "")),
             "-" if not memaddr else f"{memaddr:#x}",
-            str(data.get("memdev", "")),
+            printable(data.get("memdev", "")),
             _state(data),
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -229,7 +260,7 @@ def format_event(event: dict[str, Any]) -> str:
     when = datetime.fromtimestamp(stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6)
     data = event.get("data", {})
     size = int(data.get("size", 0))
-    return f"{when.isoformat(timespec='milliseconds')} {data.get('id', '?')} size {human(size)} ({size})"
+    return f"{when.isoformat(timespec='milliseconds')} {printable(data.get('id', '?'))} size {human(size)} ({size})"
 
 
 # ---------------------------------------------------------------------------
@@ -330,7 +361,7 @@ def run(args: Any, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
         print("vfiouser-vmem ctl: error: --qmp PATH is required (or set VFIOUSER_VMEM_QMP)", file=err)
         return EXIT_USAGE
     try:
-        with QmpConnection(qmp_path) as qmp:
+        with QmpConnection(qmp_path, getattr(args, "qmp_timeout", DEFAULT_QMP_TIMEOUT_S)) as qmp:
             if args.ctl_command == "resize":
                 return resize(qmp, args.id, args.size, wait=args.wait, timeout_s=args.timeout, out=out, err=err)
             if args.ctl_command == "info":
@@ -342,7 +373,8 @@ def run(args: Any, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
                 signal.signal(signal.SIGTERM, _interrupt)
                 return watch(qmp, args.ids, count=args.count, as_json=args.json, out=out, err=err)
     except QmpError as exc:
-        print(f"vfiouser-vmem ctl: {exc.desc}", file=err)
+        # The desc comes from the peer: escaped, so that it cannot drive the terminal.
+        print(f"vfiouser-vmem ctl: {printable(exc.desc)}", file=err)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK

@@ -35,6 +35,15 @@ The listen address: ``HOST:PORT``, ``:PORT`` (host 127.0.0.1) or
 ``localhost``) are accepted unless remote access is allowed explicitly: the
 metrics are not secret, but nothing authenticates the scraper.  Port 0 picks
 a free port (the server reports the one it got).
+
+Limits (no input can freeze the server or make it grow without bound): a
+request head may be at most ``MAX_REQUEST_HEAD_BYTES`` (16 KiB; 431 beyond);
+reading it and writing the response each have ``REQUEST_TIMEOUT_S`` (10 s;
+a head not complete by then gets 408, a response not taken by then is
+dropped with the connection); at most ``MAX_CONNECTIONS`` (32) connections
+are open: a new one closes the oldest (a WARNING names its peer), so that a
+scraper always gets through.  A malformed ``Accept`` header gets the default
+text format.
 """
 
 from __future__ import annotations
@@ -58,7 +67,10 @@ DURATION_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 
                     0.1, 0.25, 1.0, float("inf"))
 
 MAX_REQUEST_HEAD_BYTES = 16 << 10
+#: For reading a request head, and again for writing the response.
 REQUEST_TIMEOUT_S = 10.0
+#: Open connections at most; the oldest is closed for a new one.
+MAX_CONNECTIONS = 32
 
 
 class MetricsAddressError(ValueError):
@@ -172,6 +184,12 @@ class MetricsExporter:
                                    buckets=DURATION_BUCKETS, registry=self.registry)
         #: (host, port) actually listened on, once serving.
         self.address: tuple[str, int] | None = None
+        #: The open connections, oldest first: their cancel scopes and peers.
+        self._connections: dict[trio.CancelScope, Any] = {}
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
 
     def add_device(self, server: Any) -> None:
         """Export a DeviceServer (its transport must exist)."""
@@ -193,8 +211,15 @@ class MetricsExporter:
         return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        try:
+            encoder, content_type = choose_encoder(accept)
+            return encoder(self.registry), content_type
+        except Exception:
+            # prometheus_client fails on some malformed Accept headers (e.g.
+            # "application/openmetrics-text; version=abc": TypeError): a
+            # client's header must not cost it its answer.
+            encoder, content_type = choose_encoder("")
+            return encoder(self.registry), content_type
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -213,24 +238,53 @@ class MetricsExporter:
                 await listener.aclose()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        scope = trio.CancelScope()
+        if len(self._connections) >= MAX_CONNECTIONS:
+            oldest, peer = next(iter(self._connections.items()))
+            log.warning("metrics: %d connections open, the limit: closing the oldest (from %s)",
+                        len(self._connections), peer)
+            del self._connections[oldest]
+            oldest.cancel()
         try:
-            async with stream:
-                head = b""
-                with trio.move_on_after(REQUEST_TIMEOUT_S):
-                    while b"\r\n\r\n" not in head and b"\n\n" not in head:
-                        data = await stream.receive_some(4096)
-                        if not data:
-                            break
-                        head += data
-                        if len(head) > MAX_REQUEST_HEAD_BYTES:
-                            await self._reply(stream, 431, b"request head too large\n")
-                            return
-                status, body, content_type = self._respond(head)
-                await self._reply(stream, status, body, content_type, head_only=head.startswith(b"HEAD "))
+            peer = stream.socket.getpeername()
+        except OSError:
+            peer = "?"
+        self._connections[scope] = peer
+        try:
+            with scope:
+                async with stream:
+                    await self._exchange(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
             log.exception("metrics request failed")
+        finally:
+            self._connections.pop(scope, None)
+
+    async def _exchange(self, stream: trio.SocketStream) -> None:
+        head = bytearray()
+        with trio.move_on_after(REQUEST_TIMEOUT_S) as reading:
+            while True:
+                # Look for the end of the head only where it can be: in the
+                # new data and the 3 bytes before it (a slow client sends it
+                # byte by byte).
+                start = max(0, len(head) - 3)
+                data = await stream.receive_some(4096)
+                if not data:
+                    break
+                head += data
+                if head.find(b"\r\n\r\n", start) >= 0 or head.find(b"\n\n", start) >= 0:
+                    break
+                if len(head) > MAX_REQUEST_HEAD_BYTES:
+                    with trio.move_on_after(REQUEST_TIMEOUT_S):
+                        await self._reply(stream, 431, b"request head too large\n")
+                    return
+        with trio.move_on_after(REQUEST_TIMEOUT_S):  # a client that does not read is dropped
+            if reading.cancelled_caught:
+                await self._reply(stream, 408, b"request not received in time\n")
+                return
+            status, body, content_type = self._respond(bytes(head))
+            await self._reply(stream, status, body, content_type, head_only=head.startswith(b"HEAD "))
 
     def _respond(self, head: bytes) -> tuple[int, bytes, str]:
         lines = head.decode("latin-1").splitlines()
@@ -255,7 +309,7 @@ class MetricsExporter:
     async def _reply(stream: trio.SocketStream, status: int, body: bytes, content_type: str = "text/plain",
                      *, head_only: bool = False) -> None:
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  431: "Request Header Fields Too Large"}[status]
+                  408: "Request Timeout", 431: "Request Header Fields Too Large"}[status]
         headers = [f"HTTP/1.0 {status} {reason}", f"Content-Type: {content_type}",
                    f"Content-Length: {len(body)}", "Connection: close"]
         if status == 405:

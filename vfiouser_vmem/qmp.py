@@ -2,7 +2,7 @@
 
 Speaks the same JSON as QEMU (docs/interop/qmp-spec.rst) for the things this
 device does, so that QEMU's own tools (``qemu.qmp``'s ``QMPClient``,
-``qmp-shell``) drive it unchanged (DESIGN.md section 6).
+``qmp-shell``) drive it unchanged (docs/design.md, "The interface contract").
 
 Session
     On connect the server sends a greeting ``{"QMP": {"version": {"qemu":
@@ -33,7 +33,14 @@ Framing
     the stream on JSON structure, never on lines.  Every message the server
     sends is one line of JSON ending with ``"\\n"``.  A reply carries the
     ``id`` member of the command it answers whenever the command had one
-    (any JSON value).
+    (any JSON value).  Numbers out of a double's range (``1e999``, which
+    Python reads as inf) are refused where they are read, like ``NaN``
+    ("JSON parse error, number 1e999 is out of range"): no reply could carry
+    them back.  Lone surrogates (``"\\ud800"``) are taken and sent back as
+    escapes (replies are ASCII).  A request whose ``id`` cannot be encoded
+    after all is refused before its command runs ("QMP input member 'id'
+    cannot be sent back in a reply: ...", without the id): nothing a client
+    sends can make the encoding of a reply fail.
 
 Errors
     Every error is ``{"error": {"class": ..., "desc": ...}}`` (plus ``id``)
@@ -48,8 +55,15 @@ Errors
     message as desc: ``control.PropertyNotFound`` (default text "Property
     '<id>.<prop>' not found"), ``control.PropertyReadOnly`` (default
     "Property '<id>.<prop>' is not writable"), ``ValueError``, ``TypeError``.
+    The server's devices (server.ControlledVmem) give QEMU's own texts,
+    which name the QOM type: "Property 'virtio-mem-pci.<prop>' not found" /
+    "... is not writable" (qom/object.c), "Parameter '<prop>' expects
+    uint64" (out of a uint64's range, qobject-input-visitor.c) and
+    "Parameter '<prop>' expects uint32_t" (qapi-visit-core.c).
     Any other exception from a device is a bug: it is logged with its
     traceback and answered with a GenericError "Internal error: ...".
+    Consecutive parse errors in one read are one reply: the first error's
+    text, then "(and N more JSON parse errors after it)".
 
 Limits
     A single input message may be at most ``max_message_bytes`` (default 1
@@ -61,10 +75,26 @@ Limits
     Memory per client is therefore bounded by the limit plus one read.
 
     Each client has a bounded queue of outgoing messages
-    (``max_queued_messages``, default 256).  Replies wait for room (the
-    client that does not read its replies only stalls itself); an event that
-    finds a client's queue full disconnects that client, with a WARNING log
-    line, so that a stuck client never delays anyone else.
+    (``max_queued_messages``, default 256, and ``DEFAULT_MAX_QUEUED_BYTES``,
+    4 MiB, besides the message that passes it).  Replies wait for room (the
+    client that does not read its replies only stalls itself: the server
+    stops reading it); an event that finds a client's queue full disconnects
+    that client, with a WARNING log line, so that a stuck client never
+    delays anyone else.
+
+    At most ``max_clients`` connections (default 64, ``serve
+    --qmp-max-clients N``, TOML ``qmp-max-clients``).  A new client is still
+    greeted at once: to make room the server disconnects the client idle
+    the longest (no input for the longest time), one still in capabilities
+    negotiation first, with a WARNING naming it.
+
+    Input is consumed in time linear in its size whatever it holds: the
+    splitter never deletes from the front of its buffer per message, makes
+    progress on every byte, and lets other clients run between the messages
+    of a read.  Refused inputs and commands are logged at most 10 times per
+    client per 10 s; the rest are counted, and the count is logged.  Text
+    from clients (command names, paths, quoted input) is escaped and cut in
+    log lines (logtext.printable); the replies keep it.
 
 Events
     ``MEMORY_DEVICE_SIZE_CHANGE`` ``{"id", "size", "qom-path"}`` with a
@@ -95,7 +125,8 @@ Socket
     one it created.
 
 Logging goes to the ``vfiouser_vmem.qmp`` logger: INFO for each refused
-command (what and why), WARNING for clients disconnected for not reading.
+command (what and why; rate-limited per client), WARNING for clients
+disconnected for not reading or to make room for a new client.
 """
 
 from __future__ import annotations
@@ -103,6 +134,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import socket as _stdlib_socket
@@ -118,6 +150,7 @@ import trio
 
 from . import __version__
 from .control import ControlledDevice, PropertyNotFound, PropertyReadOnly
+from .logtext import printable
 
 __all__ = [
     "QEMU_VERSION",
@@ -134,10 +167,20 @@ QEMU_VERSION = (11, 1, 0)
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 MAX_NESTING = 1024
 DEFAULT_MAX_QUEUED_MESSAGES = 256
+#: What may wait for one client in bytes (besides the message that passes
+#: it): replies can quote a request of up to max_message_bytes.
+DEFAULT_MAX_QUEUED_BYTES = 4 << 20
+DEFAULT_MAX_CLIENTS = 64
 #: After a client closed its sending side, how long we keep trying to deliver
 #: replies still queued for it.
 _DRAIN_TIMEOUT_S = 5.0
 _READ_SIZE = 65536
+#: Refused inputs and commands are logged at most _LOG_BURST times per client
+#: per _LOG_WINDOW_S; the others are counted, and the count is logged when a
+#: later line may go out or the client leaves: one client sending bad
+#: requests cannot flood the log.
+_LOG_BURST = 10
+_LOG_WINDOW_S = 10.0
 _SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"
 _PERIPHERAL = "/machine/peripheral/"
 
@@ -167,15 +210,42 @@ class _Oversize:
 
 
 class _ParseError:
+    """Input that is not JSON; ``more`` counts the errors right after it in
+    the same read, coalesced into this one (one reply, one log line): a
+    stream of garbage costs a reply per read, not one per byte."""
+
+    __slots__ = ("first", "more")
+
     def __init__(self, desc: str) -> None:
-        self.desc = desc
+        self.first = desc
+        self.more = 0
+
+    @property
+    def desc(self) -> str:
+        if not self.more:
+            return self.first
+        return f"{self.first} (and {self.more} more JSON parse error{'s' if self.more > 1 else ''} after it)"
 
 
-_WS = b" \t\r\n"
+def _add_item(out: list[Any], item: Any) -> None:
+    """Append a splitter result, coalescing a parse error into the one before it."""
+    if type(item) is _ParseError and out and type(out[-1]) is _ParseError:
+        out[-1].more += 1 + item.more
+    else:
+        out.append(item)
+
+
+# JSON's whitespace is these four bytes only (RFC 8259), in all three: with
+# ``\s`` (which adds \x0b and \x0c) a token ended on the byte that began it.
 _STRUCT_RE = re.compile(rb'[{}\[\]"]')
 _STRING_RE = re.compile(rb'["\\]')
-_TOKEN_END_RE = re.compile(rb'[\s{}\[\]",:]')
+_TOKEN_END_RE = re.compile(rb'[ \t\r\n{}\[\]",:]')
 _NON_WS_RE = re.compile(rb"[^ \t\r\n]")
+#: A run of stray characters (and whitespace) at top level: one match, one error.
+_STRAY_RUN_RE = re.compile(rb"[}\],: \t\r\n]*")
+#: What a bare token must look like to be JSON (a number, true, false, null);
+#: anything else is an error, without asking the decoder (see _complete).
+_SCALAR_RE = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null")
 
 _IDLE, _STRUCT, _TOKEN = 0, 1, 2
 
@@ -195,9 +265,21 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-#: What ``json.loads(text, object_pairs_hook=..., parse_constant=...)`` would
-#: build at every call, built once.
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    # Python reads 1e999 as inf, which JSON cannot carry back (the encoder
+    # refuses it): refuse it here, like NaN, so that no request holds a value
+    # whose reply (an echoed id, a desc quoting it) cannot be encoded.
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise ValueError(f"number {shown} is out of range")
+    return value
+
+
+#: What ``json.loads(text, object_pairs_hook=..., parse_constant=...,
+#: parse_float=...)`` would build at every call, built once.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                            parse_float=_finite_float)
 #: Its scanner: ``(value, end)`` of the JSON value at an index, as ``raw_decode``
 #: (which raises JSONDecodeError where this raises StopIteration).
 _SCAN_ONCE = _DECODER.scan_once
@@ -249,6 +331,8 @@ class _JsonStreamSplitter:
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.max_bytes = max_bytes
+        #: Unconsumed input: the current message (or what is left of it while
+        #: skipping) starts at offset 0 between feeds.
         self._buf = bytearray()
         self._scan = 0
         self._mode = _IDLE
@@ -257,7 +341,6 @@ class _JsonStreamSplitter:
         self._skipping = False
 
     def _reset(self) -> None:
-        self._scan = 0
         self._mode = _IDLE
         self._depth = 0
         self._in_string = False
@@ -265,18 +348,20 @@ class _JsonStreamSplitter:
     def _oversize(self) -> _Oversize:
         return _Oversize(f"JSON message size limit exceeded ({self.max_bytes} bytes)")
 
-    def _complete(self, end: int, out: list[Any]) -> None:
-        segment = bytes(self._buf[:end])
+    def _complete(self, start: int, end: int, out: list[Any]) -> None:
+        """The message in ``_buf[start:end]`` is complete."""
         bare = self._mode == _TOKEN
-        del self._buf[:end]
         self._reset()
         if self._skipping:
             self._skipping = False
             return
-        if len(segment) > self.max_bytes:
+        if end - start > self.max_bytes:
             out.append(self._oversize())
             return
-        out.append(_parse_message(segment, bare))
+        if bare and out and type(out[-1]) is _ParseError and not _SCALAR_RE.fullmatch(self._buf, start, end):
+            out[-1].more += 1  # coalesced: its text is never shown, do not build it
+            return
+        _add_item(out, _parse_message(self._buf[start:end], bare))
 
     def _parse_whole_objects(self, data: bytes, out: list[Any]) -> int:
         """The fast path, at a message boundary with nothing buffered: parse
@@ -320,27 +405,34 @@ class _JsonStreamSplitter:
             if consumed:
                 data = data[consumed:]
         buf += data
+        # Input is consumed by moving ``start`` (where the current message
+        # begins) and ``self._scan`` (how far it has been followed), never by
+        # deleting from the front of the buffer per message: that made a read
+        # of many small bad messages quadratic.  The buffer is compacted once,
+        # at the end.  Every turn of the loop moves one of them forward.
+        start = 0
         while True:
             if self._mode == _IDLE:
-                m = _NON_WS_RE.search(buf)
+                m = _NON_WS_RE.search(buf, start)
                 if m is None:
-                    buf.clear()
+                    start = len(buf)
                     break
-                del buf[: m.start()]
-                c = buf[0:1]
-                if c in (b"{", b"["):
-                    self._mode, self._depth, self._scan = _STRUCT, 1, 1
-                elif c == b'"':
-                    self._mode, self._depth, self._scan = _STRUCT, 0, 1
+                start = m.start()
+                c = buf[start]
+                if c == 0x7B or c == 0x5B:  # { [
+                    self._mode, self._depth, self._scan = _STRUCT, 1, start + 1
+                elif c == 0x22:  # "
+                    self._mode, self._depth, self._scan = _STRUCT, 0, start + 1
                     self._in_string = True
-                elif c in (b"}", b"]", b",", b":"):
-                    del buf[:1]
-                    if self._skipping:  # cannot happen: skipping ends with a message
-                        continue
-                    out.append(_ParseError(f"JSON parse error, stray '{c.decode()}'"))
+                elif c in b"}],:":
+                    end = _STRAY_RUN_RE.match(buf, start).end()
+                    error = _ParseError(f"JSON parse error, stray '{chr(c)}'")
+                    error.more = len(buf[start:end].translate(None, b" \t\r\n")) - 1
+                    _add_item(out, error)
+                    start = end
                     continue
-                else:
-                    self._mode, self._scan = _TOKEN, 0
+                else:  # a bare token: at least this byte, whatever it is
+                    self._mode, self._scan = _TOKEN, start + 1
             if self._in_string:
                 m = _STRING_RE.search(buf, self._scan)
                 if m is None:
@@ -355,7 +447,8 @@ class _JsonStreamSplitter:
                 self._in_string = False
                 self._scan = m.end()
                 if self._depth == 0:
-                    self._complete(self._scan, out)
+                    self._complete(start, self._scan, out)
+                    start = self._scan
                 continue
             if self._mode == _STRUCT:
                 m = _STRUCT_RE.search(buf, self._scan)
@@ -369,35 +462,35 @@ class _JsonStreamSplitter:
                 elif c in (b"{", b"["):
                     self._depth += 1
                     if self._depth > MAX_NESTING and not self._skipping:
-                        out.append(_ParseError("JSON nesting depth limit exceeded"))
-                        self._start_skipping()
+                        _add_item(out, _ParseError("JSON nesting depth limit exceeded"))
+                        self._skipping = True
+                        start = self._scan  # drop what is buffered of it
                 else:
                     self._depth -= 1
                     if self._depth == 0:
-                        self._complete(self._scan, out)
+                        self._complete(start, self._scan, out)
+                        start = self._scan
                 continue
             # _TOKEN: a bare scalar at top level, ends at a delimiter.
             m = _TOKEN_END_RE.search(buf, self._scan)
             if m is None:
                 self._scan = len(buf)
                 break
-            self._complete(m.start(), out)
-        # Out of data in the middle of a message.
+            self._complete(start, m.start(), out)
+            start = m.start()
+        # Out of data, possibly in the middle of a message.
         if self._mode != _IDLE:
             if self._skipping:
-                del buf[: self._scan]
-                self._scan = 0
-            elif len(buf) > self.max_bytes:
+                start = self._scan
+            elif len(buf) - start > self.max_bytes:
                 out.append(self._oversize())
-                self._start_skipping()
+                # Drop what is buffered of the message; keep following its
+                # structure so that its remainder is discarded as it arrives.
+                self._skipping = True
+                start = self._scan
+        del buf[:start]
+        self._scan -= start
         return out
-
-    def _start_skipping(self) -> None:
-        """Drop what is buffered of the current message; keep following its
-        structure so that its remainder is discarded as it arrives."""
-        self._skipping = True
-        del self._buf[: self._scan]
-        self._scan = 0
 
 
 # ---------------------------------------------------------------------------
@@ -474,24 +567,56 @@ class _Client:
 
     A message is written at once when nothing is queued before it; what the
     socket does not take waits in ``out`` (at most ``max_queued`` messages
-    besides the one being written) for the writer task.
+    and ``max_queued_bytes`` bytes besides the one being written) for the
+    writer task.
     """
 
-    __slots__ = ("_room_lot", "_writer_lot", "cancel_scope", "closed", "command_mode", "max_queued", "number",
-                 "out", "sock")
+    __slots__ = ("_log_count", "_log_dropped", "_log_window_end", "_room_lot", "_writer_lot", "cancel_scope",
+                 "closed", "command_mode", "last_input", "max_queued", "max_queued_bytes", "number", "out",
+                 "queued_bytes", "sock")
 
-    def __init__(self, number: int, sock: _stdlib_socket.socket, max_queued: int) -> None:
+    def __init__(self, number: int, sock: _stdlib_socket.socket, max_queued: int,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
         self.number = number
         self.sock = sock
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
         self.cancel_scope = trio.CancelScope()
         self.command_mode = False
-        #: Messages not yet (entirely) written, oldest first.
+        #: When input last came (trio time; the server sets it at accept):
+        #: who is idle the longest.
+        self.last_input = 0.0
+        #: Messages not yet (entirely) written, oldest first, and their size.
         self.out: deque[bytes | memoryview] = deque()
+        self.queued_bytes = 0
         #: No more messages are taken (the session is ending, or the socket broke).
         self.closed = False
         self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits for messages
         self._room_lot = trio.lowlevel.ParkingLot()  # replies wait for room
+        self._log_window_end = 0.0
+        self._log_count = 0
+        self._log_dropped = 0
+
+    def may_log(self) -> bool:
+        """Whether a refused input or command of this client may be logged
+        now (_LOG_BURST per _LOG_WINDOW_S); if not, it is counted."""
+        now = time.monotonic()
+        if now >= self._log_window_end:
+            self.log_dropped()
+            self._log_window_end = now + _LOG_WINDOW_S
+            self._log_count = 0
+        if self._log_count < _LOG_BURST:
+            self._log_count += 1
+            return True
+        self._log_dropped += 1
+        return False
+
+    def log_dropped(self) -> None:
+        """Log how many lines may_log held back, if any."""
+        if self._log_dropped:
+            log.info("QMP client %d: %d more refused inputs or commands were not logged", self.number,
+                     self._log_dropped)
+            self._log_dropped = 0
 
     def queue_nowait(self, data: bytes) -> bool:
         """Write or queue without waiting; False when the queue is full."""
@@ -499,9 +624,10 @@ class _Client:
             return True
         out = self.out
         if out:
-            if len(out) > self.max_queued:
+            if len(out) > self.max_queued or self.queued_bytes > self.max_queued_bytes:
                 return False
             out.append(data)
+            self.queued_bytes += len(data)
             return True
         try:
             sent = self.sock.send(data)
@@ -512,6 +638,7 @@ class _Client:
             return True
         if sent < len(data):
             out.append(memoryview(data)[sent:])
+            self.queued_bytes += len(data) - sent
             self._writer_lot.unpark()
         return True
 
@@ -529,6 +656,7 @@ class _Client:
         """The socket failed: drop what is queued, end the session."""
         self.closed = True
         self.out.clear()
+        self.queued_bytes = 0
         self.cancel_scope.cancel()
         self._writer_lot.unpark_all()
         self._room_lot.unpark_all()
@@ -552,6 +680,7 @@ class _Client:
                 except OSError:
                     self.broken()
                     return
+                self.queued_bytes -= sent
                 if sent < len(head):
                     out[0] = memoryview(head)[sent:]
                     break
@@ -572,8 +701,13 @@ _ENCODER = json.JSONEncoder(allow_nan=False)
 _EMPTY_RETURN = b'{"return": {}}\n'
 
 
-def _encode(message: Mapping[str, Any]) -> bytes:
-    return (_ENCODER.encode(message) + "\n").encode("utf-8")
+def _encode(message: Mapping[str, Any], id_json: str | None = None) -> bytes:
+    """One line of JSON; ``id_json``: the encoded ``id`` to add as the last
+    member (what encoding the message with it would write)."""
+    text = _ENCODER.encode(message)
+    if id_json is not None:
+        text = f'{text[:-1]}, "id": {id_json}}}'
+    return (text + "\n").encode("utf-8")
 
 
 def _encode_return(result: Any) -> bytes:
@@ -607,17 +741,19 @@ class QmpServer:
         event_interval_s: float = 1.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
     ) -> None:
         if event_interval_s < 0:
             raise ValueError("event_interval_s must be >= 0")
-        if max_message_bytes < 1 or max_queued_messages < 1:
-            raise ValueError("max_message_bytes and max_queued_messages must be >= 1")
+        if max_message_bytes < 1 or max_queued_messages < 1 or max_clients < 1:
+            raise ValueError("max_message_bytes, max_queued_messages and max_clients must be >= 1")
         self._devices = devices
         self._extra_devices: dict[str, ControlledDevice] = {}
         self.version = version
         self.event_interval_s = event_interval_s
         self.max_message_bytes = max_message_bytes
         self.max_queued_messages = max_queued_messages
+        self.max_clients = max_clients
 
         self._serving = False
         self._nursery: trio.Nursery | None = None
@@ -626,6 +762,7 @@ class QmpServer:
         self._unsubscribe: dict[str, Callable[[], None]] = {}
         self._throttles: dict[str, _Throttle] = {}
         self._clients: set[_Client] = set()  # clients in command mode
+        self._connections: set[_Client] = set()  # every client, at most max_clients
         self._next_client = 1
         #: Command name -> handler(client, checked arguments); the keys are _COMMAND_ARGS's.
         self._handlers: dict[str, Callable[[_Client, dict[str, Any]], Any]] = {
@@ -772,7 +909,8 @@ class QmpServer:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise QmpSocketInUse(errno.EEXIST, "QMP socket path is already in use", path) from exc
-                raise
+                # bind()'s errors do not name the path: say which socket failed.
+                raise OSError(exc.errno, f"cannot listen on the QMP socket {path}: {exc.strerror or exc}") from None
             st = os.lstat(path)
             identity = (st.st_dev, st.st_ino)
             os.chmod(path, 0o600)
@@ -801,6 +939,7 @@ class QmpServer:
             self._unsubscribe_all()
             self._throttles.clear()
             self._clients.clear()
+            self._connections.clear()
             sock.close()
             _remove_if_same(path, identity)
             log.info("QMP stopped listening on %s", path)
@@ -815,8 +954,12 @@ class QmpServer:
             log.exception("QMP: could not take a new connection")
             return
         client = _Client(self._next_client, sock, self.max_queued_messages)
+        client.last_input = trio.current_time()
         self._next_client += 1
         log.debug("QMP client %d connected", client.number)
+        if len(self._connections) >= self.max_clients:
+            self._evict()
+        self._connections.add(client)
         try:
             sock.setblocking(False)
             with client.cancel_scope:
@@ -835,10 +978,29 @@ class QmpServer:
             log.exception("QMP client %d: internal error, closing the connection", client.number)
         finally:
             self._clients.discard(client)
+            self._connections.discard(client)
             client.closed = True
             trio.lowlevel.notify_closing(sock)
             sock.close()
+            client.log_dropped()
             log.debug("QMP client %d disconnected", client.number)
+
+    def _evict(self) -> None:
+        """Make room for a new client: close the one idle the longest,
+        preferring one still negotiating capabilities (a connection that
+        never became a session).  Its task ends at its next checkpoint; it
+        no longer counts at once."""
+        victim = min(self._connections, key=lambda c: (c.command_mode, c.last_input, c.number))
+        log.warning(
+            "QMP: %d clients connected, the limit (--qmp-max-clients): disconnecting client %d "
+            "(%sidle %.1f s) to serve a new one",
+            len(self._connections), victim.number,
+            "" if victim.command_mode else "still negotiating capabilities, ",
+            trio.current_time() - victim.last_input,
+        )
+        self._connections.discard(victim)
+        self._clients.discard(victim)
+        victim.broken()
 
     async def _read_loop(self, client: _Client) -> None:
         splitter = _JsonStreamSplitter(self.max_message_bytes)
@@ -855,6 +1017,7 @@ class QmpServer:
                 return
             if not data:
                 return
+            client.last_input = trio.current_time()
             first = True
             for item in splitter.feed(data):
                 if first:
@@ -862,8 +1025,10 @@ class QmpServer:
                 else:  # many commands in one read: let the devices run between them
                     await trio.lowlevel.checkpoint()
                 if isinstance(item, (_ParseError, _Oversize)):
-                    log.info("QMP client %d: refused input: %s", client.number, item.desc)
-                    reply = _encode({"error": {"class": "GenericError", "desc": item.desc}})
+                    desc = item.desc
+                    if client.may_log():
+                        log.info("QMP client %d: refused input: %s", client.number, printable(desc))
+                    reply = _encode({"error": {"class": "GenericError", "desc": desc}})
                 else:
                     reply = self._dispatch(client, item)
                 if not client.queue_nowait(reply):
@@ -873,6 +1038,20 @@ class QmpServer:
 
     def _dispatch(self, client: _Client, request: Any) -> bytes:
         """Run one request; return its encoded reply (with the request's id)."""
+        id_json = None
+        if type(request) is dict and "id" in request:
+            # Encoded first and once: every reply can then carry it (the
+            # encoder is ASCII-only, so lone surrogates are escapes, and the
+            # parser refused non-finite numbers); one it cannot encode after
+            # all is refused before the command runs.
+            try:
+                id_json = _ENCODER.encode(request["id"])
+            except (ValueError, TypeError, RecursionError) as exc:
+                if client.may_log():
+                    log.info("QMP client %d: refused %s: its id cannot be sent back: %s", client.number,
+                             _describe_request(request), exc)
+                return _encode({"error": {"class": "GenericError",
+                                          "desc": f"QMP input member 'id' cannot be sent back in a reply: {exc}"}})
         try:
             name, arguments = self._check_request(request)
             if not client.command_mode and name != "qmp_capabilities":
@@ -881,18 +1060,19 @@ class QmpServer:
             if handler is None:
                 raise _QmpError(f"The command {name} has not been found", "CommandNotFound")
             result = handler(client, _check_arguments(name, arguments))
-            if "id" in request:
-                return _encode({"return": result, "id": request["id"]})
+            if id_json is not None:
+                return _encode({"return": result}, id_json)
             return _encode_return(result)  # raises if a device returned something JSON cannot carry
         except _QmpError as exc:
-            log.info("QMP client %d: refused %s: %s", client.number, _describe_request(request), exc.desc)
+            if client.may_log():
+                log.info("QMP client %d: refused %s: %s", client.number, _describe_request(request),
+                         printable(exc.desc))
             reply = {"error": {"class": exc.error_class, "desc": exc.desc}}
         except Exception as exc:
-            log.exception("QMP client %d: %s failed", client.number, _describe_request(request))
+            if client.may_log():
+                log.exception("QMP client %d: %s failed", client.number, _describe_request(request))
             reply = {"error": {"class": "GenericError", "desc": f"Internal error: {exc}"}}
-        if isinstance(request, dict) and "id" in request:
-            reply["id"] = request["id"]
-        return _encode(reply)
+        return _encode(reply, id_json)
 
     @staticmethod
     def _check_request(request: Any) -> tuple[str, dict[str, Any]]:
@@ -978,9 +1158,9 @@ def _property_error(exc: Exception, device: ControlledDevice, prop: str) -> _Qmp
 
 
 def _describe_request(request: Any) -> str:
-    """How log lines name a request."""
+    """How log lines name a request (the name escaped: it is client text)."""
     execute = request.get("execute") if isinstance(request, dict) else None
-    return f"command {execute!r}" if isinstance(execute, str) else "a malformed request"
+    return f"command '{printable(execute)}'" if isinstance(execute, str) else "a malformed request"
 
 
 # ---------------------------------------------------------------------------

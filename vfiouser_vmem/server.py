@@ -302,8 +302,8 @@ class DeviceServer:
                                  region.iova + region.length, why)
                 memory.add(region.iova + reachable, region.length - reachable, None, why)
             return
-        # QEMU maps the device's own BAR back to us without an fd (DESIGN.md
-        # section 2), and the memory BARs of the other devices of this
+        # QEMU maps the device's own BAR back to us without an fd (docs/design.md,
+        # "Memory through the BAR"), and the memory BARs of the other devices of this
         # process too; reach them through our own mapping of their backend.
         for server in (self, *self.siblings):
             bar_addr = server.transport.memory_bar_addr
@@ -540,6 +540,12 @@ class DeviceServer:
 class ControlledVmem:
     """A DeviceServer as the control plane sees it (control.ControlledDevice)."""
 
+    #: The QOM type QEMU's property errors name, "Property 'TYPE.NAME' ..."
+    #: (qom/object.c, object_get_typename): the device users add in QEMU.
+    QOM_TYPE = "virtio-mem-pci"
+    _UINT32_MAX = (1 << 32) - 1
+    _UINT64_MAX = (1 << 64) - 1
+
     def __init__(self, server: DeviceServer) -> None:
         self.server = server
         self.id = server.config.id
@@ -573,13 +579,15 @@ class ControlledVmem:
     def qom_get(self, prop: str) -> Any:
         props = self._props()
         if prop not in props:
-            raise PropertyNotFound(f"Property '{self.id}.{prop}' not found")
+            raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
         return props[prop][1]()
 
     def qom_set(self, prop: str, value: Any) -> None:
         if prop == "requested-size":
-            # Like QEMU, an integer only: "1G" is the CLI's job.
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            # Like QEMU, an integer only: "1G" is the CLI's job; and one a
+            # uint64 holds (qobject-input-visitor.c: "Parameter '%s' expects
+            # uint64"), not a size the device then calls too large.
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self._UINT64_MAX:
                 raise TypeError(f"Parameter 'requested-size' expects uint64 (a byte count), got {value!r}")
             old = self.server.model.requested_size
             self.server.model.set_requested_size(value)
@@ -600,17 +608,22 @@ class ControlledVmem:
             return
         if prop == "x-fail-discards":
             # Like QEMU's x- properties: for testing, not a stable interface.
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise TypeError(f"Parameter 'x-fail-discards' expects uint32, got {value!r}")
+            # A uint32 property: QEMU's visit_type_uint32 refuses what is
+            # outside 0..2^32-1 with "Parameter '%s' expects uint32_t"
+            # (qapi/qapi-visit-core.c).
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self._UINT32_MAX:
+                raise TypeError(f"Parameter 'x-fail-discards' expects uint32_t (0 to {self._UINT32_MAX}), "
+                                f"got {value!r}")
             self.server.fail_discards = value
             log.warning("%s: the next %d discard(s) will fail (x-fail-discards)", self.id, value)
             if value == 0:
                 # The injected trouble is over: retry a failed range now.
                 self.server.discards.retry_now()
             return
+        # qom/object.c (object_property_set, object_property_find_err).
         if prop in self._props():
-            raise PropertyReadOnly(f"Property '{self.id}.{prop}' is read-only")
-        raise PropertyNotFound(f"Property '{self.id}.{prop}' not found")
+            raise PropertyReadOnly(f"Property '{self.QOM_TYPE}.{prop}' is not writable")
+        raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
 
     def qom_list(self) -> list[dict[str, str]]:
         return [{"name": name, "type": typ} for name, (typ, _) in self._props().items()]
@@ -641,13 +654,16 @@ def share_socket_with_group(path: str, gid: int) -> None:
 
 
 async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[], None] | None = None,
-                metrics: Any = None, socket_group: int | None = None) -> None:
+                metrics: Any = None, socket_group: int | None = None,
+                qmp_max_clients: int | None = None) -> None:
     """Run the devices and the QMP server until SIGTERM/SIGINT.
 
     ``metrics``: a ``metrics.MetricsExporter`` to serve beside them (it gets
     every DeviceServer, and listens before ``ready`` is called).
     ``socket_group``: a gid; the vfio-user and QMP sockets are then 0660 and
-    owned by that group instead of 0600."""
+    owned by that group instead of 0600.
+    ``qmp_max_clients``: at most this many QMP connections (QmpServer's
+    default otherwise)."""
     from vfiouser_vmem.qmp import QmpServer
 
     servers: list[DeviceServer] = []
@@ -659,7 +675,8 @@ async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[
         for s in servers:
             s.siblings = [other for other in servers if other is not s]
         controlled = {s.config.id: ControlledVmem(s) for s in servers}
-        qmp = QmpServer(controlled, version=__version__)
+        qmp = QmpServer(controlled, version=__version__,
+                        **({} if qmp_max_clients is None else {"max_clients": qmp_max_clients}))
         if metrics is not None:
             for s in servers:
                 metrics.add_device(s)

@@ -1,0 +1,25 @@
+"""Rules about the repository itself."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_project_stands_on_its_own() -> None:
+    # Its docs say what it does and why (docs/design.md); no file points at
+    # a page outside the repository for it.
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    outside = ("DESIGN" + ".md", "../" + "shared")  # split, so that this file does not match itself
+    offenders = []
+    for name in files.decode().split("\0"):
+        path = REPO / name
+        if not name or not path.is_file():
+            continue
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if any(word in line for word in outside):
+                offenders.append(f"{name}:{lineno}: {line.strip()[:100]}")
+    assert offenders == []
