@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
+
+#: The server's command, from the venv the tests run in.
+EXE = [os.path.join(os.path.dirname(sys.executable), "vfiouser-vmem")]
 
 
 def terminate(proc: subprocess.Popen, timeout_s: float = 20) -> tuple[int, str]:
@@ -17,3 +22,15 @@ def terminate(proc: subprocess.Popen, timeout_s: float = 20) -> tuple[int, str]:
         proc.kill()
         _, err = proc.communicate()
     return proc.returncode, err
+
+
+def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
+    """``vfiouser-vmem serve ARGS`` as a child, once it says it is ready;
+    returns it and its first line (AssertionError with its stderr if it
+    did not start)."""
+    proc = subprocess.Popen([*EXE, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_line = proc.stdout.readline()
+    if "ready" not in first_line:
+        rc, err = terminate(proc)
+        raise AssertionError(f"serve did not start ({rc}): {first_line!r}\n{err}")
+    return proc, first_line

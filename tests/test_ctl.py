@@ -30,7 +30,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from proc_util import terminate
+from proc_util import start_serve, terminate
 from vfio_user_client import VfioUserClient
 from virtio_driver import ACK, DEFAULT_BAR_ADDR, VirtioMemDriver
 
@@ -48,19 +48,16 @@ class ServedDevices:
         self.tmp = tmp
         self.qmp = str(tmp / "q")
         self.sockets = {"vm0": str(tmp / "vm0.sock"), "vm1": str(tmp / "vm1.sock")}
-        self.proc = subprocess.Popen(
-            [*EXE, "serve", "--qmp", self.qmp, "--metrics", "127.0.0.1:0",
-             "--object", "memory-backend-memfd,id=mem0,size=1G",
-             "--device", f"virtio-mem,id=vm0,memdev=mem0,socket={self.sockets['vm0']}",
-             "--object", "memory-backend-memfd,id=mem1,size=512M",
-             "--device", f"driver=virtio-mem,id=vm1,memdev=mem1,socket={self.sockets['vm1']},node=1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        self.first_line = self.proc.stdout.readline()
+        self.proc, self.first_line = start_serve(
+            "--qmp", self.qmp, "--metrics", "127.0.0.1:0",
+            "--object", "memory-backend-memfd,id=mem0,size=1G",
+            "--device", f"virtio-mem,id=vm0,memdev=mem0,socket={self.sockets['vm0']}",
+            "--object", "memory-backend-memfd,id=mem1,size=512M",
+            "--device", f"driver=virtio-mem,id=vm1,memdev=mem1,socket={self.sockets['vm1']},node=1")
         m = re.search(r"metrics on (http://\S+)", self.first_line)
-        if "ready" not in self.first_line or not m:
+        if not m:
             rc, err = self.stop()
-            raise AssertionError(f"serve did not start ({rc}): {self.first_line!r}\n{err}")
+            raise AssertionError(f"serve did not say where its metrics are ({rc}): {self.first_line!r}\n{err}")
         self.metrics_url = m.group(1)
 
     def stop(self) -> tuple[int, str]:

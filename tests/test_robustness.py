@@ -25,8 +25,6 @@ import os
 import select
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any, AsyncIterator
 import pytest
 import trio
 
-from proc_util import terminate
+from proc_util import start_serve, terminate
 from vfio_user_client import (
     BAR2,
     CONFIG_REGION,
@@ -60,7 +58,6 @@ from virtio_driver import (
     request,
 )
 
-EXE = [os.path.join(os.path.dirname(sys.executable), "vfiouser-vmem")]
 MiB = 1 << 20
 BLOCK = 2 * MiB
 TIMEOUT = 30  # for things that take milliseconds: a process start, a round trip
@@ -73,6 +70,28 @@ DEADLINE_S = 5.0
 _REGION_ACCESS = struct.Struct("<QII")  # offset, region, count
 
 
+def region_write_message(msg_id: int, region: int, offset: int, data: bytes) -> bytes:
+    """A whole REGION_WRITE message, to send as the test likes."""
+    return HEADER.pack(msg_id, VFIO_USER_REGION_WRITE, HEADER_SIZE + _REGION_ACCESS.size + len(data),
+                       FLAG_TYPE_COMMAND, 0) + _REGION_ACCESS.pack(offset, region, len(data)) + data
+
+
+@asynccontextmanager
+async def memory_bar_fd(driver: VirtioMemDriver) -> AsyncIterator[int]:
+    """The memory BAR's fd from its region info (a dup: the client's own
+    closes with it); its st_blocks are the host memory the backend holds."""
+    info = await driver.client.region_info(BAR2)
+    fd = os.dup(info.fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def allocated_bytes(fd: int) -> int:
+    return os.fstat(fd).st_blocks * 512
+
+
 class Served:
     """``serve`` with vm0 (1 GiB, 256 MiB requested) and vm1 (512 MiB)."""
 
@@ -80,18 +99,12 @@ class Served:
         self.tmp = tmp
         self.qmp = str(tmp / "q")
         self.sockets = {"vm0": str(tmp / "vm0.sock"), "vm1": str(tmp / "vm1.sock")}
-        self.proc = subprocess.Popen(
-            [*EXE, "serve", "--qmp", self.qmp,
-             "--object", "memory-backend-memfd,id=mem0,size=1G",
-             "--device", f"id=vm0,memdev=mem0,socket={self.sockets['vm0']},requested-size=256M",
-             "--object", "memory-backend-memfd,id=mem1,size=512M",
-             "--device", f"id=vm1,memdev=mem1,socket={self.sockets['vm1']},requested-size=128M"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        self.first_line = self.proc.stdout.readline()
-        if "ready" not in self.first_line:
-            rc, err = terminate(self.proc)
-            raise AssertionError(f"serve did not start ({rc}): {self.first_line!r}\n{err}")
+        self.proc, self.first_line = start_serve(
+            "--qmp", self.qmp,
+            "--object", "memory-backend-memfd,id=mem0,size=1G",
+            "--device", f"id=vm0,memdev=mem0,socket={self.sockets['vm0']},requested-size=256M",
+            "--object", "memory-backend-memfd,id=mem1,size=512M",
+            "--device", f"id=vm1,memdev=mem1,socket={self.sockets['vm1']},requested-size=128M")
         self.stderr = ""
 
     def stop(self) -> tuple[int, str]:
@@ -405,8 +418,7 @@ async def test_region_writes_up_to_the_advertised_size_stay_in_step(served: Serv
         max_bytes = d.client.server_capabilities["capabilities"]["max_data_xfer_size"]
         data = os.urandom(max_bytes)
         # Sent in pieces, as a busy client's large message arrives.
-        message = HEADER.pack(7, VFIO_USER_REGION_WRITE, HEADER_SIZE + _REGION_ACCESS.size + len(data),
-                              FLAG_TYPE_COMMAND, 0) + _REGION_ACCESS.pack(0, BAR2, len(data)) + data
+        message = region_write_message(7, BAR2, 0, data)
         with trio.fail_after(TIMEOUT):
             for start in range(0, len(message), 16384):
                 await d.client.send_raw(message[start:start + 16384])
@@ -420,8 +432,7 @@ async def test_a_region_write_beyond_the_advertised_size_drops_only_its_client(s
     async with driver_on(served) as d:
         max_bytes = d.client.server_capabilities["capabilities"]["max_data_xfer_size"]
         data = bytes(max_bytes * 2)
-        message = HEADER.pack(7, VFIO_USER_REGION_WRITE, HEADER_SIZE + _REGION_ACCESS.size + len(data),
-                              FLAG_TYPE_COMMAND, 0) + _REGION_ACCESS.pack(0, BAR2, len(data)) + data
+        message = region_write_message(7, BAR2, 0, data)
         with trio.fail_after(TIMEOUT):
             await d.client.send_raw(message[:32768])
             # The header says more than the server accepts: dropped at once
@@ -431,23 +442,18 @@ async def test_a_region_write_beyond_the_advertised_size_drops_only_its_client(s
 
 
 async def test_reading_unplugged_memory_allocates_nothing(served: Served) -> None:
-    async with driver_on(served) as d:
-        info = await d.client.region_info(BAR2)
-        bar_fd = os.dup(info.fd)
-        try:
-            with trio.fail_after(TIMEOUT):
-                await d.start_virtio()
-                assert await d.plug(DEFAULT_BAR_ADDR, 1) == ACK
-                mapped = mmap.mmap(bar_fd, BLOCK, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                mapped[:8] = b"plugged!"
-                mapped.close()
-                allocated = os.fstat(bar_fd).st_blocks * 512
-                for offset in range(BLOCK, 64 * MiB, 1 * MiB):  # 62 MiB of unplugged memory
-                    assert await d.client.region_read(BAR2, offset, 4096) == bytes(4096)
-                assert await d.client.region_read(BAR2, 0, 8) == b"plugged!"
-            assert os.fstat(bar_fd).st_blocks * 512 == allocated
-        finally:
-            os.close(bar_fd)
+    async with driver_on(served) as d, memory_bar_fd(d) as bar_fd:
+        with trio.fail_after(TIMEOUT):
+            await d.start_virtio()
+            assert await d.plug(DEFAULT_BAR_ADDR, 1) == ACK
+            mapped = mmap.mmap(bar_fd, BLOCK, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mapped[:8] = b"plugged!"
+            mapped.close()
+            allocated = allocated_bytes(bar_fd)
+            for offset in range(BLOCK, 64 * MiB, 1 * MiB):  # 62 MiB of unplugged memory
+                assert await d.client.region_read(BAR2, offset, 4096) == bytes(4096)
+            assert await d.client.region_read(BAR2, 0, 8) == b"plugged!"
+        assert allocated_bytes(bar_fd) == allocated
     await assert_alive(served)
 
 
@@ -456,27 +462,23 @@ async def test_buffers_in_unplugged_device_memory_allocate_nothing(served: Serve
     # reaches it through its own mapping of the backend: a request buffer
     # in unplugged memory was read there, which allocates a page of the
     # backend (a read fault on a shmem hole).
-    async with driver_on(served) as d:
-        info = await d.client.region_info(BAR2)
-        bar_fd = os.dup(info.fd)
-        try:
-            with trio.fail_after(TIMEOUT):
-                await d.start_virtio()
-                assert await d.plug(DEFAULT_BAR_ADDR, 1) == ACK
-                await d.client.dma_map_no_fd(DEFAULT_BAR_ADDR, info.size, DMA_RW)
-            allocated = os.fstat(bar_fd).st_blocks * 512
-            unplugged = DEFAULT_BAR_ADDR + 32 * BLOCK
-            resp_addr = d.slot_addr(0) + 32
-            d.post(Chain([(unplugged, 24)], [(resp_addr, 10)]))
-            d.publish()
-            with trio.fail_after(TIMEOUT):
-                await d.kick()
-            assert await status(d) & STATUS_NEEDS_RESET
-            assert os.fstat(bar_fd).st_blocks * 512 == allocated
-            await assert_alive(served)
-            assert (await sizes(served))["vm0"] == BLOCK
-        finally:
-            os.close(bar_fd)
+    async with driver_on(served) as d, memory_bar_fd(d) as bar_fd:
+        with trio.fail_after(TIMEOUT):
+            await d.start_virtio()
+            assert await d.plug(DEFAULT_BAR_ADDR, 1) == ACK
+            bar_size = (await d.client.region_info(BAR2)).size
+            await d.client.dma_map_no_fd(DEFAULT_BAR_ADDR, bar_size, DMA_RW)
+        allocated = allocated_bytes(bar_fd)
+        unplugged = DEFAULT_BAR_ADDR + 32 * BLOCK
+        resp_addr = d.slot_addr(0) + 32
+        d.post(Chain([(unplugged, 24)], [(resp_addr, 10)]))
+        d.publish()
+        with trio.fail_after(TIMEOUT):
+            await d.kick()
+        assert await status(d) & STATUS_NEEDS_RESET
+        assert allocated_bytes(bar_fd) == allocated
+        await assert_alive(served)
+        assert (await sizes(served))["vm0"] == BLOCK
 
 
 @pytest.mark.parametrize("seed", range(4))
