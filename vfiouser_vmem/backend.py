@@ -16,7 +16,6 @@ from vfiouser_vmem import blocks
 from vfiouser_vmem.device import DiscardFailed
 
 
-
 class MemfdBackend:
     """A sparse memfd of ``size_bytes``, mapped shared in this process too
     (for guest buffers that lie in the device's own memory)."""

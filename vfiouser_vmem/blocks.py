@@ -15,11 +15,13 @@ import errno as _errno
 import operator
 import os
 from collections.abc import Iterator
+from typing import Any, Protocol, TypeAlias
 
 from vfiouser_vmem._blocks import ffi, lib
 
 __all__ = [
     "BlockBitmap",
+    "CData",
     "CField",
     "DiscardError",
     "RangeState",
@@ -27,6 +29,10 @@ __all__ = [
     "discard",
     "discard_runs",
 ]
+
+#: A cffi cdata (a struct, pointer or array of a C module): the compiled
+#: modules have no stubs, so what they make is Any to a type checker.
+CData: TypeAlias = Any
 
 _U64_MAX = (1 << 64) - 1
 _OFF_MAX = (1 << 63) - 1  # off_t: the largest file offset fallocate accepts
@@ -89,7 +95,7 @@ class BlockBitmap:
     # set_range, clear_range and range_state run once or twice per guest
     # request: arguments go to cffi as they are, and are validated (for a
     # precise message) only when cffi or the C helper refuses them.
-    def _refused(self, first_block: object, nb_blocks: object, rc: int | None = None) -> ValueError:
+    def _refused(self, first_block: int, nb_blocks: int, rc: int | None = None) -> ValueError:
         first_block, nb_blocks = _u64(first_block, "first block"), _u64(nb_blocks, "number of blocks")
         if rc is None:  # cffi refused a value that _u64 accepts: cannot happen
             return ValueError(f"bad block range: first block {first_block}, {nb_blocks} blocks")
@@ -152,6 +158,10 @@ class BlockBitmap:
             pos = end
 
 
+class _CBacked(Protocol):
+    _c: CData  # the cffi struct that holds the CField attributes
+
+
 class CField:
     """An attribute kept in a field of the object's cffi struct ``_c``:
     state that C code reads and writes (csrc/vmem_queue.h) has one home,
@@ -163,12 +173,12 @@ class CField:
     def __init__(self, field: str) -> None:
         self.field = field
 
-    def __get__(self, obj: object, owner: type | None = None):
+    def __get__(self, obj: _CBacked | None, owner: type | None = None):
         if obj is None:
             return self
         return getattr(obj._c, self.field)
 
-    def __set__(self, obj: object, value: int) -> None:
+    def __set__(self, obj: _CBacked, value: int) -> None:
         setattr(obj._c, self.field, value)
 
 

@@ -269,13 +269,17 @@ def _check_single(size: int, block_size: int, requested: int) -> None:
     except ValueError as exc:
         raise ConfigError(f"--block-size: {exc}") from None
     if size == 0 or size % block_size:
-        raise ConfigError(f"--size {format_size(size)} is not a positive multiple of the block size {format_size(block_size)}")
+        raise ConfigError(
+            f"--size {format_size(size)} is not a positive multiple of the block size {format_size(block_size)}"
+        )
     if size > MAX_DEVICE_SIZE_BYTES:
         raise ConfigError(f"--size {format_size(size)} is above the supported maximum of 1T")
     if requested > size:
         raise ConfigError(f"--requested-size {format_size(requested)} is above --size {format_size(size)}")
     if requested % block_size:
-        raise ConfigError(f"--requested-size {format_size(requested)} is not a multiple of the block size {format_size(block_size)}")
+        raise ConfigError(
+            f"--requested-size {format_size(requested)} is not a multiple of the block size {format_size(block_size)}"
+        )
 
 
 def _load_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FileConfig | None:
@@ -397,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    subparser = parser._subparsers._group_actions[0].choices[args.command]  # for errors that name the command
+    # For errors that name the command: build_parser added one group of subcommands.
+    assert parser._subparsers is not None
+    commands = parser._subparsers._group_actions[0]
+    assert isinstance(commands, argparse._SubParsersAction)
+    subparser = commands.choices[args.command]
     if args.command == "serve":
         return _serve(subparser, args)
     if args.command == "qemu-args":

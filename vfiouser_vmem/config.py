@@ -45,8 +45,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, overload
 
 from vfiouser_vmem.sizes import format_size, parse_size
 
@@ -225,6 +226,13 @@ def _required_str(spec: Spec, key: str, why: str) -> str:
     return value
 
 
+# With an int default, the size is never None.
+@overload
+def _size(spec: Spec, key: str, default: int) -> int: ...
+@overload
+def _size(spec: Spec, key: str, default: None = None) -> int | None: ...
+
+
 def _size(spec: Spec, key: str, default: int | None = None) -> int | None:
     value = spec.values.get(key)
     if value is None:
@@ -261,7 +269,8 @@ def check_id(value: str, where: str) -> str:
 
 
 def _id(spec: Spec) -> str:
-    value = _required_str(spec, "id", "the name used over QMP" if spec.kind == "device" else "the name memdev= refers to")
+    value = _required_str(spec, "id",
+                          "the name used over QMP" if spec.kind == "device" else "the name memdev= refers to")
     return check_id(value, spec.where)
 
 
@@ -302,7 +311,9 @@ def _backend(spec: Spec) -> _Backend:
     if size > MAX_DEVICE_SIZE_BYTES:
         raise ConfigError(f"{spec.where}: size {format_size(size)} is above the supported maximum of 1T")
     if not _flag(spec, "share", True):
-        raise ConfigError(f"{spec.where}: share=off is not possible: QEMU maps the server's memory, so it is always shared")
+        raise ConfigError(
+            f"{spec.where}: share=off is not possible: QEMU maps the server's memory, so it is always shared"
+        )
     hugetlb = _flag(spec, "hugetlb", False)
     page_size = 4096
     hugetlbsize = _size(spec, "hugetlbsize")
@@ -336,7 +347,9 @@ def check_socket_path(path: str, where: str, *, need_directory: bool = False) ->
     """A UNIX socket path to listen on; ``need_directory``: its directory
     must exist now (``serve``; ``qemu-args`` may describe another machine)."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
-        raise ConfigError(f"{where}: path {path!r} is longer than the {MAX_SOCKET_PATH_BYTES} bytes a UNIX socket path may have")
+        raise ConfigError(
+            f"{where}: path {path!r} is longer than the {MAX_SOCKET_PATH_BYTES} bytes a UNIX socket path may have"
+        )
     if need_directory:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
@@ -359,10 +372,13 @@ def check_device(*, where: str, size: int, block_size: int, requested_size: int,
     if size > MAX_DEVICE_SIZE_BYTES:
         raise ConfigError(f"{where}: size {format_size(size)} is above the supported maximum of 1T")
     if requested_size > size:
-        raise ConfigError(f"{where}: requested-size {format_size(requested_size)} is above the size {format_size(size)}")
+        raise ConfigError(
+            f"{where}: requested-size {format_size(requested_size)} is above the size {format_size(size)}"
+        )
     if requested_size % block_size:
         raise ConfigError(
-            f"{where}: requested-size {format_size(requested_size)} is not a multiple of the block size {format_size(block_size)}"
+            f"{where}: requested-size {format_size(requested_size)} is not a multiple of the block size "
+            f"{format_size(block_size)}"
         )
 
 
@@ -381,7 +397,9 @@ def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path:
             raise ConfigError(f"{spec.where}: not an object")
         backend = _backend(spec)
         if backend.id in backends:
-            raise ConfigError(f"{spec.where}: duplicate object id {backend.id!r} (also {backends[backend.id].spec.where})")
+            raise ConfigError(
+                f"{spec.where}: duplicate object id {backend.id!r} (also {backends[backend.id].spec.where})"
+            )
         backends[backend.id] = backend
 
     configs = []
@@ -392,7 +410,9 @@ def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path:
         _check_keys(spec, DEVICE_KEYS)
         driver = _str(spec, "driver") or "virtio-mem"
         if driver not in DEVICE_DRIVERS:
-            raise ConfigError(f"{spec.where}: driver {driver!r} is not supported: this server provides virtio-mem devices only")
+            raise ConfigError(
+                f"{spec.where}: driver {driver!r} is not supported: this server provides virtio-mem devices only"
+            )
         dev_id = _id(spec)
         if dev_id in ids:
             raise ConfigError(f"{spec.where}: duplicate device id {dev_id!r} (also {ids[dev_id]})")

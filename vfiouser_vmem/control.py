@@ -7,7 +7,8 @@ and never reaches into the device model.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 
 class PropertyNotFound(LookupError):

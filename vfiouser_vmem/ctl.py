@@ -109,7 +109,7 @@ class QmpConnection:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "QmpConnection":
+    def __enter__(self) -> QmpConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -147,7 +147,7 @@ class QmpConnection:
                 select.select([self.sock], [], [])
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError as exc:
                 raise QmpError(f"QMP connection to {self.path} failed: {exc.strerror or exc}") from None

@@ -12,10 +12,11 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from vfiouser_vmem._blocks import ffi as _ffi
-from vfiouser_vmem.blocks import BlockBitmap, CField, RangeState
+from vfiouser_vmem.blocks import BlockBitmap, CData, CField, RangeState
 from vfiouser_vmem.sizes import format_size
 
 log = logging.getLogger("vfiouser_vmem.device")
@@ -317,12 +318,12 @@ class VirtioMemDevice:
 
     # -- the C request path (csrc/vmem_queue.h) -------------------------
     @property
-    def c_state(self) -> object:
+    def c_state(self) -> CData:
         """The model's ``struct vmem_device_state`` (csrc/vmem_queue.h), for
         C code that reads it between requests (csrc/vmem_config.h)."""
         return self._c
 
-    def c_request_state(self) -> object:
+    def c_request_state(self) -> CData:
         """The ``struct vmem_device_state`` for one ``vmem_serve_queue``
         call, with what it may serve decided now; ``c_requests_served``
         must follow before anything else uses the model."""
@@ -331,7 +332,7 @@ class VirtioMemDevice:
         state.unplug_allowed = not self._discard_refused()
         return state
 
-    def c_requests_served(self, served: object, count: int) -> None:
+    def c_requests_served(self, served: CData, count: int) -> None:
         """Finish the ``count`` requests of ``served`` that the C path
         answered (the bitmap and the plugged count already say so): queue
         the discards of the UNPLUGs and tell the size listeners."""

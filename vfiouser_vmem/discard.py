@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 

@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics

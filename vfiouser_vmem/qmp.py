@@ -282,11 +282,12 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_re
                             parse_float=_finite_float)
 #: Its scanner: ``(value, end)`` of the JSON value at an index, as ``raw_decode``
 #: (which raises JSONDecodeError where this raises StopIteration).
-_SCAN_ONCE = _DECODER.scan_once
+#: JSONDecoder.__init__ sets it, but typeshed does not declare it: hence the ignore.
+_SCAN_ONCE: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 _NON_WS_TEXT_RE = re.compile(r"[^ \t\r\n]")
 
 
-def _parse_message(segment: bytes, bare_token: bool) -> Any:
+def _parse_message(segment: bytes | bytearray, bare_token: bool) -> Any:
     """Parse one complete JSON text; returns the value or a _ParseError."""
     try:
         text = segment.decode("utf-8")
@@ -425,7 +426,9 @@ class _JsonStreamSplitter:
                     self._mode, self._depth, self._scan = _STRUCT, 0, start + 1
                     self._in_string = True
                 elif c in b"}],:":
-                    end = _STRAY_RUN_RE.match(buf, start).end()
+                    stray = _STRAY_RUN_RE.match(buf, start)
+                    assert stray is not None  # the pattern matches the empty string too
+                    end = stray.end()
                     error = _ParseError(f"JSON parse error, stray '{chr(c)}'")
                     error.more = len(buf[start:end].translate(None, b" \t\r\n")) - 1
                     _add_item(out, error)
@@ -456,10 +459,10 @@ class _JsonStreamSplitter:
                     self._scan = len(buf)
                     break
                 self._scan = m.end()
-                c = m.group()
-                if c == b'"':
+                token = m.group()
+                if token == b'"':
                     self._in_string = True
-                elif c in (b"{", b"["):
+                elif token in (b"{", b"["):
                     self._depth += 1
                     if self._depth > MAX_NESTING and not self._skipping:
                         _add_item(out, _ParseError("JSON nesting depth limit exceeded"))

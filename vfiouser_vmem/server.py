@@ -15,19 +15,19 @@ import logging
 import os
 import signal
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
-from vfiouser_vmem import __version__
+from vfiouser_vmem import __version__, virtio_pci as vp
 from vfiouser_vmem.backend import MemfdBackend
 from vfiouser_vmem.blocks import RangeState
 from vfiouser_vmem.control import PropertyNotFound, PropertyReadOnly
 from vfiouser_vmem.device import DiscardFailed, VirtioMemDevice
 from vfiouser_vmem.discard import DiscardQueue
 from vfiouser_vmem.sizes import format_size
-from vfiouser_vmem.virtqueue import DeviceMemory
 from vfiouser_vmem.vfu import (
     CAP_FLAG_READONLY,
     PROT_READ,
@@ -42,7 +42,7 @@ from vfiouser_vmem.vfu import (
     VfuContext,
     VfuError,
 )
-from vfiouser_vmem import virtio_pci as vp
+from vfiouser_vmem.virtqueue import DeviceMemory
 
 log = logging.getLogger("vfiouser_vmem.server")
 

@@ -30,8 +30,8 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from vfiouser_vmem._vfu import ffi, lib
 from vfiouser_vmem.logtext import printable
@@ -189,7 +189,8 @@ class VfuContext:
         self.on_dma_unregister: Callable[[DmaRegion], None] | None = None
         self._config_view: memoryview | None = None
         ctx = lib.vfu_create_ctx(
-            lib.VFU_TRANS_SOCK, socket_path.encode(), lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._private, lib.VFU_DEV_TYPE_PCI
+            lib.VFU_TRANS_SOCK, socket_path.encode(), lib.LIBVFIO_USER_FLAG_ATTACH_NB, self._private,
+            lib.VFU_DEV_TYPE_PCI,
         )
         if ctx == ffi.NULL:
             err = ffi.errno

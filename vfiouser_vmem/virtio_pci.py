@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from vfiouser_vmem._blocks import ffi as _blocks_ffi
-from vfiouser_vmem.blocks import CField, c_address
+from vfiouser_vmem.blocks import CData, CField, c_address
 from vfiouser_vmem.device import CONFIG_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, ProtocolViolation, VirtioMemDevice
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.virtqueue import (
@@ -364,7 +364,8 @@ class VirtioPciTransport:
             self.queue_select = value
         elif self.queue_select >= NUM_QUEUES:
             if name.startswith("queue_"):
-                log.info("%s: write to %s of queue %d, which does not exist: ignored", self.name, name, self.queue_select)
+                log.info("%s: write to %s of queue %d, which does not exist: ignored",
+                         self.name, name, self.queue_select)
         elif name == "queue_size":
             # The driver may make the queue smaller, to a power of two
             # (split queues, virtio spec 2.7).
@@ -387,13 +388,15 @@ class VirtioPciTransport:
 
     def _write_status(self, value: int) -> None:
         if value == 0:
-            log.info("%s: virtio reset by the driver (block state kept: %d bytes plugged)", self.name, self.device.plugged_size)
+            log.info("%s: virtio reset by the driver (block state kept: %d bytes plugged)",
+                     self.name, self.device.plugged_size)
             self.virtio_reset()
             return
         if value & VIRTIO_CONFIG_S_FEATURES_OK and not self.status & VIRTIO_CONFIG_S_FEATURES_OK:
             why = self.device.features_refusal(self.driver_features)
             if why is None and self.driver_features & ~self.device.features:
-                why = f"the driver accepted features {self.driver_features & ~self.device.features:#x} that were not offered"
+                why = (f"the driver accepted features {self.driver_features & ~self.device.features:#x} "
+                       "that were not offered")
             if why is not None:
                 # The driver reads FEATURES_OK back and gives up (spec 3.1.1).
                 log.warning("%s: feature negotiation failed: %s", self.name, why)
@@ -508,7 +511,7 @@ class VirtioPciTransport:
                 observe(request_type, response_code, elapsed_s)
         return handled - served_before
 
-    def _c_requests_served(self, results: object, count: int, waited_s: float,
+    def _c_requests_served(self, results: CData, count: int, waited_s: float,
                            served: list[tuple[int, int, float]]) -> None:
         """The model's side of the first ``count`` requests of ``results``
         that the C path answered in a call that took ``waited_s`` (with the

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from vfiouser_vmem._blocks import ffi as _ffi, lib as _lib
-from vfiouser_vmem.blocks import BlockBitmap, CField, c_address
+from vfiouser_vmem.blocks import BlockBitmap, CData, CField, c_address
 
 # A client may shrink the file behind its DMA mapping at any time: touching
 # it then is SIGBUS, which the guard turns into a refused access.
@@ -295,7 +295,9 @@ class SplitQueue:
         if pending == 0:
             return None
         if pending > self.size:
-            raise QueueError(f"avail idx {avail_idx} is {pending} ahead of the device, more than the queue size {self.size}")
+            raise QueueError(
+                f"avail idx {avail_idx} is {pending} ahead of the device, more than the queue size {self.size}"
+            )
         slot = self.last_avail_idx % self.size
         head = mem.read_u16(self.driver_addr + 4 + 2 * slot)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
@@ -351,7 +353,7 @@ class SplitQueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         mem.pack(_U16, self.device_addr + 2, self.used_idx)
 
-    def serve_in_c(self, mem: GuestMemory, device_state: object, served: object) -> tuple[int, int]:
+    def serve_in_c(self, mem: GuestMemory, device_state: CData, served: CData) -> tuple[int, int]:
         """Serve the available requests that the C request path can answer
         (csrc/vmem_queue.h) against ``device_state`` (the device model's
         ``struct vmem_device_state``), recording each in ``served``.
@@ -395,7 +397,7 @@ class NotifyServe:
         """Valid as long as this object."""
         return c_address(self._c)
 
-    def prepare(self, device_state: object, irq_vector: int) -> None:
+    def prepare(self, device_state: CData, irq_vector: int) -> None:
         """The next call serves against ``device_state`` (the device model's
         ``struct vmem_device_state``) and asks for ``irq_vector`` (-1: no
         interrupt can be sent) when the guest is owed an interrupt."""
