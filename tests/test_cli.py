@@ -223,7 +223,7 @@ def test_second_server_on_the_same_socket_is_refused_and_the_first_lives_on(tmp)
         second = subprocess.run([*EXE, "serve", "--socket", str(first.sock), "--qmp", str(tmp / "other.qmp"),
                                  "--size", "1G"], capture_output=True, text=True, timeout=30)
         assert second.returncode == 1
-        assert "another process is listening on" in second.stderr
+        assert "another process is already listening on this socket" in second.stderr
         # The refusal did not disturb the first server (no test connection).
         s, execute = first.qmp_session()
         assert execute("qom-get", path="vmem0", property="size") == {"return": 0}

@@ -32,7 +32,8 @@ import trio.testing
 from fake_device import GiB, MiB, FakeDevice
 from vfiouser_vmem import __version__
 from vfiouser_vmem.control import PropertyReadOnly
-from vfiouser_vmem.qmp import QmpServer, QmpSocketInUse, _JsonStreamSplitter, _Oversize, _ParseError
+from vfiouser_vmem.qmp import QmpServer, _JsonStreamSplitter, _Oversize, _ParseError
+from vfiouser_vmem.sockets import SocketPathInUse
 
 TIMEOUT = 10  # generous bound for things that should take milliseconds
 
@@ -1147,13 +1148,13 @@ async def test_socket_mode_and_removal_on_cancel(sock_dir: str) -> None:
 async def test_refuses_a_path_that_is_not_a_socket(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "q")
     Path(path).write_text("precious")
-    with pytest.raises(QmpSocketInUse, match="not a socket") as info:
+    with pytest.raises(SocketPathInUse, match="not a socket") as info:
         await QmpServer({}).serve(path)
     assert isinstance(info.value, FileExistsError)
     assert Path(path).read_text() == "precious"
     os.unlink(path)
     os.mkdir(path)
-    with pytest.raises(QmpSocketInUse):
+    with pytest.raises(SocketPathInUse):
         await QmpServer({}).serve(path)
     assert os.path.isdir(path)
 
@@ -1161,7 +1162,7 @@ async def test_refuses_a_path_that_is_not_a_socket(sock_dir: str) -> None:
 async def test_refuses_a_socket_someone_listens_on(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "q")
     async with running(QmpServer({}), path):
-        with pytest.raises(QmpSocketInUse, match="already listening"):
+        with pytest.raises(SocketPathInUse, match="already listening"):
             await QmpServer({}).serve(path)
         client = await RawClient.connect(path)  # the first server is unharmed
         assert await client.command("query-status") == {"return": {"status": "running", "running": True}}

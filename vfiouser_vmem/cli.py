@@ -320,7 +320,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import trio
 
     from vfiouser_vmem.metrics import MetricsAddressError, MetricsExporter, parse_metrics_address
-    from vfiouser_vmem.server import SocketPathInUse, serve
+    from vfiouser_vmem.server import serve
+    from vfiouser_vmem.sockets import SocketPathInUse
 
     file_config = _load_file(parser, args)
     qmp_path = args.qmp or (file_config.qmp if file_config else None)

@@ -119,8 +119,9 @@ Events
 
 Socket
     ``serve(path)`` creates the socket with mode 0600.  If ``path`` exists it
-    refuses to start with :class:`QmpSocketInUse` (a ``FileExistsError``)
-    unless it is a stale socket nobody listens on, which it removes.  On exit
+    refuses to start with ``sockets.SocketPathInUse`` (a ``FileExistsError``)
+    unless it is a stale socket nobody listens on, which it removes (the one
+    policy of the vfio-user sockets too: vfiouser_vmem/sockets.py).  On exit
     (cancellation included) it removes the socket file, if that is still the
     one it created.
 
@@ -138,7 +139,6 @@ import math
 import os
 import re
 import socket as _stdlib_socket
-import stat
 import threading
 import time
 from collections import deque
@@ -151,11 +151,11 @@ import trio
 from . import __version__
 from .control import ControlledDevice, PropertyNotFound, PropertyReadOnly
 from .logtext import printable
+from .sockets import SocketPathInUse, claim_socket_path, remove_socket_if_same
 
 __all__ = [
     "QEMU_VERSION",
     "QmpServer",
-    "QmpSocketInUse",
 ]
 
 log = logging.getLogger("vfiouser_vmem.qmp")
@@ -183,10 +183,6 @@ _LOG_BURST = 10
 _LOG_WINDOW_S = 10.0
 _SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"
 _PERIPHERAL = "/machine/peripheral/"
-
-
-class QmpSocketInUse(FileExistsError):
-    """``serve``'s path exists and is not a stale socket: refusing to start."""
 
 
 class _QmpError(Exception):
@@ -900,7 +896,7 @@ class QmpServer:
         if self._serving:
             raise RuntimeError("this QmpServer is already serving")
         path = os.fspath(path)
-        await _claim_socket_path(path)
+        claim_socket_path(path)
         sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
         identity: tuple[int, int] | None = None
         try:
@@ -911,7 +907,7 @@ class QmpServer:
                 await sock.bind(path)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    raise QmpSocketInUse(errno.EEXIST, "QMP socket path is already in use", path) from exc
+                    raise SocketPathInUse(path, "another process is already listening on this socket") from exc
                 # bind()'s errors do not name the path: say which socket failed.
                 raise OSError(exc.errno, f"cannot listen on the QMP socket {path}: {exc.strerror or exc}") from None
             st = os.lstat(path)
@@ -921,7 +917,7 @@ class QmpServer:
         except BaseException:
             sock.close()
             if identity is not None:
-                _remove_if_same(path, identity)
+                remove_socket_if_same(path, identity)
             raise
 
         listener = trio.SocketListener(sock)
@@ -944,7 +940,7 @@ class QmpServer:
             self._clients.clear()
             self._connections.clear()
             sock.close()
-            _remove_if_same(path, identity)
+            remove_socket_if_same(path, identity)
             log.info("QMP stopped listening on %s", path)
 
     async def _handle_client(self, stream: trio.SocketStream) -> None:
@@ -1164,47 +1160,3 @@ def _describe_request(request: Any) -> str:
     """How log lines name a request (the name escaped: it is client text)."""
     execute = request.get("execute") if isinstance(request, dict) else None
     return f"command '{printable(execute)}'" if isinstance(execute, str) else "a malformed request"
-
-
-# ---------------------------------------------------------------------------
-# Socket path handling
-
-
-async def _claim_socket_path(path: str) -> None:
-    """Make ``path`` free for bind(): fine if absent, removed if it is a
-    socket nobody listens on, QmpSocketInUse otherwise."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise QmpSocketInUse(errno.EEXIST, "QMP socket path exists and is not a socket; refusing to replace it", path)
-    probe = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
-    try:
-        await probe.connect(path)
-    except ConnectionRefusedError:
-        # Stale: left by a server that died. Remove it if it is still the
-        # same file (another server may have just replaced it).
-        _remove_if_same(path, (st.st_dev, st.st_ino))
-        log.info("removed stale QMP socket %s", path)
-        return
-    except FileNotFoundError:
-        return
-    except BlockingIOError as exc:  # listening, with a full backlog
-        raise QmpSocketInUse(errno.EEXIST, "a server is already listening on this QMP socket", path) from exc
-    finally:
-        probe.close()
-    raise QmpSocketInUse(errno.EEXIST, "a server is already listening on this QMP socket", path)
-
-
-def _remove_if_same(path: str, identity: tuple[int, int] | None) -> None:
-    if identity is None:
-        return
-    try:
-        st = os.lstat(path)
-        if (st.st_dev, st.st_ino) == identity:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not remove QMP socket %s: %s", path, exc)

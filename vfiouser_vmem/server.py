@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from vfiouser_vmem.control import PropertyNotFound, PropertyReadOnly
 from vfiouser_vmem.device import DiscardFailed, VirtioMemDevice
 from vfiouser_vmem.discard import DiscardQueue
 from vfiouser_vmem.sizes import format_size
+from vfiouser_vmem.sockets import claim_socket_path
 from vfiouser_vmem.vfu import (
     CAP_FLAG_READONLY,
     PROT_READ,
@@ -69,57 +69,6 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         if not self.memdev:
             self.memdev = f"mem-{self.id}"
-
-
-class SocketPathInUse(Exception):
-    """The socket path exists and is not a stale socket."""
-
-
-def _listening_unix_paths() -> set[str] | None:
-    """Paths of listening UNIX sockets (/proc/net/unix), or None if unknown."""
-    try:
-        lines = open("/proc/net/unix").read().splitlines()[1:]
-    except OSError:
-        return None
-    paths = set()
-    for line in lines:
-        fields = line.split()
-        # Num RefCount Protocol Flags Type St Inode [Path]; Flags has
-        # __SO_ACCEPTCON (0x10000) for a listening socket.
-        if len(fields) >= 8 and int(fields[3], 16) & 0x10000:
-            paths.add(fields[7])
-    return paths
-
-
-def claim_socket_path(path: str) -> None:
-    """Refuse a path that exists and is not a socket, or a socket someone is
-    listening on; remove a stale socket (a previous run killed hard).
-
-    Whether someone listens is read from /proc/net/unix, not by connecting:
-    a test connection would look like a client to that server."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketPathInUse(f"{path} exists and is not a socket; refusing to replace it")
-    listening = _listening_unix_paths()
-    if listening is None:
-        import socket as _socket
-
-        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            in_use = True
-        except (ConnectionRefusedError, FileNotFoundError):
-            in_use = False
-        finally:
-            probe.close()
-    else:
-        in_use = os.path.abspath(path) in listening or path in listening
-    if in_use:
-        raise SocketPathInUse(f"{path} is a socket another process is listening on")
-    os.unlink(path)
 
 
 class DeviceServer:
