@@ -778,6 +778,32 @@ async def _until(predicate, what: str) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
+async def test_a_failure_on_the_host_side_answers_busy_and_the_device_carries_on(
+        vmem: Vmem, caplog: pytest.LogCaptureFixture) -> None:
+    # A bug in what serves a request (here the step that claims a range from
+    # the discard queue before a PLUG) must not escape the request path: the
+    # guest gets BUSY (never ERROR, which marks its device broken), nothing
+    # changes, and the next request is served.
+    d, model = vmem.driver, vmem.server.model
+    claim, due = model._before_plug, model._before_plug_due
+
+    def broken_claim(offset: int, length: int) -> None:
+        raise RuntimeError("claim failed")
+
+    model._before_plug, model._before_plug_due = broken_claim, lambda: True  # PLUGs go to Python
+    await vmem.sync()  # the C paths are armed again after a message: now without PLUGs
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert await d.plug(BAR_ADDR, 1) == BUSY
+        assert "claim failed" in caplog.text and "answered BUSY" in caplog.text
+        assert model.plugged_size == 0
+        assert not await d.status() & STATUS_NEEDS_RESET
+    finally:
+        model._before_plug, model._before_plug_due = claim, due
+    assert await d.plug(BAR_ADDR, 1) == ACK
+    await vmem.assert_alive()
+
+
 async def test_failed_discards_make_unplug_busy_until_they_are_retried(vmem: Vmem) -> None:
     """UNPLUG is answered before its memory goes back (discard.py).  When
     that discard fails the range is kept for a retry, new UNPLUGs are

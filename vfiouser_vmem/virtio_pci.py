@@ -23,7 +23,15 @@ from collections.abc import Callable
 
 from vfiouser_vmem._blocks import ffi as _blocks_ffi
 from vfiouser_vmem.blocks import CData, CField, c_address
-from vfiouser_vmem.device import CONFIG_SIZE, RESPONSE_SIZE, VIRTIO_ID_MEM, ProtocolViolation, VirtioMemDevice
+from vfiouser_vmem.device import (
+    CONFIG_SIZE,
+    RESPONSE_SIZE,
+    VIRTIO_ID_MEM,
+    ProtocolViolation,
+    Response,
+    VirtioMemDevice,
+    pack_response,
+)
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.virtqueue import (
     SERVE_DONE,
@@ -38,6 +46,8 @@ from vfiouser_vmem.virtqueue import (
 )
 
 log = logging.getLogger("vfiouser_vmem.virtio_pci")
+
+BUSY_RESPONSE = pack_response(Response.BUSY)
 
 PCI_VENDOR_ID_REDHAT_QUMRANET = 0x1AF4
 PCI_DEVICE_ID_VIRTIO_MEM = 0x1040 + VIRTIO_ID_MEM
@@ -493,7 +503,18 @@ class VirtioPciTransport:
                 # effect: a request that changed state is always answered.
                 q.check_push(self.memory, chain, RESPONSE_SIZE)
                 started = time.perf_counter()
-                response = self.device.handle_request(chain.readable)
+                try:
+                    response = self.device.handle_request(chain.readable)
+                except ProtocolViolation:
+                    raise
+                except Exception:
+                    # A bug of the host's side (the device model, a hook):
+                    # BUSY, which the driver retries later; ERROR would make
+                    # Linux mark the device broken, and the request must be
+                    # answered all the same.  The model changes state only
+                    # after everything that can fail, so nothing changed.
+                    log.exception("%s: request answered BUSY: the device failed while serving it", self.name)
+                    response = BUSY_RESPONSE
                 q.push(self.memory, chain, response)
                 if self.request_observers:
                     served.append((int.from_bytes(chain.readable[:2], "little"),
