@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from vfiouser_vmem.control import PropertyNotFound, PropertyReadOnly
+from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
 
 MiB = 1 << 20
 GiB = 1 << 30

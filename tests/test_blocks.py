@@ -11,7 +11,7 @@ import pytest
 
 from vfiouser_vmem.blocks import (
     BlockBitmap,
-    DiscardError,
+    DiscardFailed,
     RangeState,
     allocated_bytes,
     discard,
@@ -381,7 +381,7 @@ def test_discard_on_a_closed_fd_raises_ebadf():
     read_end, write_end = os.pipe()
     os.close(read_end)
     os.close(write_end)
-    with pytest.raises(DiscardError) as excinfo:
+    with pytest.raises(DiscardFailed) as excinfo:
         discard(write_end, 6 * MiB, BLOCK)
     assert excinfo.value.errno == errno.EBADF
     assert excinfo.value.offset == 6 * MiB
@@ -395,7 +395,7 @@ def test_discard_runs_on_a_pipe_reports_errno_and_first_run():
         bitmap = BlockBitmap(16)
         bitmap.set_range(3, 2)
         bitmap.set_range(9, 1)
-        with pytest.raises(DiscardError) as excinfo:
+        with pytest.raises(DiscardFailed) as excinfo:
             discard_runs(write_end, bitmap, BLOCK, fd_offset_bytes=MiB)
         assert excinfo.value.errno == errno.ESPIPE
         assert excinfo.value.offset == MiB + 3 * BLOCK
@@ -408,7 +408,7 @@ def test_discard_runs_on_a_pipe_reports_errno_and_first_run():
 def test_discard_on_a_read_only_fd_raises(backend):
     fd = os.open(f"/proc/self/fd/{backend}", os.O_RDONLY)
     try:
-        with pytest.raises(DiscardError) as excinfo:
+        with pytest.raises(DiscardFailed) as excinfo:
             discard(fd, 0, BLOCK)
         assert excinfo.value.errno == errno.EBADF
     finally:

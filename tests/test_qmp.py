@@ -31,7 +31,7 @@ import trio.testing
 
 from fake_device import GiB, MiB, FakeDevice
 from vfiouser_vmem import __version__
-from vfiouser_vmem.control import PropertyReadOnly
+from vfiouser_vmem.errors import PropertyReadOnly
 from vfiouser_vmem.qmp import QmpServer, _JsonStreamSplitter, _Oversize, _ParseError
 from vfiouser_vmem.sockets import SocketPathInUse
 

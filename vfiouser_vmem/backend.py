@@ -13,7 +13,6 @@ import mmap
 import os
 
 from vfiouser_vmem import blocks
-from vfiouser_vmem.device import DiscardFailed
 
 
 class MemfdBackend:
@@ -49,10 +48,7 @@ class MemfdBackend:
         return os.sysconf("SC_PAGE_SIZE")
 
     def discard(self, offset_bytes: int, length_bytes: int) -> None:
-        try:
-            blocks.discard(self.fd, offset_bytes, length_bytes)
-        except blocks.DiscardError as exc:
-            raise DiscardFailed(str(exc)) from exc
+        blocks.discard(self.fd, offset_bytes, length_bytes)
 
     def allocated_bytes(self) -> int:
         """Host memory in use: the honest measure (st_blocks * 512)."""

@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from typing import Any, Protocol, TypeAlias
 
 from vfiouser_vmem._blocks import ffi, lib
+from vfiouser_vmem.errors import DiscardFailed
 
 __all__ = [
     "BlockBitmap",
     "CData",
     "CField",
-    "DiscardError",
+    "DiscardFailed",
     "RangeState",
     "allocated_bytes",
     "discard",
@@ -47,18 +48,6 @@ class RangeState(enum.IntEnum):
 
 
 _RANGE_STATES = {state.value: state for state in RangeState}
-
-
-class DiscardError(OSError):
-    """A hole could not be punched: the memory was not given back to the host.
-
-    ``errno`` is the C error, ``offset`` the backend offset of the request that
-    failed (ranges before it were discarded).
-    """
-
-    def __init__(self, errno: int, message: str, offset: int) -> None:
-        super().__init__(errno, message)
-        self.offset = offset
 
 
 def _u64(value: int, what: str) -> int:
@@ -191,15 +180,15 @@ def c_address(thing: str | object) -> int:
     return int(ffi.cast("uintptr_t", thing))
 
 
-def _discard_error(rc: int, failed: int, what: str) -> DiscardError:
+def _discard_error(rc: int, failed: int, what: str) -> DiscardFailed:
     err = -rc
-    return DiscardError(err, f"{what} failed at offset {failed}: {os.strerror(err)}", failed)
+    return DiscardFailed(err, f"{what} failed at offset {failed}: {os.strerror(err)}", offset=failed)
 
 
 def discard(fd: int, offset_bytes: int, length_bytes: int) -> None:
     """Give [offset_bytes, offset_bytes + length_bytes) of ``fd`` back to the host.
 
-    Raises DiscardError (an OSError with the C errno) when the hole cannot be
+    Raises DiscardFailed (an OSError with the C errno) when the hole cannot be
     punched, ValueError for an empty or impossible range.
     """
     offset_bytes, length_bytes = _u64(offset_bytes, "offset"), _u64(length_bytes, "length")
@@ -224,7 +213,7 @@ def discard_runs(
     """Discard every run of plugged (or, with ``plugged=False``, unplugged) blocks of ``bitmap``.
 
     Block i lives at ``fd_offset_bytes + i * block_size_bytes`` of ``fd``; each
-    run is one fallocate.  Stops at the first failure with DiscardError, whose
+    run is one fallocate.  Stops at the first failure with DiscardFailed, whose
     ``offset`` is the start of the run that failed.
     """
     block_size_bytes = _u64(block_size_bytes, "block size")

@@ -39,6 +39,7 @@ from vfiouser_vmem.config import (
     object_spec,
     qemu_args,
 )
+from vfiouser_vmem.errors import VmemError
 from vfiouser_vmem.logtext import printable
 from vfiouser_vmem.sizes import format_size, parse_size
 
@@ -321,7 +322,6 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from vfiouser_vmem.metrics import MetricsAddressError, MetricsExporter, parse_metrics_address
     from vfiouser_vmem.server import serve
-    from vfiouser_vmem.sockets import SocketPathInUse
 
     file_config = _load_file(parser, args)
     qmp_path = args.qmp or (file_config.qmp if file_config else None)
@@ -365,12 +365,24 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         # Failures to start (a path or port in use, a permission), possibly
         # wrapped in exception groups by trio's nurseries: a message, exit 1.
         leaves = _leaf_exceptions(exc)
-        if not all(isinstance(e, (SocketPathInUse, ValueError, OSError)) for e in leaves):
+        codes = [exit_code(e) for e in leaves]
+        if None in codes:
             raise
         for e in leaves:
             logging.getLogger("vfiouser_vmem").error("%s", printable(e))
-        return EXIT_FAILURE
+        return max(code for code in codes if code is not None)
     return EXIT_OK
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of a command that ``exc`` ended (vfiouser_vmem/errors.py
+    draws the tree), or None for a bug (its traceback is shown).  A setting
+    refused as a ValueError by a lower layer counts as a failure to start."""
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, (VmemError, OSError, ValueError)):
+        return EXIT_FAILURE
+    return None
 
 
 def _leaf_exceptions(exc: BaseException) -> list[BaseException]:

@@ -49,6 +49,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, overload
 
+from vfiouser_vmem.errors import ConfigError
 from vfiouser_vmem.sizes import format_size, parse_size
 
 #: The largest device the server supports (docs/design.md, "Memory through the BAR": 1 TiB BARs).
@@ -76,10 +77,6 @@ _REFUSED_KEYS = {
     "mem-path": "not supported: only memory-backend-memfd is",
     "prealloc-threads": "not supported",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names where and what."""
 
 
 # ---------------------------------------------------------------------------

@@ -11,14 +11,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 
-class PropertyNotFound(LookupError):
-    """qom-get/qom-set of a property the device does not have."""
-
-
-class PropertyReadOnly(PermissionError):
-    """qom-set of a property that only changes at device creation."""
-
-
 class ControlledDevice(Protocol):
     #: The device's id, as given by ``--id`` (QEMU's ``-device ...,id=``).
     id: str

@@ -48,6 +48,7 @@ from collections import deque
 from datetime import datetime
 from typing import Any, TextIO
 
+from vfiouser_vmem.errors import QmpError
 from vfiouser_vmem.logtext import printable
 from vfiouser_vmem.sizes import format_size
 
@@ -61,15 +62,6 @@ DEFAULT_QMP_TIMEOUT_S = 10.0
 #: Events kept while waiting for a reply (the oldest go first): a peer that
 #: floods events cannot make ctl grow without bound.
 MAX_QUEUED_EVENTS = 10_000
-
-
-class QmpError(Exception):
-    """A QMP error reply (``desc`` is the message) or a broken connection."""
-
-    def __init__(self, desc: str, error_class: str = "") -> None:
-        super().__init__(desc)
-        self.desc = desc
-        self.error_class = error_class
 
 
 class QmpConnection:

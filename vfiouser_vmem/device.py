@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from vfiouser_vmem._blocks import ffi as _ffi
 from vfiouser_vmem.blocks import BlockBitmap, CData, CField, RangeState
+from vfiouser_vmem.errors import DiscardFailed, ProtocolViolation
 from vfiouser_vmem.sizes import format_size
 
 log = logging.getLogger("vfiouser_vmem.device")
@@ -58,15 +59,6 @@ class Response(enum.IntEnum):
     NACK = 1
     BUSY = 2
     ERROR = 3
-
-
-class ProtocolViolation(Exception):
-    """A request no driver may send (unknown type, short buffer): the
-    transport decides what to do with the queue (see virtio_pci.py)."""
-
-
-class DiscardFailed(Exception):
-    """The backend could not give memory back; the request is answered BUSY."""
 
 
 class Request(NamedTuple):

@@ -58,6 +58,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
+from vfiouser_vmem.errors import MetricsAddressError
+
 log = logging.getLogger("vfiouser_vmem.metrics")
 
 REQUEST_TYPES = {0: "plug", 1: "unplug", 2: "unplug_all", 3: "state"}
@@ -72,10 +74,6 @@ MAX_REQUEST_HEAD_BYTES = 16 << 10
 REQUEST_TIMEOUT_S = 10.0
 #: Open connections at most; the oldest is closed for a new one.
 MAX_CONNECTIONS = 32
-
-
-class MetricsAddressError(ValueError):
-    pass
 
 
 def parse_metrics_address(text: str, *, allow_remote: bool = False) -> tuple[str, int]:

@@ -149,7 +149,8 @@ from typing import Any
 import trio
 
 from . import __version__
-from .control import ControlledDevice, PropertyNotFound, PropertyReadOnly
+from .control import ControlledDevice
+from .errors import PropertyNotFound, PropertyReadOnly
 from .logtext import printable
 from .sockets import SocketPathInUse, claim_socket_path, remove_socket_if_same
 

@@ -23,9 +23,9 @@ import trio
 from vfiouser_vmem import __version__, virtio_pci as vp
 from vfiouser_vmem.backend import MemfdBackend
 from vfiouser_vmem.blocks import RangeState
-from vfiouser_vmem.control import PropertyNotFound, PropertyReadOnly
 from vfiouser_vmem.device import DiscardFailed, VirtioMemDevice
 from vfiouser_vmem.discard import DiscardQueue
+from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
 from vfiouser_vmem.sizes import format_size
 from vfiouser_vmem.sockets import claim_socket_path
 from vfiouser_vmem.vfu import (

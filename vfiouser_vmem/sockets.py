@@ -16,11 +16,12 @@ container sharing the directory answers, a stale socket refuses.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
 import stat
+
+from vfiouser_vmem.errors import SocketPathInUse
 
 __all__ = ["SocketPathInUse", "claim_socket_path", "remove_socket_if_same"]
 
@@ -28,17 +29,6 @@ log = logging.getLogger("vfiouser_vmem.sockets")
 
 #: __SO_ACCEPTCON in /proc/net/unix's Flags column: a listening socket.
 _SO_ACCEPTCON = 0x10000
-
-
-class SocketPathInUse(FileExistsError):
-    """A socket path exists and is not a stale socket: refusing to take it.
-    ``filename`` is the path; ``str()`` names it."""
-
-    def __init__(self, path: str, why: str) -> None:
-        super().__init__(errno.EEXIST, why, path)
-
-    def __str__(self) -> str:
-        return f"{self.filename}: {self.strerror}"
 
 
 def _listening_unix_paths() -> set[str] | None:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfiouser_vmem._vfu import ffi, lib
+from vfiouser_vmem.errors import ConnectionLost, VfuError
 from vfiouser_vmem.logtext import printable
 
 log = logging.getLogger("vfiouser_vmem.vfu")
@@ -105,14 +106,6 @@ PROT_READ, PROT_WRITE = 1, 2  # DMA protections (as mmap's)
 CAP_FLAG_READONLY = lib.VFU_CAP_FLAG_READONLY
 CAP_FLAG_CALLBACK = lib.VFU_CAP_FLAG_CALLBACK
 CAP_FLAG_EXTENDED = lib.VFU_CAP_FLAG_EXTENDED
-
-
-class VfuError(OSError):
-    """A libvfio-user call failed; ``errno`` is the library's."""
-
-
-class ConnectionLost(Exception):
-    """The vfio-user client went away; ``attach()`` waits for the next one."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from vfiouser_vmem._blocks import ffi as _ffi, lib as _lib
 from vfiouser_vmem.blocks import BlockBitmap, CData, CField, c_address
+from vfiouser_vmem.errors import GuestMemoryError, QueueError
 
 # A client may shrink the file behind its DMA mapping at any time: touching
 # it then is SIGBUS, which the guard turns into a refused access.
@@ -30,11 +31,6 @@ VRING_AVAIL_F_NO_INTERRUPT = 1
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
-
-
-class GuestMemoryError(Exception):
-    """A guest address the device cannot reach (or not write, or whose
-    memory vanished under the mapping)."""
 
 
 @dataclass(frozen=True)
@@ -221,11 +217,6 @@ class GuestMemory:
 
     def read_u16(self, addr: int) -> int:
         return self.unpack(_U16, addr)[0]
-
-
-class QueueError(Exception):
-    """The driver broke the virtqueue rules (virtio spec 2.7): the device
-    needs a reset."""
 
 
 @dataclass
