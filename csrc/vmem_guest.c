@@ -151,12 +151,14 @@ static void write_piece(uint8_t *host, uint64_t offset, uint64_t n, void *arg)
 
 static void check_piece(uint8_t *host, uint64_t offset, uint64_t n, void *arg)
 {
-    long page = (long)(uintptr_t)arg;
+    static uint64_t page;
     volatile uint8_t sink;
-    (void)offset;
+    (void)offset, (void)arg;
+    if (page == 0)
+        page = (uint64_t)sysconf(_SC_PAGESIZE);
     /* One read per page, and the last byte: a page beyond the end of the
      * file faults on any access. */
-    for (uint64_t i = 0; i < n; i += (uint64_t)page - ((uintptr_t)(host + i) & (uint64_t)(page - 1)))
+    for (uint64_t i = 0; i < n; i += page - ((uintptr_t)(host + i) & (page - 1)))
         sink = host[i];
     if (n)
         sink = host[n - 1];
@@ -173,7 +175,7 @@ int vmem_guest_write(struct vmem_guest_memory *mem, uint64_t addr, const uint8_t
 {
     /* Refused before anything is written when a mapping does not allow it:
      * check the whole range first (no faults expected, so cheap). */
-    int rc = walk(mem, addr, len, 1, bad_addr, check_piece, (void *)(uintptr_t)sysconf(_SC_PAGESIZE));
+    int rc = walk(mem, addr, len, 1, bad_addr, check_piece, NULL);
     if (rc != VMEM_ACCESS_OK)
         return rc;
     return walk(mem, addr, len, 1, bad_addr, write_piece, (void *)data);
@@ -181,5 +183,5 @@ int vmem_guest_write(struct vmem_guest_memory *mem, uint64_t addr, const uint8_t
 
 int vmem_guest_check(struct vmem_guest_memory *mem, uint64_t addr, uint64_t len, int want_write, uint64_t *bad_addr)
 {
-    return walk(mem, addr, len, want_write, bad_addr, check_piece, (void *)(uintptr_t)sysconf(_SC_PAGESIZE));
+    return walk(mem, addr, len, want_write, bad_addr, check_piece, NULL);
 }

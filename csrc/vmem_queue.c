@@ -45,15 +45,8 @@ struct vring_desc {
     uint16_t next;
 };
 
-/* The host address of [addr, addr + len) when it lies in one mapping that
- * allows the access, else NULL (Python then reports why, or handles the
- * straddle). */
-static uint8_t *guest_ptr(struct vmem_guest_memory *mem, uint64_t addr, uint64_t len, int want_write)
-{
-    return vmem_guest_ptr(mem, addr, len, want_write);
-}
-
-/* guest_ptr(base + offset): ring addresses come from the driver, and an
+/* vmem_guest_ptr(base + offset) (NULL: Python then reports why, or handles
+ * the straddle): ring addresses come from the driver, and an
  * address that wraps past 2^64 is out of reach (Python's path computes it
  * without wrapping and refuses it), not a way back to low guest memory. */
 static uint8_t *ring_ptr(struct vmem_guest_memory *mem, uint64_t base, uint64_t offset, uint64_t len,
@@ -62,7 +55,7 @@ static uint8_t *ring_ptr(struct vmem_guest_memory *mem, uint64_t base, uint64_t 
     uint64_t addr;
     if (__builtin_add_overflow(base, offset, &addr))
         return NULL;
-    return guest_ptr(mem, addr, len, want_write);
+    return vmem_guest_ptr(mem, addr, len, want_write);
 }
 
 static uint64_t now_ns(void)
@@ -183,7 +176,7 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
             uint32_t need = RESPONSE_SIZE > writable_bytes ? RESPONSE_SIZE - writable_bytes : 0;
             uint32_t n = desc.len < need ? desc.len : need;
             writable[nr_writable] = NULL;
-            if (n && (writable[nr_writable] = guest_ptr(mem, desc.addr, n, 1)) == NULL)
+            if (n && (writable[nr_writable] = vmem_guest_ptr(mem, desc.addr, n, 1)) == NULL)
                 return -1;
             writable_len[nr_writable++] = n;
             writable_bytes += n;
@@ -194,7 +187,7 @@ static int serve_one(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
             if (desc.len < n)
                 n = desc.len;
             if (n) {
-                if ((p = guest_ptr(mem, desc.addr, n, 0)) == NULL)
+                if ((p = vmem_guest_ptr(mem, desc.addr, n, 0)) == NULL)
                     return -1;
                 readable_bytes += n;
                 uint32_t take = REQUEST_SIZE - request_bytes;

@@ -340,12 +340,12 @@ class DeviceServer:
         if getattr(self, "_conn_fd", None) is None or self.ctx.poll_fd != self._conn_fd:
             return
         try:
-            self._drop_stuck_client("after an internal error")
+            self._drop_stuck_client("after an internal error")  # wakes the discard worker
         except ConnectionLost:
             pass
         except Exception:
             self.log.exception("%s: could not drop vfio-user client %d", self.config.id, self.clients_total)
-        self.discards.wake()
+            self.discards.wake()
 
     def _drop_stuck_client(self, why: str) -> None:
         """Drop a client that holds its connection in the middle of a message

@@ -419,7 +419,7 @@ class VfuContext:
     def bound_io(self, timeout_s: float) -> None:
         """A blocking receive or send on the client's connection gives up
         after ``timeout_s`` (SO_RCVTIMEO/SO_SNDTIMEO): the backstop behind
-        ``message_ready``/``can_reply``, so that nothing can hold the
+        ``next_message``, so that nothing can hold the
         thread longer (libvfio-user then drops the client)."""
         conn = socket.socket(fileno=os.dup(self.poll_fd))
         try:

@@ -45,15 +45,14 @@ class DeviceMemory:
 
 
 class _Mapping:
-    __slots__ = ("iova", "end", "buffer", "why_unreachable", "writable", "device")
+    __slots__ = ("iova", "end", "buffer", "why_unreachable", "device")
 
     def __init__(self, iova: int, length: int, buffer: memoryview | None, why_unreachable: str,
-                 writable: bool, device: DeviceMemory | None) -> None:
+                 device: DeviceMemory | None) -> None:
         self.iova = iova
         self.end = iova + length
         self.buffer = buffer
         self.why_unreachable = why_unreachable
-        self.writable = writable
         self.device = device
 
 
@@ -96,8 +95,7 @@ class GuestMemory:
         self._drop(iova, length)
         i = bisect.bisect_right(self._starts, iova)
         self._starts.insert(i, iova)
-        writable = buffer is not None and not buffer.readonly
-        self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable, writable, device))
+        self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable, device))
         self._update_c_memory()
 
     def remove(self, iova: int, length: int) -> None:
@@ -128,7 +126,7 @@ class GuestMemory:
                 host = _ffi.from_buffer("uint8_t[]", m.buffer)
                 buffers.append(host)
                 entry.host = host
-                entry.writable = 1 if m.writable else 0
+                entry.writable = 0 if m.buffer.readonly else 1
                 if m.device is not None:
                     entry.plugged_words = m.device.bitmap.words
                     entry.nb_blocks = m.device.bitmap.nb_blocks
@@ -155,7 +153,7 @@ class GuestMemory:
             return self._mappings[i]
         return None
 
-    def _refused(self, rc: int, addr: int, length: int, bad: int) -> GuestMemoryError:
+    def _refused(self, rc: int, bad: int) -> GuestMemoryError:
         if rc == _lib.VMEM_ACCESS_FAULT:
             return GuestMemoryError(self.fault_message or f"guest memory at {bad:#x} faulted")
         if rc == _lib.VMEM_ACCESS_UNPLUGGED:
@@ -166,8 +164,6 @@ class GuestMemory:
             return GuestMemoryError(
                 f"guest address {bad:#x} is mapped read-only (DMA_MAP without write access): "
                 "the device cannot write there")
-        if addr + length > _U64_LIMIT or addr < 0 or length < 0:
-            return GuestMemoryError(f"guest range {addr:#x}+{length:#x} overflows")
         m = self._find(bad)
         if m is not None and m.buffer is None:
             return GuestMemoryError(f"guest address {bad:#x}: {m.why_unreachable}")
@@ -186,7 +182,7 @@ class GuestMemory:
         out = bytearray(length)
         rc = _lib.vmem_guest_read(self.c_memory, addr, _ffi.from_buffer(out), length, self._bad)
         if rc:
-            raise self._refused(rc, addr, length, int(self._bad[0]))
+            raise self._refused(rc, int(self._bad[0]))
         return bytes(out)
 
     def write(self, addr: int, data: bytes) -> None:
@@ -195,7 +191,7 @@ class GuestMemory:
             return
         rc = _lib.vmem_guest_write(self.c_memory, addr, data, len(data), self._bad)
         if rc:
-            raise self._refused(rc, addr, len(data), int(self._bad[0]))
+            raise self._refused(rc, int(self._bad[0]))
 
     def check(self, addr: int, length: int, *, writable: bool) -> None:
         """Raise GuestMemoryError unless [addr, addr + length) can be read
@@ -205,7 +201,7 @@ class GuestMemory:
             return
         rc = _lib.vmem_guest_check(self.c_memory, addr, length, 1 if writable else 0, self._bad)
         if rc:
-            raise self._refused(rc, addr, length, int(self._bad[0]))
+            raise self._refused(rc, int(self._bad[0]))
 
     def unpack(self, fmt: struct.Struct, addr: int) -> tuple:
         """``fmt.unpack`` of the guest bytes at ``addr``."""
