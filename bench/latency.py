@@ -44,8 +44,8 @@ from bench import report  # noqa: E402
 from bench.qemutrace import load_trace, parse_trace_line, trace_args as _trace_args  # noqa: E402,F401 (parse_trace_line: tests)
 from bench.run import SETTLE_S, OursVmem, boot, environment, say, track_resize  # noqa: E402
 from bench.qemu_vmem import QemuVmem  # noqa: E402
-from vfiouser_vmem import virtio_pci as vp  # noqa: E402
-from vfiouser_vmem.sizes import format_size, parse_size  # noqa: E402
+from vfiouser_vmem.virtio import _pci as vp  # noqa: E402
+from vfiouser_vmem.util.sizes import format_size, parse_size  # noqa: E402
 
 #: QEMU trace events per device (the ``log`` backend, one line each).
 TRACE_EVENTS = {

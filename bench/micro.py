@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vfiouser_vmem.blocks import BlockBitmap, allocated_bytes, discard_runs
+from vfiouser_vmem.vmem._bitmap import BlockBitmap, allocated_bytes, discard_runs
 
 from bench.procinfo import proc_rss
 from harness import stop_process  # noqa: E402  (on the path through bench.procinfo)
@@ -113,18 +113,21 @@ def bench_unplug_all(device_bytes: int, block_bytes: int = 2 * MIB, *, reps: int
     (``DiscardQueue.drain_now``, one fallocate per run: what the worker
     thread runs), against the C ``discard_runs`` over the same bitmap:
     every ``stride``-th block plugged, untouched (the loops' own cost)."""
-    from vfiouser_vmem.backend import MemfdBackend
-    from vfiouser_vmem.device import VirtioMemDevice
-    from vfiouser_vmem.discard import DiscardQueue
+    from vfiouser_vmem.vmem._backend import MemfdBackend
+    from vfiouser_vmem.vmem import HostMemory, VirtioMemDevice
+    from vfiouser_vmem.vmem._discard import DiscardQueue
 
     nb_blocks = device_bytes // block_bytes
     backend = MemfdBackend(device_bytes, name="vfiouser-vmem-bench")
     times: dict[str, list[float]] = {"unplug_all": [], "give_back": [], "c": []}
     try:
         queue = DiscardQueue(backend.discard, chunk_bytes=32 * MIB)
+        class QueuedDiscards(HostMemory):
+            discard = staticmethod(queue.submit)
+            claim = staticmethod(queue.claim)
+
         model = VirtioMemDevice(region_size_bytes=device_bytes, block_size_bytes=block_bytes,
-                                discard=queue.submit, before_plug=queue.claim,
-                                page_size_bytes=backend.page_size_bytes)
+                                host_memory=QueuedDiscards(), page_size_bytes=backend.page_size_bytes)
         for _ in range(reps):
             for i in range(0, nb_blocks, stride):
                 model.bitmap.set_range(i, 1)

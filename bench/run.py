@@ -39,7 +39,7 @@ from harness import MIB, Guest, GuestError, Kit, QmpClient, kvm_works, short_tmp
 from bench import micro, qemutrace, report  # noqa: E402
 from bench.procinfo import add_rss, cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402
 from bench.qemu_vmem import QemuVmem  # noqa: E402
-from vfiouser_vmem.sizes import format_size, parse_size  # noqa: E402
+from vfiouser_vmem.util.sizes import format_size, parse_size  # noqa: E402
 
 BOOT_TIMEOUT_S = 240
 RESIZE_TIMEOUT_S = 180

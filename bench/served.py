@@ -65,7 +65,7 @@ VFU_EVENTS: dict[str, list[list[float]]] = {"run": [], "bar0": []}
 
 
 def _install_vfu_timing() -> None:
-    from vfiouser_vmem import vfu
+    from vfiouser_vmem.vfio_user import _context as vfu
 
     run = vfu.VfuContext.run
 
@@ -110,9 +110,9 @@ EVENTS: list[list] = []
 
 
 def _install_events() -> None:
-    from vfiouser_vmem import virtio_pci as vp
-    from vfiouser_vmem import vfu
-    from vfiouser_vmem import virtqueue as vq
+    from vfiouser_vmem.virtio import _pci as vp
+    from vfiouser_vmem.vfio_user import _context as vfu
+    from vfiouser_vmem.virtio import _virtqueue as vq
 
     now, ev = time.time, EVENTS.append
     run = vfu.VfuContext.run
@@ -221,7 +221,7 @@ QUEUE_RUNS: list[list[float]] = []
 
 
 def _install_queue_timing() -> None:
-    from vfiouser_vmem import virtio_pci as vp
+    from vfiouser_vmem.virtio import _pci as vp
 
     process_queue = vp.VirtioPciTransport.process_queue
 
@@ -274,7 +274,7 @@ def _install_observer() -> None:
 def _serve_many(args: argparse.Namespace) -> int:
     import trio
 
-    from vfiouser_vmem.sizes import parse_size
+    from vfiouser_vmem.util.sizes import parse_size
 
     size = parse_size(args.size)
     configs = [
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             return _serve_many(args)
-        from vfiouser_vmem.cli import main as cli_main
+        from vfiouser_vmem.cli._main import main as cli_main
 
         return cli_main(cli_args)
     finally:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import MIB, Guest, Kit, VmemServer, short_tmpdir, wait_for  # noqa: E402
 
-from vfiouser_vmem.sizes import format_size, parse_size  # noqa: E402
+from vfiouser_vmem.util.sizes import format_size, parse_size  # noqa: E402
 
 
 def say(text: str) -> None:

@@ -284,7 +284,7 @@ class Guest:
                       "-object", f"memory-backend-memfd,id=ram0,size={ram},share=on"]
         else:
             # Guest RAM split evenly over the nodes, each part shared.
-            from vfiouser_vmem.sizes import format_size, parse_size
+            from vfiouser_vmem.util.sizes import format_size, parse_size
 
             per_node = format_size(parse_size(ram) // numa_nodes)
             memory = ["-machine", "q35", "-m", ram]

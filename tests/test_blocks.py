@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from vfiouser_vmem.blocks import (
+from vfiouser_vmem.vmem._bitmap import (
     BlockBitmap,
     DiscardFailed,
     RangeState,

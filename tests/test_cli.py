@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from proc_util import terminate
-from vfiouser_vmem.sizes import format_size, parse_size
+from vfiouser_vmem.util.sizes import format_size, parse_size
 
 EXE = [sys.executable, "-m", "vfiouser_vmem.cli"]
 
@@ -239,7 +239,7 @@ def test_second_server_on_the_same_socket_is_refused_and_the_first_lives_on(tmp)
 # QEMU-style configuration: --object/--device, --config FILE
 
 from vfiouser_vmem import cli  # noqa: E402
-from vfiouser_vmem.config import ConfigError, build_configs, device_spec, load_config_file, object_spec, parse_keyval  # noqa: E402
+from vfiouser_vmem.cli._config import ConfigError, build_configs, device_spec, load_config_file, object_spec, parse_keyval  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -345,7 +345,7 @@ def test_build_configs_refuses(objects, devices, message):
 
 
 def test_hugetlb_defaults_the_block_size_to_the_huge_page_size():
-    from vfiouser_vmem.config import default_huge_page_size
+    from vfiouser_vmem.cli._config import default_huge_page_size
 
     huge = default_huge_page_size()
     if huge is None:

@@ -15,9 +15,9 @@ import pytest
 from test_protocol import BAR_ADDR, BLOCK, Vmem, vmem, vmem_factory  # noqa: F401 (fixtures)
 from test_vfu_notify import Bar0Spy, spy  # noqa: F401 (fixture)
 from vfiouser_vmem._blocks import ffi as blocks_ffi, lib as blocks_lib
-from vfiouser_vmem.device import CONFIG_SIZE, MIB, VirtioMemDevice
+from vfiouser_vmem.vmem import CONFIG_SIZE, MIB, VirtioMemDevice
 from vfiouser_vmem.server import ControlledVmem
-from vfiouser_vmem.virtio_pci import COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, PCI_MSIX_FLAGS_ENABLE, VirtioPciTransport
+from vfiouser_vmem.virtio._pci import COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, PCI_MSIX_FLAGS_ENABLE, VirtioPciTransport
 
 BS = 2 * MIB
 GEN = COMMON_CFG_OFFSET + 0x15  # config_generation (virtio spec 4.1.4.3)
@@ -36,7 +36,7 @@ def transport(*, bar_addr: int = 0x40_0000_0000, node: int | None = 3) -> Virtio
 def c_read(t: VirtioPciTransport, offset: int, count: int) -> bytes | None:
     """What the binding gets from the C side: the bytes, or None (Python's)."""
     buf = blocks_ffi.new("char[]", max(count, 1))
-    if blocks_lib.vmem_bar0_fast_read(blocks_ffi.cast("void *", t.fast_read_arg_address), buf, count, offset):
+    if blocks_lib.vmem_bar0_fast_read(blocks_ffi.cast("void *", t.fast_read_address[1]), buf, count, offset):
         return blocks_ffi.buffer(buf, count)[:]
     return None
 

@@ -433,7 +433,8 @@ async def test_ctl_names_the_socket_when_the_qmp_peer_misbehaves(peer: str) -> N
 
 
 def test_ctl_help_documents_the_qmp_timeout(capsys) -> None:
-    from vfiouser_vmem import cli, ctl
+    from vfiouser_vmem.cli import _main as cli
+    from vfiouser_vmem.cli import _ctl as ctl
 
     for args in (["ctl", "--help"], ["ctl", "info", "--help"]):
         with pytest.raises(SystemExit):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vfiouser_vmem.device import (
+from vfiouser_vmem.vmem import (
     MIB,
     USABLE_EXTENT_BYTES,
     DiscardFailed,
@@ -13,8 +13,9 @@ from vfiouser_vmem.device import (
     RequestType,
     Response,
     VirtioMemDevice,
+    HostMemory,
+    check_block_size,
     unpack_response,
-    validate_block_size,
 )
 
 GIB = 1 << 30
@@ -22,7 +23,7 @@ BASE = 0x10_0000_0000
 BS = 2 * MIB
 
 
-class Recorder:
+class Recorder(HostMemory):
     def __init__(self) -> None:
         self.discards: list[tuple[int, int]] = []
         self.config_changes = 0
@@ -41,7 +42,8 @@ class Recorder:
 def make(size=4 * GIB, block=BS, requested=0, node=None):
     rec = Recorder()
     dev = VirtioMemDevice(region_size_bytes=size, block_size_bytes=block, requested_size_bytes=requested,
-                          node_id=node, discard=rec.discard, on_config_change=rec.config_changed)
+                          node_id=node, host_memory=rec)
+    dev.set_config_notifier(rec.config_changed)
     dev.addr = BASE
     dev.size_listeners.append(rec.sizes.append)
     return dev, rec
@@ -284,7 +286,7 @@ def test_block_sizes_from_1m_to_1g(block):
 )
 def test_bad_block_sizes(block, page, message):
     with pytest.raises(ValueError, match=message):
-        validate_block_size(block, page_size_bytes=page)
+        check_block_size(block, page_size_bytes=page)
 
 
 def test_region_size_must_be_a_multiple_of_the_block_size():

@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from vfiouser_vmem.device import DiscardFailed
-from vfiouser_vmem.discard import DiscardQueue, RangeSet
+from vfiouser_vmem.vmem import DiscardFailed
+from vfiouser_vmem.vmem._discard import DiscardQueue, RangeSet
 
 MiB = 1 << 20
 TIMEOUT = 5

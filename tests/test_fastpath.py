@@ -20,9 +20,8 @@ import struct
 import pytest
 
 from vfiouser_vmem._blocks import ffi as blocks_ffi, lib as blocks_lib
-from vfiouser_vmem.device import MIB, DiscardFailed, RequestType, Response, VirtioMemDevice
-from vfiouser_vmem.virtqueue import served_array
-from vfiouser_vmem.virtio_pci import (
+from vfiouser_vmem.vmem import MIB, DiscardFailed, HostMemory, RequestServed, RequestType, Response, VirtioMemDevice
+from vfiouser_vmem.virtio._pci import (
     PCI_MSIX_FLAGS_ENABLE,
     VIRTIO_CONFIG_S_DRIVER_OK,
     VirtioPciTransport,
@@ -41,7 +40,7 @@ F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 PLUG, UNPLUG, UNPLUG_ALL, STATE = (int(t) for t in RequestType)
 
 
-class DiscardQueueModel:
+class DiscardQueueModel(HostMemory):
     """The server's contract (server.py, discard.py) in miniature: discards
     are queued; a PLUG claims its range out of the queue; while ``refusing``,
     discards raise DiscardFailed and UNPLUG is answered BUSY."""
@@ -63,7 +62,7 @@ class DiscardQueueModel:
     def claim_due(self) -> bool:
         return bool(self.queued)
 
-    def refused(self) -> bool:
+    def discard_refused(self) -> bool:
         return self.refusing
 
 
@@ -77,8 +76,7 @@ class Guest:
         self.discards = DiscardQueueModel()
         self.device = VirtioMemDevice(
             region_size_bytes=REGION, block_size_bytes=BS, requested_size_bytes=requested,
-            discard=self.discards.discard, before_plug=self.discards.claim,
-            before_plug_due=self.discards.claim_due, discard_refused=self.discards.refused,
+            host_memory=self.discards,
         )
         self.sizes: list[int] = []
         self.device.size_listeners.append(self.sizes.append)
@@ -92,7 +90,8 @@ class Guest:
         )
         self.transport.serve_in_c = in_c
         self.observed: list[tuple[int, int]] = []
-        self.transport.request_observers.append(lambda t, r, s: self.observed.append((t, r)))
+        self.device.observers.subscribe(lambda e: self.observed.append((e.request.type, int(e.response))),
+                                        RequestServed)
         self.c_served = 0
         c_served = self.device.c_requests_served
 
@@ -188,12 +187,12 @@ class Guest:
         if self.armed:
             # What vmem_region_fast_notify does with an armed serve.
             self.armed = False
-            vector = blocks_lib.vmem_serve_on_notify(blocks_ffi.cast("void *", t.notify_serve.arg_address),
+            vector = blocks_lib.vmem_serve_on_notify(blocks_ffi.cast("void *", t.handler.native.notify_arg_address),
                                                      self.need_python)
             if vector >= 0:
                 self.interrupts.append(vector)
             kicked = bool(self.need_python[0])
-            self.in_notify += t.notify_serve._c.nr_served
+            self.in_notify += t.handler.native.notify_state.nr_served
         answered = t.serve_kicks(kicked)
         self.messages()
         return answered
@@ -413,8 +412,9 @@ def test_no_interrupt_flag_is_honoured_after_the_c_path():
 def test_a_full_batch_is_served_in_several_calls():
     """More requests than the served[] array holds (VMEM_SERVE_FULL)."""
     c, py = both()
-    c.transport._c_served = served_array(2)
-    c.transport.notify_serve._c.max_served = 2  # the first two of served[]
+    native = c.transport.handler.native
+    native._served = blocks_ffi.new("struct vmem_served[]", 2)
+    native.notify_state.max_served = 2  # the first two of served[]
     for g in (c, py):
         # Exactly as many as fit: the notify write stops for Python, which
         # finds the queue empty and still owes the guest the interrupt.
@@ -489,10 +489,10 @@ def test_a_system_reset_drops_requests_served_in_a_notify_but_not_booked():
     g.request(PLUG, BAR_ADDR, 2)
     g.serve()
     g.request(UNPLUG, BAR_ADDR, 1)
-    vector = blocks_lib.vmem_serve_on_notify(blocks_ffi.cast("void *", g.transport.notify_serve.arg_address),
+    vector = blocks_lib.vmem_serve_on_notify(blocks_ffi.cast("void *", g.transport.handler.native.notify_arg_address),
                                              g.need_python)
-    assert vector == 1 and g.transport.notify_serve._c.nr_served == 1
+    assert vector == 1 and g.transport.handler.native.notify_state.nr_served == 1
     g.transport.system_reset()
-    assert g.transport.notify_serve._c.nr_served == 0
+    assert g.transport.handler.native.notify_state.nr_served == 0
     assert g.transport.take_notify_served() == 0
     assert g.device.plugged_size == 0

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vfio_user_client import BAR2, VfioUserClient
 from virtio_driver import ACK, ERROR, NACK, PLUGGED, UNPLUGGED, VirtioMemDriver
-from vfiouser_vmem.metrics import MetricsAddressError, MetricsExporter, parse_metrics_address
+from vfiouser_vmem.control._metrics import MetricsAddressError, MetricsExporter, parse_metrics_address
 from vfiouser_vmem.server import DeviceConfig, DeviceServer
 
 MiB = 1 << 20
@@ -245,7 +245,7 @@ async def _wait_until(condition, what: str) -> None:
 async def test_connections_are_bounded_and_a_scraper_still_gets_through(exported, caplog) -> None:
     """Idle connections (nothing sent) beyond the limit: the oldest are
     closed at once, without a response, with a WARNING; a scrape works."""
-    from vfiouser_vmem import metrics
+    from vfiouser_vmem.control import _metrics as metrics
 
     exporter, _ = exported
     host, port = exporter.address
@@ -270,7 +270,7 @@ async def test_connections_are_bounded_and_a_scraper_still_gets_through(exported
 async def test_a_client_that_does_not_read_its_response_is_cut_off(exported, monkeypatch) -> None:
     """The response is sent under a deadline too: a client that never reads
     a large body does not hold its connection (and the body) forever."""
-    from vfiouser_vmem import metrics
+    from vfiouser_vmem.control import _metrics as metrics
 
     exporter, _ = exported
     monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 0.5)
@@ -295,7 +295,7 @@ async def test_a_client_that_does_not_read_its_response_is_cut_off(exported, mon
 
 
 async def test_a_request_that_trickles_in_gets_408_at_the_deadline(exported, monkeypatch) -> None:
-    from vfiouser_vmem import metrics
+    from vfiouser_vmem.control import _metrics as metrics
 
     exporter, _ = exported
     monkeypatch.setattr(metrics, "REQUEST_TIMEOUT_S", 0.5)

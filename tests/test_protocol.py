@@ -785,12 +785,12 @@ async def test_a_failure_on_the_host_side_answers_busy_and_the_device_carries_on
     # guest gets BUSY (never ERROR, which marks its device broken), nothing
     # changes, and the next request is served.
     d, model = vmem.driver, vmem.server.model
-    claim, due = model._before_plug, model._before_plug_due
+    host = model.host_memory  # the DeviceServer
 
     def broken_claim(offset: int, length: int) -> None:
         raise RuntimeError("claim failed")
 
-    model._before_plug, model._before_plug_due = broken_claim, lambda: True  # PLUGs go to Python
+    host.claim, host.claim_due = broken_claim, lambda: True  # PLUGs go to Python
     await vmem.sync()  # the C paths are armed again after a message: now without PLUGs
     try:
         with caplog.at_level(logging.ERROR):
@@ -799,7 +799,7 @@ async def test_a_failure_on_the_host_side_answers_busy_and_the_device_carries_on
         assert model.plugged_size == 0
         assert not await d.status() & STATUS_NEEDS_RESET
     finally:
-        model._before_plug, model._before_plug_due = claim, due
+        del host.claim, host.claim_due
     assert await d.plug(BAR_ADDR, 1) == ACK
     await vmem.assert_alive()
 
@@ -1185,7 +1185,7 @@ async def test_silent_client_does_not_hold_the_server(vmem_factory: VmemFactory)
 async def test_libvfio_user_translation_matches_the_guest_ram(vmem: Vmem) -> None:
     """VfuContext.dma_view (vfu_addr_to_sgl + vfu_sgl_get) sees the same bytes
     as the client's own memfd, and refuses what is not mapped."""
-    from vfiouser_vmem.vfu import VfuError
+    from vfiouser_vmem.vfio_user._context import VfuError
 
     ram = vmem.driver.ram
     at = ram.iova + ram.size - 0x1000  # past the rings and request buffers

@@ -32,8 +32,8 @@ import trio.testing
 from fake_device import GiB, MiB, FakeDevice
 from vfiouser_vmem import __version__
 from vfiouser_vmem.errors import PropertyReadOnly
-from vfiouser_vmem.qmp import QmpServer, _JsonStreamSplitter, _Oversize, _ParseError
-from vfiouser_vmem.sockets import SocketPathInUse
+from vfiouser_vmem.control._qmp import QmpServer, _JsonStreamSplitter, _Oversize, _ParseError
+from vfiouser_vmem.util.sockets import SocketPathInUse
 
 TIMEOUT = 10  # generous bound for things that should take milliseconds
 
@@ -314,7 +314,7 @@ def test_an_id_that_cannot_be_encoded_is_refused_before_the_command_runs() -> No
     """Defence in depth behind the parser: a request whose id no reply could
     carry (here built directly, a NaN) is refused, without its id, and its
     command does not run."""
-    from vfiouser_vmem.qmp import _Client
+    from vfiouser_vmem.control._qmp import _Client
 
     device = FakeDevice()
     server = QmpServer({"vmem0": device})
@@ -588,7 +588,7 @@ def test_splitter_fast_path_keeps_the_nesting_limit_when_the_parser_could_go_dee
 
 @pytest.mark.parametrize("result", [0, 1, -7, 1 << 63, True, False, None, {}, {"a": 1}, [], [1], "s", 1.5])
 def test_encoded_returns_are_what_json_dumps_writes(result: Any) -> None:
-    from vfiouser_vmem.qmp import _encode_return
+    from vfiouser_vmem.control._qmp import _encode_return
 
     assert _encode_return(result) == (json.dumps({"return": result}) + "\n").encode()
 
@@ -1085,7 +1085,7 @@ async def test_replies_queued_for_a_client_are_bounded_in_bytes(sock_dir: str) -
     """A client that sends requests but never reads stalls itself: what the
     server holds for it is bounded in bytes (the replies here quote a 200 KB
     parameter name), not only in messages."""
-    from vfiouser_vmem.qmp import DEFAULT_MAX_QUEUED_BYTES
+    from vfiouser_vmem.control._qmp import DEFAULT_MAX_QUEUED_BYTES
 
     path = os.path.join(sock_dir, "q")
     name = "p" * 200_000

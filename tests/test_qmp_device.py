@@ -14,7 +14,7 @@ import trio
 from test_protocol import BAR_ADDR, BLOCK, TIMEOUT, Vmem, vmem, vmem_factory  # noqa: F401 (fixtures)
 from virtio_driver import ACK
 
-from vfiouser_vmem.qmp import QmpServer
+from vfiouser_vmem.control._qmp import QmpServer
 from vfiouser_vmem.server import ControlledVmem
 
 MiB = 1 << 20

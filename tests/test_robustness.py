@@ -518,7 +518,7 @@ def test_libvfio_user_log_lines_are_escaped(tmp_path: Path, caplog: pytest.LogCa
     # escapes every line, so that no client can forge a line (a line break)
     # or send escape sequences to whoever reads the log on a terminal.
     from vfiouser_vmem._vfu import ffi, lib
-    from vfiouser_vmem.vfu import VfuContext
+    from vfiouser_vmem.vfio_user._context import VfuContext
 
     with VfuContext(str(tmp_path / "s.sock")) as ctx:
         with caplog.at_level("ERROR"):

@@ -25,10 +25,10 @@ import trio
 from test_protocol import BAR_ADDR, BLOCK, TIMEOUT, Vmem, vmem, vmem_factory  # noqa: F401 (fixtures)
 from vfio_user_client import BAR0, VfioUserError
 from virtio_driver import ACK, BUSY, COMMON_NUMQ, ERROR, COMMON_STATUS, PLUG, PLUGGED, RESPONSE_SIZE, STATE, request, response
-from vfiouser_vmem import virtio_pci as vp
+from vfiouser_vmem.virtio import _pci as vp
 from vfiouser_vmem._vfu import ffi, lib
 from vfiouser_vmem.server import ControlledVmem
-from vfiouser_vmem.vfu import IrqType, PciType, Region, RegionFlag, ResetType, VfuContext
+from vfiouser_vmem.vfio_user._context import IrqType, PciType, Region, RegionFlag, ResetType, VfuContext
 
 NOTIFY = vp.NOTIFY_OFFSET
 NOTIFY_LEN = vp.NOTIFY_OFF_MULTIPLIER * vp.NUM_QUEUES

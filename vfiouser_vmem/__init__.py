@@ -1,14 +1,75 @@
 """vfiouser-vmem: an out-of-process virtio-mem PCI device for QEMU's vfio-user-pci.
 
-Layers, each depending only on the ones before it:
+The public API (docs/api.md) is what this module exports: start devices
+in-process with ``open_server`` and hold them (``Server``, ``Device``),
+plug a ``PlugPolicy`` into a device, observe its events, bring a
+``MemoryBackend`` of one's own, catch ``VmemError``.
 
-- ``vfu``: thin cffi binding to libvfio-user (vfio-user protocol);
-- ``blocks``: the C helper of ``csrc/`` (block bitmap, discard loop);
-- ``backend``: the memory backend (memfd) that the memory BAR exposes;
-- ``virtio_pci`` / ``virtqueue``: the virtio 1.x modern PCI transport;
-- ``device``: the virtio-mem device model (pure logic, no sockets);
-- ``server`` / ``qmp``: the trio server and its QMP control plane;
+The layers (docs/architecture.md), each importing only the ones before it:
+
+- ``errors``, ``util``: the error tree and shared utilities;
+- ``vfio_user``: thin cffi binding to libvfio-user (vfio-user protocol);
+- ``virtio``: the virtio 1.x PCI transport and split virtqueue, for any
+  ``VirtioDevice``;
+- ``vmem``: the virtio-mem device (spec, model, bitmap, discards, backends);
+- ``control``: QMP and metrics;
+- ``server``: the device server and the process that runs devices;
 - ``cli``: the command line.
 """
 
 __version__ = "0.1.0"
+
+from vfiouser_vmem.errors import (  # noqa: E402  (after __version__, which the layers read)
+    ConfigError,
+    DiscardFailed,
+    DriverError,
+    SocketPathInUse,
+    VmemError,
+)
+from vfiouser_vmem.server import Device, DeviceConfig, Server, open_server, serve  # noqa: E402
+from vfiouser_vmem.vmem import (  # noqa: E402
+    ClientConnected,
+    ClientDisconnected,
+    DeviceEvent,
+    HostMemory,
+    MemfdBackend,
+    MemoryBackend,
+    PluggedSizeChanged,
+    PlugPolicy,
+    Request,
+    RequestedSizeChanged,
+    RequestServed,
+    RequestType,
+    Reset,
+    Response,
+    VirtioMemDevice,
+)
+
+__all__ = [
+    "ClientConnected",
+    "ClientDisconnected",
+    "ConfigError",
+    "Device",
+    "DeviceConfig",
+    "DeviceEvent",
+    "DiscardFailed",
+    "DriverError",
+    "HostMemory",
+    "MemfdBackend",
+    "MemoryBackend",
+    "PlugPolicy",
+    "PluggedSizeChanged",
+    "Request",
+    "RequestServed",
+    "RequestType",
+    "RequestedSizeChanged",
+    "Reset",
+    "Response",
+    "Server",
+    "SocketPathInUse",
+    "VirtioMemDevice",
+    "VmemError",
+    "__version__",
+    "open_server",
+    "serve",
+]

@@ -148,11 +148,11 @@ from typing import Any
 
 import trio
 
-from . import __version__
-from .control import ControlledDevice
-from .errors import PropertyNotFound, PropertyReadOnly
-from .logtext import printable
-from .sockets import SocketPathInUse, claim_socket_path, remove_socket_if_same
+from vfiouser_vmem import __version__
+from vfiouser_vmem.control._protocol import ControlledDevice
+from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
+from vfiouser_vmem.util.logtext import printable
+from vfiouser_vmem.util.sockets import SocketPathInUse, claim_socket_path, remove_socket_if_same
 
 __all__ = [
     "QEMU_VERSION",

@@ -34,8 +34,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from vfiouser_vmem.device import DiscardFailed
-from vfiouser_vmem.sizes import format_size
+from vfiouser_vmem.errors import DiscardFailed
+from vfiouser_vmem.util.sizes import format_size
 
 log = logging.getLogger("vfiouser_vmem.discard")
 

@@ -1,4 +1,4 @@
-"""virtio 1.x modern PCI transport (virtio spec 4.1) for the virtio-mem model.
+"""virtio 1.x modern PCI transport (virtio spec 4.1) of a ``VirtioDevice``.
 
 BAR layout (docs/design.md, "Memory through the BAR"):
 
@@ -7,7 +7,10 @@ BAR layout (docs/design.md, "Memory through the BAR"):
 - BAR1 (32-bit memory, 4 KiB, trapped): the MSI-X table and PBA.  QEMU
   emulates the table itself; it reads the PBA from the device.
 - BAR2/3 (64-bit prefetchable memory, mmap-able): the device memory, backed
-  by the server's memfd; a power of two >= max(device size, 128 MiB).
+  by the server's memory backend; a power of two >= max(device memory, 128 MiB).
+
+The device type is behind ``VirtioDevice`` (``_device.py``): nothing here
+names one.
 
 Queue work never runs in a region callback: a notify write only records the
 kick (an mmap-able region turns off QEMU's posted writes, so the vCPU waits
@@ -21,36 +24,16 @@ import struct
 import time
 from collections.abc import Callable
 
-from vfiouser_vmem._blocks import ffi as _blocks_ffi
-from vfiouser_vmem.blocks import CData, CField, c_address
-from vfiouser_vmem.device import (
-    CONFIG_SIZE,
-    RESPONSE_SIZE,
-    VIRTIO_ID_MEM,
-    ProtocolViolation,
-    Response,
-    VirtioMemDevice,
-    pack_response,
-)
-from vfiouser_vmem.sizes import format_size
-from vfiouser_vmem.virtqueue import (
-    SERVE_DONE,
-    SERVE_FAULT,
-    SERVE_FULL,
-    GuestMemory,
-    GuestMemoryError,
-    NotifyServe,
-    QueueError,
-    SplitQueue,
-    served_array,
-)
+from vfiouser_vmem.errors import DriverError, GuestMemoryError, QueueError
+from vfiouser_vmem.util.sizes import format_size
+from vfiouser_vmem.virtio._device import NativeConfigReads, ServeResult, VirtioDevice
+from vfiouser_vmem.virtio._virtqueue import GuestMemory, SplitQueue
 
 log = logging.getLogger("vfiouser_vmem.virtio_pci")
 
-BUSY_RESPONSE = pack_response(Response.BUSY)
-
 PCI_VENDOR_ID_REDHAT_QUMRANET = 0x1AF4
-PCI_DEVICE_ID_VIRTIO_MEM = 0x1040 + VIRTIO_ID_MEM
+# Modern virtio PCI devices: 0x1040 + the virtio device id (spec 4.1.2.1).
+PCI_DEVICE_ID_VIRTIO_BASE = 0x1040
 PCI_SUBSYSTEM_ID_QEMU = 0x1100
 PCI_CLASS_OTHERS = 0xFF
 # Non-transitional devices SHOULD have revision >= 1 (virtio spec 4.1.2.1).
@@ -90,6 +73,10 @@ MSIX_VECTORS = 2  # config changes, the one virtqueue
 QUEUE_MAX_SIZE = 128
 NUM_QUEUES = 1
 MIN_MEMORY_BAR_BYTES = 128 << 20
+
+
+def pci_device_id(device: VirtioDevice) -> int:
+    return PCI_DEVICE_ID_VIRTIO_BASE + device.device_id
 
 
 def memory_bar_size(region_size_bytes: int) -> int:
@@ -136,23 +123,28 @@ _COMMON = {
 _FMT = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 
 
+class _Generation:
+    """The home of ``config_generation`` for a device without a C answer to
+    its configuration reads."""
+
+    config_generation = 0
+
+
 class VirtioPciTransport:
     """The virtio-pci function state of one device (everything but the
     vfio-user plumbing, which the server wires to it).
 
-    ``config_generation`` lives in the ``struct vmem_bar0_reads`` that the C
-    answer to device-configuration reads uses (csrc/vmem_config.h).
+    ``config_generation`` lives in the device's C answer to configuration
+    reads when it has one (``VirtioDevice.native_config_reads``).
 
     ``config_space`` is the PCI config space (libvfio-user's copy), read for
     the BAR address and the MSI-X enable bit; ``trigger(vector)`` raises an
     MSI-X interrupt.
     """
 
-    config_generation = CField("config_generation")
-
     def __init__(
         self,
-        device: VirtioMemDevice,
+        device: VirtioDevice,
         *,
         config_space: Callable[[], memoryview],
         trigger: Callable[[int], None],
@@ -162,12 +154,11 @@ class VirtioPciTransport:
     ) -> None:
         self.device = device
         self.name = name
-        self._c = _blocks_ffi.new("struct vmem_bar0_reads *")
-        self._c.dev = device.c_state
-        self._c.region_size = device.region_size
-        self._c.node_id = device.node_id or 0
-        self._c.device_cfg_offset = DEVICE_CFG_OFFSET
-        self._c.generation_offset = COMMON_CFG_OFFSET + _COMMON["config_generation"][0]
+        self._config_reads = device.native_config_reads(
+            DEVICE_CFG_OFFSET, COMMON_CFG_OFFSET + _COMMON["config_generation"][0])
+        self._generation_home: NativeConfigReads | _Generation = self._config_reads or _Generation()
+        #: The memory BAR's guest address as last read (refresh_addr).
+        self.memory_addr = 0
         self.config_space = config_space
         self.trigger = trigger
         self.memory_bar_index = memory_bar_index
@@ -176,28 +167,31 @@ class VirtioPciTransport:
         self.queue = SplitQueue(QUEUE_MAX_SIZE)
         self.kick_pending = False
         self.broken_reason: str | None = None
-        #: Called as observe(request_type, response_code, service_seconds)
-        #: for each request served (parse, bitmap, queueing the discard,
-        #: response), after the interrupt that answers them: metrics.
-        self.request_observers: list[Callable[[int, int, float], None]] = []
         self.hold_requests = False
-        #: Serve what it can through the C request path (csrc/vmem_queue.h);
+        #: The device's handler of the queue's requests, and its request
+        #: path in C if it has one.
+        self.handler = device.queue_handler(self.queue, self.memory)
+        #: Serve what it can through the device's request path in C;
         #: False: every request goes through Python (tests compare the two).
-        self.serve_in_c = True
-        self._c_served = served_array(QUEUE_MAX_SIZE)
-        #: The C request path inside the notify write (arm_c_paths).
-        self.notify_serve = NotifyServe(self.queue, self.memory, QUEUE_MAX_SIZE)
+        self.serve_in_c = self.handler.native is not None
         # Requests served inside a notify write that stopped for Python:
         # process_queue counts them when it decides on the interrupt.
         self._notify_served_pending = 0
-        device.on_config_change = self.notify_config
-        device.defer_size_events = True
+        device.set_config_notifier(self.notify_config)
         self.virtio_reset()
+
+    @property
+    def config_generation(self) -> int:
+        return self._generation_home.config_generation
+
+    @config_generation.setter
+    def config_generation(self, value: int) -> None:
+        self._generation_home.config_generation = value
 
     # -- state ---------------------------------------------------------
     def virtio_reset(self) -> None:
-        """Driver-initiated reset (device_status <- 0): block state stays
-        (docs/design.md, "virtio-mem rules"; the driver unplugs all on probe if needed)."""
+        """Driver-initiated reset (device_status <- 0): the transport's state;
+        what the device keeps is its own business (``VirtioDevice.virtio_reset``)."""
         self.device_feature_select = 0
         self.driver_feature_select = 0
         self.driver_features = 0
@@ -213,15 +207,15 @@ class VirtioPciTransport:
         self._warned_unassigned_bar = False
         # A fault stopped the old queue; the driver's new one may lie elsewhere.
         self.memory.c_memory.faulted = 0
+        self.device.virtio_reset()
 
     def system_reset(self) -> None:
-        """vfio-user DEVICE_RESET / lost connection: unplug and discard all
-        (QEMU: "unplug memory only during system resets"), reset virtio and
-        the MSI-X enable bits as a PCI reset does."""
+        """vfio-user DEVICE_RESET / lost connection: the device's system
+        reset, then virtio's and the MSI-X enable bits' as a PCI reset does."""
         # Requests a notify write served but nobody booked (the connection
-        # broke in the same vfu_run_ctx): the reset below unplugs and
-        # discards everything anyway.
-        self.notify_serve.take()
+        # broke in the same vfu_run_ctx): the device's reset undoes them.
+        if self.handler.native is not None:
+            self.handler.native.take_notify()
         try:
             self.device.system_reset()
         finally:
@@ -241,7 +235,9 @@ class VirtioPciTransport:
         return (hi << 32) | (lo & ~0xF)
 
     def refresh_addr(self) -> None:
-        self.device.addr = self.memory_bar_addr
+        if self.device.memory_size:
+            self.memory_addr = self.memory_bar_addr
+            self.device.set_memory_address(self.memory_addr)
 
     def msix_enabled(self) -> bool:
         if self.msix_cap_offset is None:
@@ -284,17 +280,17 @@ class VirtioPciTransport:
             data = bytes([self.isr]) + bytes(ISR_SIZE - 1)
             buf[:] = data[offset - ISR_OFFSET : offset - ISR_OFFSET + n]
             self.isr = 0  # read-to-clear (virtio spec 4.1.4.5)
-        elif DEVICE_CFG_OFFSET <= offset and offset + n <= DEVICE_CFG_OFFSET + CONFIG_SIZE:
+        elif DEVICE_CFG_OFFSET <= offset and offset + n <= DEVICE_CFG_OFFSET + self.device.config_size:
             if is_write:
-                raise PermissionError("the virtio-mem device configuration is read-only")
+                raise PermissionError("the device configuration is read-only")
             self.refresh_addr()
-            if self.device.addr == 0 and not self._warned_unassigned_bar:
+            if self.device.memory_size and self.memory_addr == 0 and not self._warned_unassigned_bar:
                 self._warned_unassigned_bar = True
                 log.warning(
                     "%s: the driver reads the device config but the memory BAR (%s) has no guest address: "
                     "the guest could not place it (BARs above 256 GiB need a wider guest physical address "
                     "space, e.g. QEMU -cpu qemu64,phys-bits=46); the driver will fail to reserve the region",
-                    self.name, format_size(memory_bar_size(self.device.region_size)),
+                    self.name, format_size(memory_bar_size(self.device.memory_size)),
                 )
             start = offset - DEVICE_CFG_OFFSET
             buf[:] = self.device.config_bytes()[start : start + n]
@@ -398,8 +394,7 @@ class VirtioPciTransport:
 
     def _write_status(self, value: int) -> None:
         if value == 0:
-            log.info("%s: virtio reset by the driver (block state kept: %d bytes plugged)",
-                     self.name, self.device.plugged_size)
+            log.info("%s: virtio reset by the driver", self.name)
             self.virtio_reset()
             return
         if value & VIRTIO_CONFIG_S_FEATURES_OK and not self.status & VIRTIO_CONFIG_S_FEATURES_OK:
@@ -458,21 +453,22 @@ class VirtioPciTransport:
         if self.broken_reason or not (q.enabled and self.status & VIRTIO_CONFIG_S_DRIVER_OK):
             return 0
         self.refresh_addr()
+        handler = self.handler
+        native = handler.native if self.serve_in_c else None
+        response_size = handler.response_size
         # Requests a notify write served before it stopped for Python: the
         # interrupt below answers them too.
         handled = served_before = self._notify_served_pending
         self._notify_served_pending = 0
         interrupted = False
-        # (request type, response code, seconds) of each request served.
-        served: list[tuple[int, int, float]] = []
         try:
             while True:
-                if self.serve_in_c:
+                if native is not None:
                     started = time.perf_counter()
-                    result, count = q.serve_in_c(self.memory, self.device.c_request_state(), self._c_served)
+                    result, count = native.serve()
                     waited_s = time.perf_counter() - started
                     handled += count
-                    if result == SERVE_DONE:
+                    if result == ServeResult.DONE:
                         # Nothing is left for Python: the guest gets its
                         # interrupt before the bookkeeping, which it need not
                         # wait for (the next request is served on this thread,
@@ -480,92 +476,63 @@ class VirtioPciTransport:
                         if handled and not q.c_interrupts_suppressed():
                             self._interrupt(q.msix_vector, 1)
                         interrupted = True
-                        self._c_requests_served(self._c_served, count, waited_s, served)
+                        if count:
+                            native.book(count, waited_s)
                         break
-                    # Before Python serves a chain: a PLUG there may claim
-                    # the discard of an UNPLUG answered here.
-                    self._c_requests_served(self._c_served, count, waited_s, served)
-                    if result == SERVE_FULL:
+                    # Before Python serves a chain: a request there may
+                    # depend on the bookkeeping of one answered here (a
+                    # virtio-mem PLUG claiming the discard of an UNPLUG).
+                    if count:
+                        native.book(count, waited_s)
+                    if result == ServeResult.FULL:
                         continue
-                    if result == SERVE_FAULT:
+                    if result == ServeResult.FAULT:
                         raise GuestMemoryError(self.memory.fault_message or "guest memory faulted")
-                # The next chain is Python's: a refusal, UNPLUG_ALL, a
-                # broken ring (or serve_in_c is off).
+                # The next chain is Python's (or there is no C path).
                 chain = q.pop(self.memory)
                 if chain is None:
                     break
-                if chain.writable_bytes < RESPONSE_SIZE:
+                if chain.writable_bytes < response_size:
                     raise QueueError(
                         f"chain {chain.head} has {chain.writable_bytes} device-writable bytes, "
-                        f"a response needs {RESPONSE_SIZE}"
+                        f"a response needs {response_size}"
                     )
                 # The answer must be deliverable before the request may take
                 # effect: a request that changed state is always answered.
-                q.check_push(self.memory, chain, RESPONSE_SIZE)
+                q.check_push(self.memory, chain, response_size)
                 started = time.perf_counter()
-                try:
-                    response = self.device.handle_request(chain.readable)
-                except ProtocolViolation:
-                    raise
-                except Exception:
-                    # A bug of the host's side (the device model, a hook):
-                    # BUSY, which the driver retries later; ERROR would make
-                    # Linux mark the device broken, and the request must be
-                    # answered all the same.  The model changes state only
-                    # after everything that can fail, so nothing changed.
-                    log.exception("%s: request answered BUSY: the device failed while serving it", self.name)
-                    response = BUSY_RESPONSE
+                response = handler.handle(chain.readable)
                 q.push(self.memory, chain, response)
-                if self.request_observers:
-                    served.append((int.from_bytes(chain.readable[:2], "little"),
-                                   int.from_bytes(response[:2], "little"), time.perf_counter() - started))
+                handler.record(chain.readable, response, time.perf_counter() - started)
                 handled += 1
             if handled and not interrupted and not q.interrupts_suppressed(self.memory):
                 self._interrupt(q.msix_vector, 1)
-        except (QueueError, ProtocolViolation, GuestMemoryError) as exc:
+        except (DriverError, GuestMemoryError) as exc:
             self._mark_broken(str(exc))
         # After the interrupt: the guest is not kept waiting for events
         # and metrics.
-        self.device.flush_size_events()
-        for request_type, response_code, elapsed_s in served:
-            for observe in self.request_observers:
-                observe(request_type, response_code, elapsed_s)
+        handler.done()
         return handled - served_before
-
-    def _c_requests_served(self, results: CData, count: int, waited_s: float,
-                           served: list[tuple[int, int, float]]) -> None:
-        """The model's side of the first ``count`` requests of ``results``
-        that the C path answered in a call that took ``waited_s`` (with the
-        discard-rule flags set before it)."""
-        if not count:
-            return
-        self.device.c_requests_served(results, count)
-        if self.request_observers:
-            # A request's service time: its own time in C plus an equal share
-            # of the call's Python around it, which the guest waited for too.
-            in_c_s = [results[i].elapsed_ns * 1e-9 for i in range(count)]
-            share_s = max(0.0, waited_s - sum(in_c_s)) / count
-            for i in range(count):
-                served.append((results[i].type, results[i].response, in_c_s[i] + share_s))
 
     # -- serving inside the notify write -----------------------------------
     def _arm_notify_serve(self) -> bool:
-        """Get ``notify_serve`` ready for the guest's next notify write and
-        say whether it may run: only in the state where process_queue would
-        hand the whole queue to the C path first.  The vfio-user binding
-        disarms it after one notify and before any other callback, so this
-        runs again after each vfio-user message (server.serve_requests)
-        and after anything else that changes what it checks.  The BAR
-        address is the caller's to refresh (arm_c_paths)."""
+        """Get the device's notify serve ready for the guest's next notify
+        write and say whether it may run: only in the state where
+        process_queue would hand the whole queue to the C path first.  The
+        vfio-user binding disarms it after one notify and before any other
+        callback, so this runs again after each vfio-user message
+        (server.serve_requests) and after anything else that changes what
+        it checks.  The BAR address is the caller's to refresh (arm_c_paths)."""
         q = self.queue
-        if (not self.serve_in_c or self.hold_requests or self.kick_pending or self.broken_reason
+        native = self.handler.native
+        if (native is None or not self.serve_in_c or self.hold_requests or self.kick_pending or self.broken_reason
                 or not (q.enabled and self.status & VIRTIO_CONFIG_S_DRIVER_OK)):
             return False
         vector = q.msix_vector
         # As _interrupt: never a vector the guest did not enable.
         if not (vector != VIRTIO_MSI_NO_VECTOR and vector < MSIX_VECTORS and self.msix_enabled()):
             vector = -1
-        self.notify_serve.prepare(self.device.c_request_state(), vector)
+        native.prepare_notify(vector)
         return True
 
     def serve_kicks(self, kicked: bool) -> int:
@@ -576,19 +543,24 @@ class VirtioPciTransport:
         if kicked:
             self.kick_pending = True
         answered += self.process_queue()
-        # One size change for both (process_queue may have told it already).
-        self.device.flush_size_events()
+        # Once for both (process_queue may have done it already).
+        self.handler.done()
         return answered
 
     @property
-    def fast_read_address(self) -> int:
-        """The address of ``vmem_bar0_fast_read``, for ``VfuContext.set_fast_read``."""
-        return c_address("vmem_bar0_fast_read")
+    def notify_serve_address(self) -> tuple[int, int] | None:
+        """(function, argument) of the device's serve inside the notify
+        write, for ``VfuContext.set_notify_serve``; None without a C path."""
+        native = self.handler.native
+        return None if native is None else (native.notify_fn_address, native.notify_arg_address)
 
     @property
-    def fast_read_arg_address(self) -> int:
-        """Its argument (``struct vmem_bar0_reads``), valid as long as this transport."""
-        return c_address(self._c)
+    def fast_read_address(self) -> tuple[int, int] | None:
+        """(function, argument) of the device's C answer to configuration
+        reads, for ``VfuContext.set_fast_read``; None without one.  The
+        argument is valid as long as this transport."""
+        reads = self._config_reads
+        return None if reads is None else (reads.fn_address, reads.arg_address)
 
     def arm_c_paths(self) -> tuple[bool, bool]:
         """After each vfio-user message: (arm the notify serve, arm the C
@@ -602,29 +574,24 @@ class VirtioPciTransport:
         config_generation) may be answered in C until the next Python
         callback: only with the memory BAR's address known (bar0_access
         warns about an unassigned one)."""
-        return self.device.addr != 0
+        return self._config_reads is not None and (not self.device.memory_size or self.memory_addr != 0)
 
     def take_notify_served(self) -> int:
-        """The bookkeeping of the requests the last notify write served in C
-        (discards, ISR, observers; their size event is left for the caller's
-        flush), as process_queue does after the C path; returns how many.
-        When that call stopped for Python, the notify also counted as a
-        kick, and process_queue serves the rest and decides the interrupt
-        for all of them."""
-        count, interrupt_due, need_python, _ = self.notify_serve.take()
+        """The bookkeeping of the requests the last notify write served in C,
+        as process_queue does after the C path; returns how many.  When that
+        call stopped for Python, the notify also counted as a kick, and
+        process_queue serves the rest and decides the interrupt for all of
+        them."""
+        native = self.handler.native
+        if native is None:
+            return 0
+        count, interrupt_due, need_python = native.take_notify()
         if not count:
             return 0
         if interrupt_due:
             self.isr |= 1  # the vector, if any, was triggered in C
         if need_python:
             self._notify_served_pending += count
-        served: list[tuple[int, int, float]] = []
-        # No Python around the call: the requests' own time in C is what
-        # the guest waited for (after the vfio-user message arrived).
-        self._c_requests_served(self.notify_serve.served, count, 0.0, served)
-        for request_type, response_code, elapsed_s in served:
-            for observe in self.request_observers:
-                observe(request_type, response_code, elapsed_s)
         return count
 
     def _mark_broken(self, why: str) -> None:

@@ -50,10 +50,12 @@ from dataclasses import dataclass
 from typing import Any, overload
 
 from vfiouser_vmem.errors import ConfigError
-from vfiouser_vmem.sizes import format_size, parse_size
+from vfiouser_vmem.server import DeviceConfig, check_id
+from vfiouser_vmem.util.sizes import format_size, parse_size
+from vfiouser_vmem.virtio import memory_bar_size
+from vfiouser_vmem.vmem import CONFIG_NAMES, MAX_DEVICE_SIZE_BYTES, check_device_settings
 
 #: The largest device the server supports (docs/design.md, "Memory through the BAR": 1 TiB BARs).
-MAX_DEVICE_SIZE_BYTES = 1 << 40
 DEFAULT_BLOCK_SIZE_BYTES = 2 << 20
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -66,8 +68,6 @@ FILE_TOP_LEVEL_KEYS = ("qmp", "qmp-max-clients", "socket-group", "object", "devi
 
 # QEMU's id_wellformed() (util/id.c): a letter, then letters, digits, '-',
 # '.', '_'.  Used with fullmatch: "$" would also match before a final "\n".
-_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
-_ID_RULE = "(a letter, then letters, digits, '-', '.' or '_')"
 
 #: Why some keys QEMU knows are refused here (the default: "unknown key").
 _REFUSED_KEYS = {
@@ -255,16 +255,6 @@ def _flag(spec: Spec, key: str, default: bool) -> bool:
     raise ConfigError(f"{spec.where}: {key}: expected on or off, got {value!r}")
 
 
-def check_id(value: str, where: str) -> str:
-    """An object or device id, as QEMU's id_wellformed() takes it; ConfigError
-    naming ``where`` (``--id``, ``--device '...'``, a TOML table)."""
-    if value == "":
-        raise ConfigError(f"{where}: the id must not be empty {_ID_RULE}")
-    if not _ID_RE.fullmatch(value):
-        raise ConfigError(f"{where}: id {value!r} is not a valid QEMU id {_ID_RULE}")
-    return value
-
-
 def _id(spec: Spec) -> str:
     value = _required_str(spec, "id",
                           "the name used over QMP" if spec.kind == "device" else "the name memdev= refers to")
@@ -354,36 +344,10 @@ def check_socket_path(path: str, where: str, *, need_directory: bool = False) ->
             raise ConfigError(f"{where}: cannot create the socket {path!r}: the directory {directory!r} {why}")
 
 
-def check_device(*, where: str, size: int, block_size: int, requested_size: int, page_size: int = 4096) -> None:
-    """The size rules of one device; ConfigError naming ``where``."""
-    from vfiouser_vmem.device import validate_block_size
-
-    try:
-        validate_block_size(block_size, page_size_bytes=page_size)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    if size == 0 or size % block_size:
-        raise ConfigError(
-            f"{where}: size {format_size(size)} is not a positive multiple of the block size {format_size(block_size)}"
-        )
-    if size > MAX_DEVICE_SIZE_BYTES:
-        raise ConfigError(f"{where}: size {format_size(size)} is above the supported maximum of 1T")
-    if requested_size > size:
-        raise ConfigError(
-            f"{where}: requested-size {format_size(requested_size)} is above the size {format_size(size)}"
-        )
-    if requested_size % block_size:
-        raise ConfigError(
-            f"{where}: requested-size {format_size(requested_size)} is not a multiple of the block size "
-            f"{format_size(block_size)}"
-        )
-
-
 def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path: str | None = None,
                   need_directories: bool = False) -> list:
     """Check every spec and return the DeviceConfigs, in device order;
     ``need_directories``: see check_socket_path."""
-    from vfiouser_vmem.server import DeviceConfig
 
     objects, devices = list(objects), list(devices)
     if not devices:
@@ -432,8 +396,9 @@ def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path:
         backend = backends[memdev]
         block_size = _size(spec, "block-size", max(DEFAULT_BLOCK_SIZE_BYTES, backend.page_size))
         requested = _size(spec, "requested-size", 0)
-        check_device(where=spec.where, size=backend.size, block_size=block_size, requested_size=requested,
-                     page_size=backend.page_size)
+        check_device_settings(where=spec.where, size_bytes=backend.size, block_size_bytes=block_size,
+                              requested_size_bytes=requested, page_size_bytes=backend.page_size,
+                              names=CONFIG_NAMES)
         configs.append(DeviceConfig(
             socket=socket,
             size_bytes=backend.size,
@@ -482,7 +447,6 @@ def qemu_args(configs: list, ram_bytes: int) -> tuple[list[str], list[str]]:
     """
     import json
 
-    from vfiouser_vmem.virtio_pci import memory_bar_size
 
     ram = format_size(ram_bytes)
     nodes = sorted({c.node for c in configs if c.node is not None})

@@ -26,12 +26,11 @@ import os
 import sys
 
 from vfiouser_vmem import __version__
-from vfiouser_vmem.config import (
-    MAX_DEVICE_SIZE_BYTES,
+from vfiouser_vmem.cli import _ctl as ctl
+from vfiouser_vmem.cli._config import (
     ConfigError,
     FileConfig,
     build_configs,
-    check_id,
     check_socket_path,
     device_spec,
     format_shell,
@@ -39,9 +38,12 @@ from vfiouser_vmem.config import (
     object_spec,
     qemu_args,
 )
-from vfiouser_vmem.errors import VmemError
-from vfiouser_vmem.logtext import printable
-from vfiouser_vmem.sizes import format_size, parse_size
+from vfiouser_vmem.control import MetricsExporter, parse_metrics_address
+from vfiouser_vmem.errors import MetricsAddressError, VmemError
+from vfiouser_vmem.server import DeviceConfig, check_id, serve
+from vfiouser_vmem.util.logtext import printable
+from vfiouser_vmem.util.sizes import format_size, parse_size
+from vfiouser_vmem.vmem import CLI_NAMES, check_device_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -223,8 +225,6 @@ _SINGLE_FLAGS = ("socket", "size", "block_size", "requested_size", "id", "node")
 def _device_configs(parser: argparse.ArgumentParser, args: argparse.Namespace, *, qmp_path: str | None,
                     file_config: FileConfig | None) -> list:
     """The DeviceConfigs the flags describe; parser.error (exit 2) otherwise."""
-    from vfiouser_vmem.server import DeviceConfig
-
     qemu_style = args.object or args.device
     serving = args.command == "serve"  # its sockets' directories must exist now
     try:
@@ -263,24 +263,8 @@ def _device_configs(parser: argparse.ArgumentParser, args: argparse.Namespace, *
 
 def _check_single(size: int, block_size: int, requested: int) -> None:
     """The single-device checks, with the flags' names in the messages."""
-    from vfiouser_vmem.device import validate_block_size
-
-    try:
-        validate_block_size(block_size)
-    except ValueError as exc:
-        raise ConfigError(f"--block-size: {exc}") from None
-    if size == 0 or size % block_size:
-        raise ConfigError(
-            f"--size {format_size(size)} is not a positive multiple of the block size {format_size(block_size)}"
-        )
-    if size > MAX_DEVICE_SIZE_BYTES:
-        raise ConfigError(f"--size {format_size(size)} is above the supported maximum of 1T")
-    if requested > size:
-        raise ConfigError(f"--requested-size {format_size(requested)} is above --size {format_size(size)}")
-    if requested % block_size:
-        raise ConfigError(
-            f"--requested-size {format_size(requested)} is not a multiple of the block size {format_size(block_size)}"
-        )
+    check_device_settings(size_bytes=size, block_size_bytes=block_size, requested_size_bytes=requested,
+                          names=CLI_NAMES)
 
 
 def _load_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FileConfig | None:
@@ -320,8 +304,6 @@ def _describe(config) -> str:
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import trio
 
-    from vfiouser_vmem.metrics import MetricsAddressError, MetricsExporter, parse_metrics_address
-    from vfiouser_vmem.server import serve
 
     file_config = _load_file(parser, args)
     qmp_path = args.qmp or (file_config.qmp if file_config else None)
@@ -424,7 +406,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "qemu-args":
         return _qemu_args(subparser, args)
     if args.command == "ctl":
-        from vfiouser_vmem import ctl
 
         return ctl.run(args)
     parser.error(f"unknown command {args.command}")

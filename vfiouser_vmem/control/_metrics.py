@@ -20,10 +20,12 @@ Read from the devices at scrape time:
     ``vfiouser_vmem_discard_failures_total`` (counters: deferred discards done
     and failed); ``vfiouser_vmem_resets_total{kind}`` (counter;
     kind ``device``, ``lost_conn``, ``pci_flr``);
+    ``vfiouser_vmem_hook_errors_total{hook}`` (counter: exceptions of the
+    plug policy, hook ``policy``, and of observers, ``observer``);
     ``vfiouser_vmem_client_connections_total`` (counter: vfio-user clients
     accepted); ``vfiouser_vmem_client_connected`` (gauge, 0 or 1);
     ``vfiouser_vmem_device_info{memdev,socket,node}`` (always 1).
-Counted as requests are served (``VirtioPciTransport.request_observers``):
+Counted as requests are served (a ``RequestServed`` observer of each device):
     ``vfiouser_vmem_requests_total{type,response}`` (counter; type ``plug``,
     ``unplug``, ``unplug_all``, ``state``; response ``ack``, ``nack``,
     ``busy``, ``error``); ``vfiouser_vmem_request_duration_seconds{type}``
@@ -59,6 +61,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from vfiouser_vmem.errors import MetricsAddressError
+from vfiouser_vmem.vmem import RequestServed
 
 log = logging.getLogger("vfiouser_vmem.metrics")
 
@@ -135,6 +138,9 @@ class _DeviceCollector:
         discard_failures = CounterMetricFamily("vfiouser_vmem_discard_failures",
                                                "Discards that failed (and are retried).", labels=labels)
         resets = CounterMetricFamily("vfiouser_vmem_resets", "Device resets, by kind.", labels=["id", "kind"])
+        hook_errors = CounterMetricFamily("vfiouser_vmem_hook_errors",
+                                          "Exceptions raised by a plug policy or an observer (docs/api.md).",
+                                          labels=["id", "hook"])
         connections = CounterMetricFamily("vfiouser_vmem_client_connections",
                                           "vfio-user clients (QEMU) accepted.", labels=labels)
         connected = GaugeMetricFamily("vfiouser_vmem_client_connected",
@@ -156,12 +162,14 @@ class _DeviceCollector:
             discard_failures.add_metric([cid], server.discards.failures_total)
             for kind, count in server.resets_total.items():
                 resets.add_metric([cid, kind.lower()], count)
+            for hook in ("policy", "observer"):
+                hook_errors.add_metric([cid, hook], model.hook_errors[hook])
             connections.add_metric([cid], server.clients_total)
             connected.add_metric([cid], 1 if server.connected else 0)
             node = "" if server.config.node is None else str(server.config.node)
             info.add_metric([cid, server.config.memdev, server.config.socket, node], 1)
         yield from (requested, plugged, maximum, block, usable, allocated, pending, discarded, discard_failures,
-                    resets, connections, connected, info)
+                    resets, hook_errors, connections, connected, info)
 
 
 class MetricsExporter:
@@ -195,12 +203,13 @@ class MetricsExporter:
         cid = server.config.id
         self.servers.append(server)
 
-        def observe(request_type: int, response_code: int, seconds: float) -> None:
+        def observe(event: RequestServed) -> None:
+            request_type, response_code = event.request.type, int(event.response)
             kind = REQUEST_TYPES.get(request_type, str(request_type))
             self.requests.labels(cid, kind, RESPONSES.get(response_code, str(response_code))).inc()
-            self.durations.labels(cid, kind).observe(seconds)
+            self.durations.labels(cid, kind).observe(event.service_s)
 
-        server.transport.request_observers.append(observe)
+        server.model.observers.subscribe(observe, RequestServed)
 
     @property
     def url(self) -> str:

@@ -15,25 +15,18 @@ import errno as _errno
 import operator
 import os
 from collections.abc import Iterator
-from typing import Any, Protocol, TypeAlias
 
 from vfiouser_vmem._blocks import ffi, lib
 from vfiouser_vmem.errors import DiscardFailed
 
 __all__ = [
     "BlockBitmap",
-    "CData",
-    "CField",
     "DiscardFailed",
     "RangeState",
     "allocated_bytes",
     "discard",
     "discard_runs",
 ]
-
-#: A cffi cdata (a struct, pointer or array of a C module): the compiled
-#: modules have no stubs, so what they make is Any to a type checker.
-CData: TypeAlias = Any
 
 _U64_MAX = (1 << 64) - 1
 _OFF_MAX = (1 << 63) - 1  # off_t: the largest file offset fallocate accepts
@@ -145,39 +138,6 @@ class BlockBitmap:
             end = find_end(self.words, self.nb_blocks, start)
             yield start, end - start
             pos = end
-
-
-class _CBacked(Protocol):
-    _c: CData  # the cffi struct that holds the CField attributes
-
-
-class CField:
-    """An attribute kept in a field of the object's cffi struct ``_c``:
-    state that C code reads and writes (csrc/vmem_queue.h) has one home,
-    so nothing is copied in and out around each call.  cffi refuses a
-    value the C type cannot hold (OverflowError)."""
-
-    __slots__ = ("field",)
-
-    def __init__(self, field: str) -> None:
-        self.field = field
-
-    def __get__(self, obj: _CBacked | None, owner: type | None = None):
-        if obj is None:
-            return self
-        return getattr(obj._c, self.field)
-
-    def __set__(self, obj: _CBacked, value: int) -> None:
-        setattr(obj._c, self.field, value)
-
-
-def c_address(thing: str | object) -> int:
-    """The address of a C function of the helper (by name) or of its cdata,
-    for the vfio-user binding (``VfuContext.set_notify_serve``,
-    ``set_fast_read``), which is another cffi module."""
-    if isinstance(thing, str):
-        thing = ffi.addressof(lib, thing)
-    return int(ffi.cast("uintptr_t", thing))
 
 
 def _discard_error(rc: int, failed: int, what: str) -> DiscardFailed:

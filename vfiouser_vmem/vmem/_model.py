@@ -9,124 +9,86 @@ unit tests can drive the model without a backend.
 
 from __future__ import annotations
 
-import enum
 import logging
-import struct
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 from vfiouser_vmem._blocks import ffi as _ffi
-from vfiouser_vmem.blocks import BlockBitmap, CData, CField, RangeState
 from vfiouser_vmem.errors import DiscardFailed, ProtocolViolation
-from vfiouser_vmem.sizes import format_size
+from vfiouser_vmem.util.native import CData, CField
+from vfiouser_vmem.util.sizes import format_size
+from vfiouser_vmem.vmem._bitmap import BlockBitmap, RangeState
+from vfiouser_vmem.vmem._events import HookErrors, Observers, PluggedSizeChanged, RequestedSizeChanged
+from vfiouser_vmem.vmem._policy import PlugPolicy, allowed_answers
+from vfiouser_vmem.vmem._settings import check_block_size, check_requested_size, check_size
+from vfiouser_vmem.vmem._spec import (
+    CONFIG_SIZE,
+    CONFIG_STRUCT,
+    MIB,
+    PACKED_RESPONSES,
+    USABLE_EXTENT_BYTES,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_ID_MEM,
+    VIRTIO_MEM_F_ACPI_PXM,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    Request,
+    RequestType,
+    Response,
+    pack_response,
+)
+from vfiouser_vmem.vmem._virtio import VirtioMemConfigReads, VirtioMemQueue
+
+if TYPE_CHECKING:
+    from vfiouser_vmem.virtio import GuestMemory, SplitQueue
+
+_PLUG, _UNPLUG, _UNPLUG_ALL, _STATE = (int(t) for t in RequestType)
+_PACKED = PACKED_RESPONSES
 
 log = logging.getLogger("vfiouser_vmem.device")
 
-VIRTIO_ID_MEM = 24
+class HostMemory:
+    """Where a device's memory comes from and goes back to: what the model
+    asks of the host around a request (offsets relative to the start of the
+    device region).  This base class has nothing to give back; the server's
+    (DeviceServer) queues discards on the backend.
 
-# Feature bits (virtio spec 5.15.3; VIRTIO_F_VERSION_1 is bit 32).
-VIRTIO_MEM_F_ACPI_PXM = 0
-VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE = 1
-VIRTIO_MEM_F_PERSISTENT_SUSPEND = 2
-VIRTIO_F_VERSION_1 = 32
+    ``discard`` gives a range back to the host, now or later, and raises
+    ``DiscardFailed`` when it cannot (the UNPLUG is then answered BUSY and
+    the blocks stay plugged); ``discard_refused`` says beforehand that it
+    would.  ``claim`` runs before blocks are marked plugged, once the PLUG
+    is known to be accepted: a deferred discard of that range must be
+    dropped or finished by then; ``claim_due`` says whether one may be
+    pending at all.  The C request path relies on the two predicates: it
+    serves an UNPLUG only while ``discard_refused()`` is False and a PLUG
+    only while ``claim_due()`` is False, and leaves the others to Python.
+    """
 
-MIB = 1 << 20
-MIN_BLOCK_SIZE_BYTES = 1 * MIB
-# QEMU keeps usable_region_size ahead of requested_size by this much on x86
-# (VIRTIO_MEM_USABLE_EXTENT in hw/virtio/virtio-mem.c) so that the guest can
-# plug in memory blocks it has already added.
-USABLE_EXTENT_BYTES = 256 * MIB
-# The driver sends at most 65535 blocks per request (nb_blocks is a u16).
-MAX_NB_BLOCKS = 0xFFFF
+    def discard(self, offset_bytes: int, length_bytes: int) -> None:
+        pass
 
-REQUEST_SIZE = 24
-RESPONSE_SIZE = 10
-CONFIG_SIZE = 56
-_REQUEST = struct.Struct("<H6xQH6x")
-_RESPONSE = struct.Struct("<H6xH")
-_CONFIG = struct.Struct("<QH6xQQQQQ")
+    def discard_refused(self) -> bool:
+        return False
 
+    def claim(self, offset_bytes: int, length_bytes: int) -> None:
+        pass
 
-class RequestType(enum.IntEnum):
-    PLUG = 0
-    UNPLUG = 1
-    UNPLUG_ALL = 2
-    STATE = 3
-
-
-class Response(enum.IntEnum):
-    ACK = 0
-    NACK = 1
-    BUSY = 2
-    ERROR = 3
-
-
-class Request(NamedTuple):
-    """A virtio-mem request (virtio spec 5.15.6.1).  A named tuple: one is
-    parsed per request, and a frozen dataclass costs several times more."""
-
-    type: int
-    addr: int
-    nb_blocks: int
-
-    @classmethod
-    def parse(cls, data: bytes | memoryview) -> Request:
-        if len(data) < REQUEST_SIZE:
-            raise ProtocolViolation(f"request of {len(data)} bytes, virtio-mem requests are {REQUEST_SIZE}")
-        return cls(*_REQUEST.unpack_from(data))
-
-    def pack(self) -> bytes:
-        return _REQUEST.pack(self.type, self.addr, self.nb_blocks)
-
-
-def pack_response(response: Response, state: int = 0) -> bytes:
-    return _RESPONSE.pack(response, state)
-
-
-_PLUG, _UNPLUG, _UNPLUG_ALL, _STATE = (int(t) for t in RequestType)
-#: The answers without a state, packed once.
-_PACKED = {response: pack_response(response) for response in Response}
-
-
-def unpack_response(data: bytes) -> tuple[int, int]:
-    return _RESPONSE.unpack_from(data)
-
-
-def validate_block_size(block_size_bytes: int, *, page_size_bytes: int = 4096) -> None:
-    """A power of two, >= 1 MiB, >= the backend's page size (the huge page
-    size for hugetlb).  QEMU takes the THP size (2 MiB) as the *default*
-    block size but accepts any block size >= the RAM page size
-    (hw/virtio/virtio-mem.c, virtio_mem_device_realize); so do we, so
-    that 1 MiB blocks work on ordinary memory."""
-    if block_size_bytes <= 0 or block_size_bytes & (block_size_bytes - 1):
-        raise ValueError(f"block-size {block_size_bytes} is not a power of two")
-    if block_size_bytes < max(MIN_BLOCK_SIZE_BYTES, page_size_bytes):
-        raise ValueError(
-            f"block-size {format_size(block_size_bytes)} is below the minimum "
-            f"{format_size(max(MIN_BLOCK_SIZE_BYTES, page_size_bytes))} (the backend's page size)"
-        )
+    def claim_due(self) -> bool:
+        return False
 
 
 class VirtioMemDevice:
     """One virtio-mem device: configuration, block state, requests.
 
-    ``discard(offset_bytes, length_bytes)`` gives a range of the device's
-    memory (offsets relative to the start of the device region) back to the
-    host, now or later, and raises ``DiscardFailed`` when it cannot (the
-    request is then answered BUSY and the blocks stay plugged).
-    ``before_plug(offset_bytes, length_bytes)`` is called before blocks are
-    marked plugged, once the request is known to be accepted: a deferred
-    discard of that range must be dropped or finished by then.
-    ``on_config_change()`` is called whenever ``requested_size`` or
-    ``usable_region_size`` changed (the transport sends a config interrupt).
+    It is the device type behind the virtio PCI transport (it implements
+    ``vfiouser_vmem.virtio.VirtioDevice``); unit tests drive it alone,
+    through ``handle_request`` and ``set_requested_size``.
 
-    The transport serves most requests through the C request path
-    (csrc/vmem_queue.h, ``c_request_state`` / ``c_requests_served``); it
-    answers only what these rules accept, and leaves to Python a PLUG while
-    ``before_plug_due()`` says a ``before_plug`` call may have work to do,
-    and an UNPLUG while ``discard_refused()`` says ``discard`` would raise
-    DiscardFailed.  Without those two functions, a device given
-    ``before_plug`` (``discard``) serves every PLUG (UNPLUG) in Python.
+    ``host_memory`` is where unplugged memory goes (``HostMemory``);
+    ``policy`` (``PlugPolicy``), if set, has its say over every PLUG and
+    UNPLUG the rules accept.  The transport serves most requests through the
+    C request path (csrc/vmem_queue.h, ``_virtio.py``): it answers only what
+    these rules accept, and leaves to Python what ``HostMemory`` or a policy
+    must see.
     """
 
     # The numbers the C request path reads and changes live in its
@@ -136,6 +98,9 @@ class VirtioMemDevice:
     usable_region_size = CField("usable_region_size")
     _plugged_blocks = CField("plugged_blocks")
 
+    device_id = VIRTIO_ID_MEM
+    config_size = CONFIG_SIZE
+
     def __init__(
         self,
         *,
@@ -144,19 +109,13 @@ class VirtioMemDevice:
         requested_size_bytes: int = 0,
         node_id: int | None = None,
         page_size_bytes: int = 4096,
-        discard: Callable[[int, int], None] | None = None,
-        before_plug: Callable[[int, int], None] | None = None,
-        on_config_change: Callable[[], None] | None = None,
         name: str = "vmem0",
-        before_plug_due: Callable[[], bool] | None = None,
-        discard_refused: Callable[[], bool] | None = None,
+        host_memory: HostMemory | None = None,
+        policy: PlugPolicy | None = None,
     ) -> None:
-        validate_block_size(block_size_bytes, page_size_bytes=page_size_bytes)
-        if region_size_bytes <= 0 or region_size_bytes % block_size_bytes:
-            raise ValueError(
-                f"size {format_size(region_size_bytes)} is not a positive multiple of the "
-                f"block-size {format_size(block_size_bytes)}"
-            )
+        check_block_size(block_size_bytes, page_size_bytes=page_size_bytes)
+        # No maximum here: the server's is a property of its BAR layout.
+        check_size(region_size_bytes, block_size_bytes, maximum_bytes=None)
         if node_id is not None and not 0 <= node_id <= 0xFFFF:
             raise ValueError(f"node {node_id} is out of range (0-65535)")
         self.name = name
@@ -172,11 +131,12 @@ class VirtioMemDevice:
         # bitmap is) rather than counted: a popcount of a 1 TiB device's
         # bitmap costs 14 us and plugged_size is read several times per
         # request and by every query.
-        self._discard = discard or (lambda offset, length: None)
-        self._before_plug = before_plug
-        self._before_plug_due = before_plug_due or ((lambda: True) if before_plug is not None else (lambda: False))
-        self._discard_refused = discard_refused or ((lambda: True) if discard is not None else (lambda: False))
-        self.on_config_change = on_config_change
+        self.host_memory = host_memory or HostMemory()
+        self.policy = policy
+        self.on_config_change: Callable[[], None] | None = None
+        #: Exceptions of policies and observers, by hook (metrics).
+        self.hook_errors = HookErrors()
+        self.observers = Observers(name, self.hook_errors)
         # A listener per change of plugged_size (the control plane's
         # MEMORY_DEVICE_SIZE_CHANGE); called after the change.
         self.size_listeners: list[Callable[[int], None]] = []
@@ -186,6 +146,30 @@ class VirtioMemDevice:
         self.defer_size_events = False
         self._size_event_due = False
         self.set_requested_size(requested_size_bytes)
+
+    # -- the virtio device (vfiouser_vmem.virtio.VirtioDevice) ------------
+    @property
+    def memory_size(self) -> int:
+        return self.region_size
+
+    def set_memory_address(self, addr: int) -> None:
+        self.addr = addr
+
+    def set_config_notifier(self, notify: Callable[[], None]) -> None:
+        self.on_config_change = notify
+
+    def queue_handler(self, queue: SplitQueue, memory: GuestMemory) -> VirtioMemQueue:
+        # Behind a transport, listeners hear of requests after the interrupt.
+        self.defer_size_events = True
+        return VirtioMemQueue(self, queue, memory)
+
+    def native_config_reads(self, device_cfg_offset: int, generation_offset: int) -> VirtioMemConfigReads:
+        return VirtioMemConfigReads(self, device_cfg_offset, generation_offset)
+
+    def virtio_reset(self) -> None:
+        # The block state stays (docs/design.md, "virtio-mem rules"): the
+        # driver unplugs all on probe if it needs to.
+        log.debug("%s: virtio reset (block state kept: %s plugged)", self.name, format_size(self.plugged_size))
 
     # -- configuration -------------------------------------------------
     @property
@@ -219,7 +203,7 @@ class VirtioMemDevice:
 
     def config_bytes(self) -> bytes:
         """The 56-byte device configuration (little endian)."""
-        return _CONFIG.pack(
+        return CONFIG_STRUCT.pack(
             self.block_size,
             self.node_id or 0,
             self.addr,
@@ -230,20 +214,7 @@ class VirtioMemDevice:
         )
 
     def check_requested_size(self, size_bytes: int) -> None:
-        if not isinstance(size_bytes, int) or isinstance(size_bytes, bool):
-            raise TypeError(f"requested-size must be an integer, not {type(size_bytes).__name__}")
-        if size_bytes < 0:
-            raise ValueError(f"requested-size {size_bytes} is negative")
-        if size_bytes > self.region_size:
-            raise ValueError(
-                f"requested-size {format_size(size_bytes)} is above the device's maximum "
-                f"size {format_size(self.region_size)}"
-            )
-        if size_bytes % self.block_size:
-            raise ValueError(
-                f"requested-size {format_size(size_bytes)} is not a multiple of the "
-                f"block-size {format_size(self.block_size)}"
-            )
+        check_requested_size(size_bytes, self.region_size, self.block_size)
 
     def set_requested_size(self, size_bytes: int) -> None:
         """Ask the guest for a new size (QEMU: qom-set requested-size)."""
@@ -253,6 +224,8 @@ class VirtioMemDevice:
         self._resize_usable_region(can_shrink=False)
         if (self.requested_size, self.usable_region_size) != before:
             self._config_changed()
+        if before[0] != size_bytes and self.observers:
+            self.observers.emit(RequestedSizeChanged(self.name, before[0], size_bytes))
 
     def _resize_usable_region(self, *, can_shrink: bool) -> None:
         # QEMU virtio_mem_resize_usable_region(): grows on resize, shrinks
@@ -274,6 +247,8 @@ class VirtioMemDevice:
         size = self.plugged_size
         for listener in list(self.size_listeners):
             listener(size)
+        if self.observers:
+            self.observers.emit(PluggedSizeChanged(self.name, size))
 
     def _request_changed_size(self) -> None:
         if self.defer_size_events:
@@ -315,13 +290,16 @@ class VirtioMemDevice:
         C code that reads it between requests (csrc/vmem_config.h)."""
         return self._c
 
-    def c_request_state(self) -> CData:
-        """The ``struct vmem_device_state`` for one ``vmem_serve_queue``
-        call, with what it may serve decided now; ``c_requests_served``
-        must follow before anything else uses the model."""
+    def arm_c_state(self) -> CData:
+        """Decide what the next ``vmem_serve_queue`` call may serve and
+        return the ``struct vmem_device_state`` for it; ``c_requests_served``
+        must follow before anything else uses the model.  PLUGs and UNPLUGs
+        go to Python while a policy is installed, or while ``host_memory``
+        must see them."""
         state = self._c
-        state.plug_allowed = not self._before_plug_due()
-        state.unplug_allowed = not self._discard_refused()
+        policy_free = self.policy is None
+        state.plug_allowed = policy_free and not self.host_memory.claim_due()
+        state.unplug_allowed = policy_free and not self.host_memory.discard_refused()
         return state
 
     def c_requests_served(self, served: CData, count: int) -> None:
@@ -334,13 +312,13 @@ class VirtioMemDevice:
             if request.type == _UNPLUG:
                 offset = request.addr - self.addr
                 try:
-                    self._discard(offset, request.nb_blocks * self.block_size)
+                    self.host_memory.discard(offset, request.nb_blocks * self.block_size)
                 except DiscardFailed as exc:
                     # A broken contract (discard_refused() said it would
                     # not fail): the guest has its ACK and the blocks are
                     # unplugged, but this memory stays allocated.  Say so.
                     log.error("%s: %s at offset %#x unplugged but not given back to the host "
-                              "(discard_refused() said the discard would work): %s",
+                              "(HostMemory.discard_refused() said the discard would work): %s",
                               self.name, format_size(request.nb_blocks * self.block_size), offset, exc)
                 size_changed = True
             elif request.type == _PLUG:
@@ -382,6 +360,27 @@ class VirtioMemDevice:
     def _first_block(self, request: Request) -> int:
         return (request.addr - self.addr) // self.block_size
 
+    def _policy_refusal(self, request: Request) -> Response | None:
+        """The policy's answer when it is not ACK (docs: ``_policy.py``)."""
+        policy = self.policy
+        if policy is None:
+            return None
+        try:
+            answer = policy.decide(self, request)
+            if answer not in allowed_answers(request.type):
+                raise ValueError(f"{policy!r} answered {answer!r} to {RequestType(request.type).name}; "
+                                 f"a policy answers one of {[a.name for a in allowed_answers(request.type)]}")
+        except Exception:
+            self.hook_errors.failed("policy", self.name,
+                                    f"{RequestType(request.type).name} of {request.nb_blocks} block(s) at "
+                                    f"{request.addr:#x} answered BUSY")
+            return Response.BUSY
+        if answer == Response.ACK:
+            return None
+        log.info("%s: %s of %d block(s) at %#x answered %s by the plug policy", self.name,
+                 RequestType(request.type).name, request.nb_blocks, request.addr, Response(answer).name)
+        return Response(answer)
+
     def _plug(self, request: Request) -> Response:
         if why := self._range_error(request):
             return self._refuse(request, Response.ERROR, why)
@@ -398,8 +397,9 @@ class VirtioMemDevice:
         first = self._first_block(request)
         if self.bitmap.range_state(first, request.nb_blocks) != RangeState.UNPLUGGED:
             return self._refuse(request, Response.ERROR, "some of the blocks are already plugged")
-        if self._before_plug is not None:
-            self._before_plug(first * self.block_size, size)
+        if self.policy is not None and (refusal := self._policy_refusal(request)) is not None:
+            return refusal
+        self.host_memory.claim(first * self.block_size, size)
         # Plugging is lazy: the host allocates on first guest touch.
         self.bitmap.set_range(first, request.nb_blocks)
         self._plugged_blocks += request.nb_blocks
@@ -412,8 +412,10 @@ class VirtioMemDevice:
         first = self._first_block(request)
         if self.bitmap.range_state(first, request.nb_blocks) != RangeState.PLUGGED:
             return self._refuse(request, Response.ERROR, "some of the blocks are not plugged")
+        if self.policy is not None and (refusal := self._policy_refusal(request)) is not None:
+            return refusal
         try:
-            self._discard(first * self.block_size, request.nb_blocks * self.block_size)
+            self.host_memory.discard(first * self.block_size, request.nb_blocks * self.block_size)
         except DiscardFailed as exc:
             # A host-side problem: BUSY makes the guest retry; ERROR would
             # make Linux mark the device broken.
@@ -424,6 +426,10 @@ class VirtioMemDevice:
         return Response.ACK
 
     def _unplug_all(self) -> Response:
+        if self.policy is not None:
+            refusal = self._policy_refusal(Request(_UNPLUG_ALL, self.addr, 0))
+            if refusal is not None:
+                return refusal
         try:
             self._unplug_all_blocks(self._request_changed_size)
         except DiscardFailed as exc:
@@ -453,7 +459,7 @@ class VirtioMemDevice:
         changed = False
         try:
             for first, count in list(self.bitmap.runs(plugged=True)):
-                self._discard(first * self.block_size, count * self.block_size)
+                self.host_memory.discard(first * self.block_size, count * self.block_size)
                 self.bitmap.clear_range(first, count)
                 self._plugged_blocks -= count
                 changed = True

@@ -49,8 +49,8 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from vfiouser_vmem.errors import QmpError
-from vfiouser_vmem.logtext import printable
-from vfiouser_vmem.sizes import format_size
+from vfiouser_vmem.util.logtext import printable
+from vfiouser_vmem.util.sizes import format_size
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"

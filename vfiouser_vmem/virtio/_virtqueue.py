@@ -12,10 +12,11 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from vfiouser_vmem._blocks import ffi as _ffi, lib as _lib
-from vfiouser_vmem.blocks import BlockBitmap, CData, CField, c_address
 from vfiouser_vmem.errors import GuestMemoryError, QueueError
+from vfiouser_vmem.util.native import CData, CField
 
 # A client may shrink the file behind its DMA mapping at any time: touching
 # it then is SIGBUS, which the guard turns into a refused access.
@@ -33,13 +34,20 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
+class BlockMap(Protocol):
+    """A bitmap of blocks, set = may be touched (csrc/vmem_guest.h)."""
+
+    words: CData  # uint64_t[]
+    nb_blocks: int
+
+
 @dataclass(frozen=True)
 class DeviceMemory:
     """Where a mapping lies in a device's memory region, whose blocks only
     may be touched while plugged (csrc/vmem_guest.h): the device's block
     bitmap and block size, and the region offset of the mapping's start."""
 
-    bitmap: BlockBitmap
+    bitmap: BlockMap
     block_size_bytes: int
     offset_bytes: int
 
@@ -228,23 +236,11 @@ class Chain:
         return sum(length for _, length in self.writable)
 
 
-#: What ``SplitQueue.serve_in_c`` returns first (csrc/vmem_queue.h).
-SERVE_DONE = _lib.VMEM_SERVE_DONE
-SERVE_SLOW = _lib.VMEM_SERVE_SLOW
-SERVE_FULL = _lib.VMEM_SERVE_FULL
-SERVE_FAULT = _lib.VMEM_SERVE_FAULT
-
-
-def served_array(n: int):
-    """Room for ``n`` requests served in C (``struct vmem_served[n]``)."""
-    return _ffi.new("struct vmem_served[]", n)
-
-
 class SplitQueue:
     """A split virtqueue (virtio spec 2.7), device side.
 
     The ring addresses and indices live in the ``struct vmem_vring`` that
-    the C request path works on (``serve_in_c``)."""
+    a device's request path in C works on (``c_vring``)."""
 
     desc_addr = CField("desc_addr")
     driver_addr = CField("driver_addr")
@@ -256,7 +252,6 @@ class SplitQueue:
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self._c = _ffi.new("struct vmem_vring *")
-        self._c_nr_served = _ffi.new("uint32_t *")
         self.reset()
 
     def reset(self) -> None:
@@ -340,67 +335,13 @@ class SplitQueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         mem.pack(_U16, self.device_addr + 2, self.used_idx)
 
-    def serve_in_c(self, mem: GuestMemory, device_state: CData, served: CData) -> tuple[int, int]:
-        """Serve the available requests that the C request path can answer
-        (csrc/vmem_queue.h) against ``device_state`` (the device model's
-        ``struct vmem_device_state``), recording each in ``served``.
-
-        Returns (SERVE_DONE, SERVE_SLOW, SERVE_FULL or SERVE_FAULT, how many
-        were served).  SERVE_SLOW: the next chain is for ``pop``/``push`` and
-        the device model in Python; none of it was consumed.  SERVE_FAULT:
-        guest memory faulted (``mem.fault_message``); the queue must stop."""
-        rc = _lib.vmem_serve_queue(self._c, mem.c_memory, device_state, served, len(served), self._c_nr_served)
-        return rc, self._c_nr_served[0]
+    @property
+    def c_vring(self) -> CData:
+        """The queue's ``struct vmem_vring`` (csrc/vmem_queue.h), for a
+        device's request path in C; valid as long as the queue."""
+        return self._c
 
     def c_interrupts_suppressed(self) -> bool:
-        """``interrupts_suppressed`` as the last ``serve_in_c`` that returned
-        SERVE_DONE read it, after its last used index."""
+        """``interrupts_suppressed`` as the last C call that served the queue
+        to its end (ServeResult.DONE) read it, after its last used index."""
         return bool(self._c.avail_flags & VRING_AVAIL_F_NO_INTERRUPT)
-
-
-class NotifyServe:
-    """The C request path run inside the guest's notify write (csrc/vmem_queue.h,
-    ``struct vmem_notify_serve``), for the vfio-user binding to call
-    (``VfuContext.set_notify_serve(fn_address, arg_address)``).
-
-    ``prepare`` sets the device state and MSI-X vector a call relies on;
-    what a call served waits in ``served`` until ``take``."""
-
-    def __init__(self, queue: SplitQueue, mem: GuestMemory, max_served: int) -> None:
-        self.served = served_array(max_served)
-        self._c = _ffi.new("struct vmem_notify_serve *")
-        self._c.vq = queue._c
-        self._c.mem = mem.c_memory
-        self._c.served = self.served
-        self._c.max_served = max_served
-        self._c.irq_vector = -1
-
-    @property
-    def fn_address(self) -> int:
-        return c_address("vmem_serve_on_notify")
-
-    @property
-    def arg_address(self) -> int:
-        """Valid as long as this object."""
-        return c_address(self._c)
-
-    def prepare(self, device_state: CData, irq_vector: int) -> None:
-        """The next call serves against ``device_state`` (the device model's
-        ``struct vmem_device_state``) and asks for ``irq_vector`` (-1: no
-        interrupt can be sent) when the guest is owed an interrupt."""
-        self._c.dev = device_state
-        self._c.irq_vector = irq_vector
-
-    def take(self) -> tuple[int, bool, bool, float]:
-        """(requests served, interrupt due, Python must go on, CLOCK_REALTIME
-        seconds of the call) since the last ``take``; the requests are
-        ``served[0:n]`` until the next call."""
-        c = self._c
-        count = int(c.nr_served)
-        if not count and not c.need_python:
-            return 0, False, False, 0.0
-        result = count, bool(c.interrupt_due), bool(c.need_python), c.realtime_ns * 1e-9
-        c.nr_served = 0
-        c.interrupt_due = 0
-        c.need_python = 0
-        return result

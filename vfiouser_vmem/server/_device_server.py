@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import trio
 
-from vfiouser_vmem import __version__, virtio_pci as vp
-from vfiouser_vmem.backend import MemfdBackend
-from vfiouser_vmem.blocks import RangeState
-from vfiouser_vmem.device import DiscardFailed, VirtioMemDevice
-from vfiouser_vmem.discard import DiscardQueue
-from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
-from vfiouser_vmem.sizes import format_size
-from vfiouser_vmem.sockets import claim_socket_path
-from vfiouser_vmem.vfu import (
+from vfiouser_vmem.errors import DiscardFailed
+from vfiouser_vmem.server._config import DeviceConfig
+from vfiouser_vmem.util.sizes import format_size
+from vfiouser_vmem.util.sockets import claim_socket_path
+from vfiouser_vmem.vfio_user import (
     CAP_FLAG_READONLY,
     PROT_READ,
     ConnectionLost,
@@ -42,7 +34,19 @@ from vfiouser_vmem.vfu import (
     VfuContext,
     VfuError,
 )
-from vfiouser_vmem.virtqueue import DeviceMemory
+from vfiouser_vmem.virtio import DeviceMemory, _pci as vp
+from vfiouser_vmem.vmem import (
+    ClientConnected,
+    ClientDisconnected,
+    DiscardQueue,
+    HostMemory,
+    MemfdBackend,
+    MemoryBackend,
+    PlugPolicy,
+    RangeState,
+    Reset,
+    VirtioMemDevice,
+)
 
 log = logging.getLogger("vfiouser_vmem.server")
 
@@ -52,33 +56,24 @@ log = logging.getLogger("vfiouser_vmem.server")
 DISCARD_CHUNK_BYTES = 32 << 20
 
 
-@dataclass
-class DeviceConfig:
-    """One device, in QEMU's vocabulary (``-device virtio-mem-pci,...``)."""
+class DeviceServer(HostMemory):
+    """One virtio-mem PCI function on one vfio-user socket.
 
-    socket: str
-    size_bytes: int
-    block_size_bytes: int = 2 << 20
-    requested_size_bytes: int = 0
-    id: str = "vmem0"
-    node: int | None = None
-    memdev: str = ""
-    #: The memfd uses huge pages (``memory-backend-memfd,hugetlb=on``).
-    hugetlb: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.memdev:
-            self.memdev = f"mem-{self.id}"
-
-
-class DeviceServer:
-    """One virtio-mem PCI function on one vfio-user socket."""
+    It is the model's ``HostMemory``: discards are queued on the backend
+    and done after the answer (DiscardQueue)."""
 
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
         self.log = logging.LoggerAdapter(log, {})
         self.bar_size = vp.memory_bar_size(config.size_bytes)
-        self.backend = MemfdBackend(self.bar_size, name=f"vfiouser-vmem:{config.id}", hugetlb=config.hugetlb)
+        self.backend: MemoryBackend
+        if config.backend is not None:
+            self.backend = config.backend
+            if self.backend.size_bytes < self.bar_size:
+                raise ValueError(f"{config.id}: the backend holds {format_size(self.backend.size_bytes)}, "
+                                 f"the memory BAR needs {format_size(self.bar_size)}")
+        else:
+            self.backend = MemfdBackend(self.bar_size, name=f"vfiouser-vmem:{config.id}", hugetlb=config.hugetlb)
         self.clients_total = 0
         self.connected = False
         #: Fault injection (QOM property x-fail-discards): this many of the
@@ -104,11 +99,9 @@ class DeviceServer:
                 requested_size_bytes=config.requested_size_bytes,
                 node_id=config.node,
                 page_size_bytes=self.backend.page_size_bytes,
-                discard=self._queue_discard,
-                before_plug=self.discards.claim,
                 name=config.id,
-                before_plug_due=self.discards.claim_due,
-                discard_refused=self._discard_refused,
+                host_memory=self,
+                policy=config.policy,
             )
             claim_socket_path(config.socket)
             self.ctx = VfuContext(config.socket, logger=logging.getLogger(f"vfiouser_vmem.vfu.{config.id}"))
@@ -125,7 +118,7 @@ class DeviceServer:
     def _setup_pci(self) -> None:
         ctx = self.ctx
         ctx.pci_init(PciType.CONVENTIONAL, vp.PCI_REVISION_MODERN)
-        ctx.set_pci_id(vp.PCI_VENDOR_ID_REDHAT_QUMRANET, vp.PCI_DEVICE_ID_VIRTIO_MEM,
+        ctx.set_pci_id(vp.PCI_VENDOR_ID_REDHAT_QUMRANET, vp.pci_device_id(self.model),
                        vp.PCI_VENDOR_ID_REDHAT_QUMRANET, vp.PCI_SUBSYSTEM_ID_QEMU)
         ctx.set_pci_class(vp.PCI_CLASS_OTHERS, 0, 0)
         cfg = ctx.config_space()
@@ -144,7 +137,7 @@ class DeviceServer:
         for cap in (
             vp.virtio_pci_cap(vp.VIRTIO_PCI_CAP_COMMON_CFG, 0, vp.COMMON_CFG_OFFSET, vp.COMMON_CFG_SIZE),
             vp.virtio_pci_cap(vp.VIRTIO_PCI_CAP_ISR_CFG, 0, vp.ISR_OFFSET, vp.ISR_SIZE),
-            vp.virtio_pci_cap(vp.VIRTIO_PCI_CAP_DEVICE_CFG, 0, vp.DEVICE_CFG_OFFSET, 0x38),
+            vp.virtio_pci_cap(vp.VIRTIO_PCI_CAP_DEVICE_CFG, 0, vp.DEVICE_CFG_OFFSET, self.model.config_size),
             vp.virtio_pci_cap(vp.VIRTIO_PCI_CAP_NOTIFY_CFG, 0, vp.NOTIFY_OFFSET,
                               vp.NOTIFY_OFF_MULTIPLIER * vp.NUM_QUEUES,
                               vp.NOTIFY_OFF_MULTIPLIER.to_bytes(4, "little")),
@@ -162,10 +155,12 @@ class DeviceServer:
         # The guest's notify write is served in C inside the write, with its
         # interrupt raised before the reply, while the transport arms it
         # (docs/request-path.md).
-        ctx.set_notify_serve(self.transport.notify_serve.fn_address, self.transport.notify_serve.arg_address)
+        if (notify_serve := self.transport.notify_serve_address) is not None:
+            ctx.set_notify_serve(*notify_serve)
         # And the device configuration reads the driver makes after each
         # resize (csrc/vmem_config.h), while the transport says so.
-        ctx.set_fast_read(self.transport.fast_read_address, self.transport.fast_read_arg_address)
+        if (fast_read := self.transport.fast_read_address) is not None:
+            ctx.set_fast_read(*fast_read)
         ctx.on_reset = self._reset
         ctx.on_dma_register = self._dma_register
         ctx.on_dma_unregister = self._dma_unregister
@@ -174,18 +169,39 @@ class DeviceServer:
         # may be answered ACK in C.
         self.discards.on_failure_change = self.update_notify_serve
 
-    def _discard_refused(self) -> bool:
+    def resize(self, requested_size_bytes: int) -> None:
+        """Ask the guest for a new size (QMP ``qom-set ... requested-size``,
+        ``Device.resize``): refused with TypeError or ConfigError as QEMU
+        would, else the guest gets a config interrupt."""
+        old = self.model.requested_size
+        self.model.set_requested_size(requested_size_bytes)
+        log.info("%s: requested-size %s -> %s", self.config.id, format_size(old), format_size(requested_size_bytes))
+
+    def set_policy(self, policy: PlugPolicy | None) -> None:
+        """Install (or, with None, remove) the device's plug policy; the C
+        request paths are re-armed for it at once."""
+        self.model.policy = policy
+        self.update_notify_serve()
+
+    # -- the model's HostMemory ---------------------------------------------
+    def discard_refused(self) -> bool:
         # Like QEMU answering a failed discard BUSY: the guest retries later,
         # and unreturned memory does not pile up meanwhile.  A reset cannot
         # answer BUSY: its discards are queued anyway.
         return self.discards.failure is not None and not self._resetting
 
-    def _queue_discard(self, offset_bytes: int, length_bytes: int) -> None:
-        """The model's discard: queued, done after the answer (discard.py)."""
-        if self._discard_refused():
+    def discard(self, offset_bytes: int, length_bytes: int) -> None:
+        """Queued, done after the answer (vmem/_discard.py)."""
+        if self.discard_refused():
             raise DiscardFailed(f"an earlier discard failed and is being retried ({self.discards.failure})")
         # The worker is woken after the answer: serve_requests().
         self.discards.submit(offset_bytes, length_bytes, wake=False)
+
+    def claim(self, offset_bytes: int, length_bytes: int) -> None:
+        self.discards.claim(offset_bytes, length_bytes)
+
+    def claim_due(self) -> bool:
+        return self.discards.claim_due()
 
     def _discard_now(self, offset_bytes: int, length_bytes: int) -> None:
         """Punch the hole (a worker thread of the DiscardQueue)."""
@@ -289,6 +305,8 @@ class DeviceServer:
             self._resetting = False
         self.log.info("%s: %s reset: unplugged and discarded %s", self.config.id, reset_type.name,
                       format_size(plugged) if plugged else "nothing")
+        if self.model.observers:
+            self.model.observers.emit(Reset(self.config.id, reset_type.name, plugged))
 
     # -- main loop --------------------------------------------------------
     #: Consecutive failed vfu_run_ctx() calls after which a client is
@@ -458,22 +476,31 @@ class DeviceServer:
             await self._accept()
             self.clients_total += 1
             self.connected = True
+            pid = self.ctx.client_pid()
             self.log.info("%s: vfio-user client %d (pid %s) connected on %s", cid, self.clients_total,
-                          self.ctx.client_pid(), self.config.socket)
+                          pid, self.config.socket)
+            observers = self.model.observers
+            if observers:
+                observers.emit(ClientConnected(cid, self.clients_total, pid))
+            reason = "the server stopped"
             try:
                 await self._serve_client()
             except ConnectionLost as exc:
+                reason = str(exc)
                 self.log.info("%s: vfio-user client %d disconnected (%s); waiting for the next one",
                               cid, self.clients_total, exc)
             except Exception:
                 # A bug, or a state of libvfio-user's not foreseen: it must
                 # not take every other device down with this one.  The
                 # client goes; the device waits for the next.
+                reason = "internal error"
                 self.log.exception("%s: internal error serving vfio-user client %d; dropping it",
                                    cid, self.clients_total)
                 self._end_client()
             finally:
                 self.connected = False
+                if observers:
+                    observers.emit(ClientDisconnected(cid, self.clients_total, reason))
 
     def close(self) -> None:
         ctx = getattr(self, "ctx", None)
@@ -484,172 +511,3 @@ class DeviceServer:
             # when the last mapping goes.
             self.discards.drain_now()
         self.backend.close()
-
-
-class ControlledVmem:
-    """A DeviceServer as the control plane sees it (control.ControlledDevice)."""
-
-    #: The QOM type QEMU's property errors name, "Property 'TYPE.NAME' ..."
-    #: (qom/object.c, object_get_typename): the device users add in QEMU.
-    QOM_TYPE = "virtio-mem-pci"
-    _UINT32_MAX = (1 << 32) - 1
-    _UINT64_MAX = (1 << 64) - 1
-
-    def __init__(self, server: DeviceServer) -> None:
-        self.server = server
-        self.id = server.config.id
-        self.qom_path = f"/machine/peripheral/{self.id}/virtio-backend"
-        # Built once: management tools and the benchmark poll qom-get every
-        # few ms.
-        self._prop_table = self._build_props()
-
-    def _props(self) -> dict[str, tuple[str, Callable[[], Any]]]:
-        """Property -> (QOM type, getter)."""
-        return self._prop_table
-
-    def _build_props(self) -> dict[str, tuple[str, Callable[[], Any]]]:
-        s = self.server
-        return {
-            "size": ("size", lambda: s.model.plugged_size),
-            "requested-size": ("size", lambda: s.model.requested_size),
-            "block-size": ("size", lambda: s.model.block_size),
-            "max-size": ("size", lambda: s.model.region_size),
-            "memaddr": ("uint64", lambda: self.server.transport.memory_bar_addr),
-            "node": ("uint32", lambda: s.model.node_id or 0),
-            "memdev": ("link<memory-backend>", lambda: f"/objects/{self.server.config.memdev}"),
-            # Unplugged but not yet given back to the host (docs/discard.md).
-            "discard-pending": ("size", lambda: self.server.discards.pending_bytes),
-            "x-fail-discards": ("uint32", lambda: self.server.fail_discards),
-            "x-hold-requests": ("bool", lambda: self.server.transport.hold_requests),
-            # True while a held kick waits (read-only): requests are in the queue.
-            "x-requests-pending": ("bool", lambda: self.server.transport.kick_pending),
-        }
-
-    def qom_get(self, prop: str) -> Any:
-        props = self._props()
-        if prop not in props:
-            raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
-        return props[prop][1]()
-
-    def qom_set(self, prop: str, value: Any) -> None:
-        if prop == "requested-size":
-            # Like QEMU, an integer only: "1G" is the CLI's job; and one a
-            # uint64 holds (qobject-input-visitor.c: "Parameter '%s' expects
-            # uint64"), not a size the device then calls too large.
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self._UINT64_MAX:
-                raise TypeError(f"Parameter 'requested-size' expects uint64 (a byte count), got {value!r}")
-            old = self.server.model.requested_size
-            self.server.model.set_requested_size(value)
-            log.info("%s: requested-size %s -> %s", self.id, format_size(old), format_size(value))
-            return
-        if prop == "x-hold-requests":
-            # Testing aid: requests wait in the queue until released, so that
-            # a test can change requested-size while a PLUG is in flight.
-            if not isinstance(value, bool):
-                raise TypeError(f"Parameter 'x-hold-requests' expects bool, got {value!r}")
-            transport = self.server.transport
-            transport.hold_requests = value
-            log.warning("%s: virtio-mem requests %s (x-hold-requests)", self.id, "held" if value else "released")
-            if value:
-                self.server.update_notify_serve()  # held: no serve inside the notify write either
-            else:
-                self.server.serve_requests()
-            return
-        if prop == "x-fail-discards":
-            # Like QEMU's x- properties: for testing, not a stable interface.
-            # A uint32 property: QEMU's visit_type_uint32 refuses what is
-            # outside 0..2^32-1 with "Parameter '%s' expects uint32_t"
-            # (qapi/qapi-visit-core.c).
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self._UINT32_MAX:
-                raise TypeError(f"Parameter 'x-fail-discards' expects uint32_t (0 to {self._UINT32_MAX}), "
-                                f"got {value!r}")
-            self.server.fail_discards = value
-            log.warning("%s: the next %d discard(s) will fail (x-fail-discards)", self.id, value)
-            if value == 0:
-                # The injected trouble is over: retry a failed range now.
-                self.server.discards.retry_now()
-            return
-        # qom/object.c (object_property_set, object_property_find_err).
-        if prop in self._props():
-            raise PropertyReadOnly(f"Property '{self.QOM_TYPE}.{prop}' is not writable")
-        raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
-
-    def qom_list(self) -> list[dict[str, str]]:
-        return [{"name": name, "type": typ} for name, (typ, _) in self._props().items()]
-
-    def memory_device_info(self) -> dict[str, Any]:
-        m = self.server.model
-        return {
-            "id": self.id,
-            "memaddr": self.server.transport.memory_bar_addr,
-            "node": m.node_id or 0,
-            "requested-size": m.requested_size,
-            "size": m.plugged_size,
-            "max-size": m.region_size,
-            "block-size": m.block_size,
-            "memdev": f"/objects/{self.server.config.memdev}",
-        }
-
-    def add_size_listener(self, listener: Callable[[int], None]) -> Callable[[], None]:
-        listeners = self.server.model.size_listeners
-        listeners.append(listener)
-        return lambda: listeners.remove(listener) if listener in listeners else None
-
-
-def share_socket_with_group(path: str, gid: int) -> None:
-    """Make a socket file 0660 and owned by group ``gid`` (``--socket-group``)."""
-    os.chown(path, -1, gid)
-    os.chmod(path, 0o660)
-
-
-async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[], None] | None = None,
-                metrics: Any = None, socket_group: int | None = None,
-                qmp_max_clients: int | None = None) -> None:
-    """Run the devices and the QMP server until SIGTERM/SIGINT.
-
-    ``metrics``: a ``metrics.MetricsExporter`` to serve beside them (it gets
-    every DeviceServer, and listens before ``ready`` is called).
-    ``socket_group``: a gid; the vfio-user and QMP sockets are then 0660 and
-    owned by that group instead of 0600.
-    ``qmp_max_clients``: at most this many QMP connections (QmpServer's
-    default otherwise)."""
-    from vfiouser_vmem.qmp import QmpServer
-
-    servers: list[DeviceServer] = []
-    try:
-        for config in configs:
-            servers.append(DeviceServer(config))
-            if socket_group is not None:
-                share_socket_with_group(config.socket, socket_group)
-        for s in servers:
-            s.siblings = [other for other in servers if other is not s]
-        controlled = {s.config.id: ControlledVmem(s) for s in servers}
-        qmp = QmpServer(controlled, version=__version__,
-                        **({} if qmp_max_clients is None else {"max_clients": qmp_max_clients}))
-        if metrics is not None:
-            for s in servers:
-                metrics.add_device(s)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(qmp.serve, qmp_path)
-                if socket_group is not None:
-                    share_socket_with_group(qmp_path, socket_group)
-                if metrics is not None:
-                    await nursery.start(metrics.serve)
-                for s in servers:
-                    nursery.start_soon(s.run)
-                if ready is not None:
-                    ready()
-                async for signum in signals:
-                    log.info("%s: stopping", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
-    finally:
-        # A device's guest-memory map may hold views of a sibling's backend:
-        # drop them all before any backend is closed.
-        for s in servers:
-            transport = getattr(s, "transport", None)
-            if transport is not None:
-                transport.memory.clear()
-        for s in servers:
-            s.close()

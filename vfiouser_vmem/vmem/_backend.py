@@ -1,6 +1,10 @@
-"""The memory backend: the host memory behind the device's memory BAR.
+"""Memory backends: the host memory behind the device's memory BAR.
 
-A memfd (or a hugetlb memfd) owned by the server, sized to the whole BAR and
+``MemoryBackend`` is what the server needs of one; ``MemfdBackend`` is the
+built-in one (QEMU's ``memory-backend-memfd``).  A backend of one's own is
+passed in ``DeviceConfig.backend`` (docs/api.md).
+
+The memfd (or a hugetlb memfd) is owned by the server, sized to the whole BAR and
 sparse: nothing is allocated until the guest touches plugged memory (docs/design.md,
 "Memory through the BAR", "Plug is lazy").  The same fd is exported to QEMU as the mmap-able
 BAR, so punching a hole frees the pages in both processes at once.
@@ -11,8 +15,38 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+from typing import Protocol
 
-from vfiouser_vmem import blocks
+from vfiouser_vmem.vmem import _bitmap as blocks
+
+__all__ = ["MemfdBackend", "MemoryBackend"]
+
+
+class MemoryBackend(Protocol):
+    """The host memory of one device.
+
+    ``fd`` is exported to every vfio-user client as the mmap-able memory
+    BAR, so it must be a shared mapping's file (memfd, tmpfs, hugetlbfs);
+    ``view`` is this process's own shared mapping of it, ``size_bytes``
+    long (at least the memory BAR: ``vfiouser_vmem.virtio.memory_bar_size``
+    of the device size).  ``discard`` gives a range back to the host (it
+    runs on the discard worker thread, and raises ``DiscardFailed``);
+    ``allocated_bytes`` is the host memory it holds now (metrics, tests);
+    ``close`` frees it all.  ``page_size_bytes`` is the unit it allocates in
+    (block sizes below it are refused)."""
+
+    fd: int
+    size_bytes: int
+    view: memoryview
+
+    @property
+    def page_size_bytes(self) -> int: ...
+
+    def discard(self, offset_bytes: int, length_bytes: int) -> None: ...
+
+    def allocated_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class MemfdBackend:

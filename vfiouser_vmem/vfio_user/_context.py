@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from vfiouser_vmem._vfu import ffi, lib
 from vfiouser_vmem.errors import ConnectionLost, VfuError
-from vfiouser_vmem.logtext import printable
+from vfiouser_vmem.util.logtext import printable
 
 log = logging.getLogger("vfiouser_vmem.vfu")
 

@@ -1,0 +1,8 @@
+"""The command line: ``vfiouser-vmem serve|qemu-args|ctl ...``.
+
+The top layer: it may import every other (docs/architecture.md).
+"""
+
+from vfiouser_vmem.cli._main import EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, build_parser, exit_code, main
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_USAGE", "build_parser", "exit_code", "main"]

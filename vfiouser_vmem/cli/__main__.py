@@ -1,0 +1,5 @@
+import sys
+
+from vfiouser_vmem.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""A running device as the control plane sees it (``control.ControlledDevice``):
+QOM properties and query-memory-devices in QEMU's shapes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
+from vfiouser_vmem.server._device_server import DeviceServer
+
+__all__ = ["ControlledVmem"]
+
+log = logging.getLogger("vfiouser_vmem.server")
+
+
+class ControlledVmem:
+    """A DeviceServer as the control plane sees it (control.ControlledDevice)."""
+
+    #: The QOM type QEMU's property errors name, "Property 'TYPE.NAME' ..."
+    #: (qom/object.c, object_get_typename): the device users add in QEMU.
+    QOM_TYPE = "virtio-mem-pci"
+    _UINT32_MAX = (1 << 32) - 1
+    _UINT64_MAX = (1 << 64) - 1
+
+    def __init__(self, server: DeviceServer) -> None:
+        self.server = server
+        self.id = server.config.id
+        self.qom_path = f"/machine/peripheral/{self.id}/virtio-backend"
+        # Built once: management tools and the benchmark poll qom-get every
+        # few ms.
+        self._prop_table = self._build_props()
+
+    def _props(self) -> dict[str, tuple[str, Callable[[], Any]]]:
+        """Property -> (QOM type, getter)."""
+        return self._prop_table
+
+    def _build_props(self) -> dict[str, tuple[str, Callable[[], Any]]]:
+        s = self.server
+        return {
+            "size": ("size", lambda: s.model.plugged_size),
+            "requested-size": ("size", lambda: s.model.requested_size),
+            "block-size": ("size", lambda: s.model.block_size),
+            "max-size": ("size", lambda: s.model.region_size),
+            "memaddr": ("uint64", lambda: self.server.transport.memory_bar_addr),
+            "node": ("uint32", lambda: s.model.node_id or 0),
+            "memdev": ("link<memory-backend>", lambda: f"/objects/{self.server.config.memdev}"),
+            # Unplugged but not yet given back to the host (docs/discard.md).
+            "discard-pending": ("size", lambda: self.server.discards.pending_bytes),
+            "x-fail-discards": ("uint32", lambda: self.server.fail_discards),
+            "x-hold-requests": ("bool", lambda: self.server.transport.hold_requests),
+            # True while a held kick waits (read-only): requests are in the queue.
+            "x-requests-pending": ("bool", lambda: self.server.transport.kick_pending),
+        }
+
+    def qom_get(self, prop: str) -> Any:
+        props = self._props()
+        if prop not in props:
+            raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
+        return props[prop][1]()
+
+    def qom_set(self, prop: str, value: Any) -> None:
+        if prop == "requested-size":
+            # Like QEMU, an integer only: "1G" is the CLI's job; and one a
+            # uint64 holds (qobject-input-visitor.c: "Parameter '%s' expects
+            # uint64"), not a size the device then calls too large.
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self._UINT64_MAX:
+                raise TypeError(f"Parameter 'requested-size' expects uint64 (a byte count), got {value!r}")
+            self.server.resize(value)
+            return
+        if prop == "x-hold-requests":
+            # Testing aid: requests wait in the queue until released, so that
+            # a test can change requested-size while a PLUG is in flight.
+            if not isinstance(value, bool):
+                raise TypeError(f"Parameter 'x-hold-requests' expects bool, got {value!r}")
+            transport = self.server.transport
+            transport.hold_requests = value
+            log.warning("%s: virtio-mem requests %s (x-hold-requests)", self.id, "held" if value else "released")
+            if value:
+                self.server.update_notify_serve()  # held: no serve inside the notify write either
+            else:
+                self.server.serve_requests()
+            return
+        if prop == "x-fail-discards":
+            # Like QEMU's x- properties: for testing, not a stable interface.
+            # A uint32 property: QEMU's visit_type_uint32 refuses what is
+            # outside 0..2^32-1 with "Parameter '%s' expects uint32_t"
+            # (qapi/qapi-visit-core.c).
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self._UINT32_MAX:
+                raise TypeError(f"Parameter 'x-fail-discards' expects uint32_t (0 to {self._UINT32_MAX}), "
+                                f"got {value!r}")
+            self.server.fail_discards = value
+            log.warning("%s: the next %d discard(s) will fail (x-fail-discards)", self.id, value)
+            if value == 0:
+                # The injected trouble is over: retry a failed range now.
+                self.server.discards.retry_now()
+            return
+        # qom/object.c (object_property_set, object_property_find_err).
+        if prop in self._props():
+            raise PropertyReadOnly(f"Property '{self.QOM_TYPE}.{prop}' is not writable")
+        raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
+
+    def qom_list(self) -> list[dict[str, str]]:
+        return [{"name": name, "type": typ} for name, (typ, _) in self._props().items()]
+
+    def memory_device_info(self) -> dict[str, Any]:
+        m = self.server.model
+        return {
+            "id": self.id,
+            "memaddr": self.server.transport.memory_bar_addr,
+            "node": m.node_id or 0,
+            "requested-size": m.requested_size,
+            "size": m.plugged_size,
+            "max-size": m.region_size,
+            "block-size": m.block_size,
+            "memdev": f"/objects/{self.server.config.memdev}",
+        }
+
+    def add_size_listener(self, listener: Callable[[int], None]) -> Callable[[], None]:
+        listeners = self.server.model.size_listeners
+        listeners.append(listener)
+        return lambda: listeners.remove(listener) if listener in listeners else None

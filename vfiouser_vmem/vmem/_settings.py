@@ -1,0 +1,99 @@
+"""The rules of a device's sizes, in one place: the CLI flags, the TOML and
+``--device`` configuration, ``DeviceConfig`` and QMP's ``qom-set
+requested-size`` all check them here, each naming the setting as its user
+wrote it (``SettingNames``) and prefixing where it came from.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from vfiouser_vmem.errors import ConfigError
+from vfiouser_vmem.util.sizes import format_size
+from vfiouser_vmem.vmem._spec import MIN_BLOCK_SIZE_BYTES
+
+__all__ = [
+    "CLI_NAMES", "CONFIG_NAMES", "MAX_DEVICE_SIZE_BYTES", "SettingNames", "check_block_size",
+    "check_device_settings", "check_requested_size", "check_size",
+]
+
+#: The largest device served: a 1 TiB device's bitmap is 64 KiB and its BAR
+#: still fits a 46-bit guest physical address space (docs/design.md).
+MAX_DEVICE_SIZE_BYTES = 1 << 40
+
+
+@dataclass(frozen=True)
+class SettingNames:
+    """How the user spelled each setting."""
+
+    size: str = "size"
+    block_size: str = "block-size"
+    requested_size: str = "requested-size"
+    #: How a message refers to the size and the block size it compares with.
+    size_phrase: str = "the device's maximum size"
+    block_size_phrase: str = "the block-size"
+
+
+#: The ``--object``/``--device`` options and the TOML file.
+CONFIG_NAMES = SettingNames(size_phrase="the size", block_size_phrase="the block size")
+#: The single-device flags of ``serve`` and ``qemu-args``.
+CLI_NAMES = SettingNames("--size", "--block-size", "--requested-size", "--size", "the block size")
+
+
+def _refuse(where: str, message: str) -> ConfigError:
+    return ConfigError(f"{where}: {message}" if where else message)
+
+
+def check_block_size(block_size_bytes: int, *, page_size_bytes: int = 4096, where: str = "",
+                     names: SettingNames = SettingNames()) -> None:
+    """A power of two, >= 1 MiB, >= the backend's page size (the huge page
+    size for hugetlb).  QEMU takes the THP size (2 MiB) as the *default*
+    block size but accepts any block size >= the RAM page size
+    (hw/virtio/virtio-mem.c, virtio_mem_device_realize); so do we, so
+    that 1 MiB blocks work on ordinary memory."""
+    if block_size_bytes <= 0 or block_size_bytes & (block_size_bytes - 1):
+        raise _refuse(where, f"{names.block_size} {block_size_bytes} is not a power of two")
+    minimum = max(MIN_BLOCK_SIZE_BYTES, page_size_bytes)
+    if block_size_bytes < minimum:
+        raise _refuse(where, f"{names.block_size} {format_size(block_size_bytes)} is below the minimum "
+                             f"{format_size(minimum)} (the backend's page size)")
+
+
+def check_size(size_bytes: int, block_size_bytes: int, *, where: str = "",
+               names: SettingNames = SettingNames(), maximum_bytes: int | None = MAX_DEVICE_SIZE_BYTES) -> None:
+    if size_bytes <= 0 or size_bytes % block_size_bytes:
+        raise _refuse(where, f"{names.size} {format_size(size_bytes)} is not a positive multiple of "
+                             f"{names.block_size_phrase} {format_size(block_size_bytes)}")
+    if maximum_bytes is not None and size_bytes > maximum_bytes:
+        raise _refuse(where, f"{names.size} {format_size(size_bytes)} is above the supported maximum of "
+                             f"{format_size(maximum_bytes)}")
+
+
+def check_requested_size(requested_size_bytes: int, size_bytes: int, block_size_bytes: int, *, where: str = "",
+                         names: SettingNames = SettingNames()) -> None:
+    """TypeError for a value that is not an integer; ConfigError otherwise."""
+    if isinstance(requested_size_bytes, bool):
+        raise TypeError(f"{names.requested_size} must be an integer, not bool")
+    try:
+        operator.index(requested_size_bytes)
+    except TypeError:
+        raise TypeError(f"{names.requested_size} must be an integer, "
+                        f"not {type(requested_size_bytes).__name__}") from None
+    if requested_size_bytes < 0:
+        raise _refuse(where, f"{names.requested_size} {requested_size_bytes} is negative")
+    if requested_size_bytes > size_bytes:
+        raise _refuse(where, f"{names.requested_size} {format_size(requested_size_bytes)} is above "
+                             f"{names.size_phrase} {format_size(size_bytes)}")
+    if requested_size_bytes % block_size_bytes:
+        raise _refuse(where, f"{names.requested_size} {format_size(requested_size_bytes)} is not a multiple of "
+                             f"{names.block_size_phrase} {format_size(block_size_bytes)}")
+
+
+def check_device_settings(*, size_bytes: int, block_size_bytes: int, requested_size_bytes: int,
+                          page_size_bytes: int = 4096, where: str = "",
+                          names: SettingNames = SettingNames()) -> None:
+    """All of a device's size rules, in the order QEMU checks them."""
+    check_block_size(block_size_bytes, page_size_bytes=page_size_bytes, where=where, names=names)
+    check_size(size_bytes, block_size_bytes, where=where, names=names)
+    check_requested_size(requested_size_bytes, size_bytes, block_size_bytes, where=where, names=names)
