@@ -10,7 +10,7 @@ import pytest
 
 import vfiouser_vmem
 from vfiouser_vmem import errors
-from vfiouser_vmem.cli._main import EXIT_FAILURE, EXIT_USAGE, exit_code
+from vfiouser_vmem.cli import EXIT_FAILURE, EXIT_USAGE, exit_code
 
 
 def _package_modules():

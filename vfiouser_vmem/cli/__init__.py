@@ -3,6 +3,7 @@
 The top layer: it may import every other (docs/architecture.md).
 """
 
-from vfiouser_vmem.cli._main import EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, build_parser, exit_code, main
+from vfiouser_vmem.cli._exit import EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, exit_code
+from vfiouser_vmem.cli._main import build_parser, main
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_USAGE", "build_parser", "exit_code", "main"]

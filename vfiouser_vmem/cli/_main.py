@@ -2,13 +2,13 @@
 
 Commands:
     serve      run virtio-mem devices on vfio-user sockets, with a QMP socket
-    ctl        resize / info / watch the devices over QMP (see ctl.py)
+    ctl        resize / info / watch the devices over QMP (see cli/_ctl.py)
     qemu-args  print the QEMU options for the devices of a configuration
 
 Devices are given to ``serve`` and ``qemu-args`` in one of three ways (not
 mixed): the single-device flags (``--socket --size [--block-size]
 [--requested-size] [--id] [--node]``), QEMU-style ``--object``/``--device``
-options (repeatable), or ``--config FILE`` (TOML); see config.py.
+options (repeatable), or ``--config FILE`` (TOML); see cli/_config.py.
 
 Exit codes: 0 success (``serve``: also after SIGTERM/SIGINT), 1 runtime
 failure (a socket path in use, a QMP error, ...), 2 bad usage (nothing was
@@ -38,21 +38,18 @@ from vfiouser_vmem.cli._config import (
     object_spec,
     qemu_args,
 )
+from vfiouser_vmem.cli._exit import (
+    EXIT_CODES_HELP,
+    EXIT_OK,
+    EXIT_USAGE,
+    exit_code,
+)
 from vfiouser_vmem.control import MetricsExporter, parse_metrics_address
-from vfiouser_vmem.errors import MetricsAddressError, VmemError
+from vfiouser_vmem.errors import MetricsAddressError
 from vfiouser_vmem.server import DeviceConfig, check_id, serve
 from vfiouser_vmem.util.logtext import printable
 from vfiouser_vmem.util.sizes import format_size, parse_size
 from vfiouser_vmem.vmem import CLI_NAMES, check_device_settings
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
-
-EXIT_CODES_HELP = """\
-exit codes:
-  0  success (serve: also after SIGTERM/SIGINT)
-  1  runtime failure (socket in use, QMP error: its message is printed)
-  2  bad usage (nothing was started or changed)
-  3  ctl resize --wait: the guest did not reach the size in time"""
 
 SERVE_EPILOG = """\
 examples:
@@ -354,17 +351,6 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             logging.getLogger("vfiouser_vmem").error("%s", printable(e))
         return max(code for code in codes if code is not None)
     return EXIT_OK
-
-
-def exit_code(exc: BaseException) -> int | None:
-    """The exit code of a command that ``exc`` ended (vfiouser_vmem/errors.py
-    draws the tree), or None for a bug (its traceback is shown).  A setting
-    refused as a ValueError by a lower layer counts as a failure to start."""
-    if isinstance(exc, ConfigError):
-        return EXIT_USAGE
-    if isinstance(exc, (VmemError, OSError, ValueError)):
-        return EXIT_FAILURE
-    return None
 
 
 def _leaf_exceptions(exc: BaseException) -> list[BaseException]:

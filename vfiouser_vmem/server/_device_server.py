@@ -5,7 +5,7 @@ handle the client's messages (``VfuContext.run``), then processes the
 virtqueue; the QMP server runs beside them.  All of that runs on the trio
 thread, so guest-memory views are never used across a DMA unmap.  The one
 exception is the hole punching of unplugged memory: a second task per device
-hands it to a worker thread after the UNPLUG is answered (discard.py); that
+hands it to a worker thread after the UNPLUG is answered (vmem/_discard.py); that
 thread touches only the backend's fd, never guest memory.
 """
 
@@ -253,7 +253,7 @@ class DeviceServer(HostMemory):
         memory = self.transport.memory
         if region.vaddr:
             # Only what libvfio-user mapped, with the client's protection
-            # (vfu.py DmaRegion): touching more, or writing a read-only
+            # (vfio_user DmaRegion): touching more, or writing a read-only
             # mapping, would be SIGSEGV for every device of this process.
             view = region.view()
             reachable = len(view) if view is not None else 0
