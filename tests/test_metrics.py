@@ -24,7 +24,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from vfio_user_client import BAR2, VfioUserClient
-from virtio_driver import ACK, ERROR, NACK, PLUGGED, UNPLUGGED, VirtioMemDriver
+from virtio_driver import ACK, BUSY, ERROR, NACK, PLUGGED, UNPLUGGED, VirtioMemDriver
 from vfiouser_vmem.control._metrics import MetricsAddressError, MetricsExporter, parse_metrics_address
 from vfiouser_vmem.server import DeviceConfig, DeviceServer
 
@@ -181,6 +181,36 @@ async def test_metrics_after_requests(exported) -> None:
         # The UNPLUG of 8 MiB, then the reset's discard of the 128 MiB left.
         assert s[key("vfiouser_vmem_discarded_bytes_total", id="d0")] == 136 * MiB
         assert s[key("vfiouser_vmem_discard_failures_total", id="d0")] == 0
+
+
+async def test_a_failing_policy_is_answered_busy_and_counted(exported) -> None:
+    exporter, (d0, d1) = exported
+
+    class Broken:
+        def decide(self, device, request):
+            raise RuntimeError("policy bug")
+
+    d0.set_policy(Broken())
+    s = await scrape(exporter.url)
+    assert s[key("vfiouser_vmem_hook_errors_total", id="d0", hook="policy")] == 0
+    with ExitStack() as stack:
+        with trio.fail_after(TIMEOUT):
+            client = await VfioUserClient.connect(d0.config.socket)
+        stack.callback(client.close)
+        driver = VirtioMemDriver(client)
+        stack.callback(driver.close)
+        with trio.fail_after(TIMEOUT):
+            await driver.initialize()
+            addr = (await driver.read_config()).addr
+            assert await driver.plug(addr, 1) == BUSY
+            assert await driver.state(addr, 1) == (ACK, UNPLUGGED)
+            d0.set_policy(None)
+            assert await driver.plug(addr, 1) == ACK
+    s = await scrape(exporter.url)
+    assert s[key("vfiouser_vmem_hook_errors_total", id="d0", hook="policy")] == 1
+    assert s[key("vfiouser_vmem_hook_errors_total", id="d0", hook="observer")] == 0
+    assert s[key("vfiouser_vmem_requests_total", id="d0", type="plug", response="busy")] == 1
+    assert s[key("vfiouser_vmem_hook_errors_total", id="d1", hook="policy")] == 0
 
 
 async def test_http_details(exported) -> None:
