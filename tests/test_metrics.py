@@ -113,6 +113,20 @@ async def exported():
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
+async def attach(stack: ExitStack, server: DeviceServer) -> tuple[VfioUserClient, VirtioMemDriver, int]:
+    """A client and an initialised driver on ``server`` (closed by ``stack``),
+    and the device region's guest address."""
+    with trio.fail_after(TIMEOUT):
+        client = await VfioUserClient.connect(server.config.socket)
+    stack.callback(client.close)
+    driver = VirtioMemDriver(client)
+    stack.callback(driver.close)
+    with trio.fail_after(TIMEOUT):
+        await driver.initialize()
+        addr = (await driver.read_config()).addr
+    return client, driver, addr
+
+
 async def test_metrics_after_requests(exported) -> None:
     exporter, (d0, d1) = exported
     before = await scrape(exporter.url)
@@ -122,14 +136,8 @@ async def test_metrics_after_requests(exported) -> None:
     assert not any(name == "vfiouser_vmem_requests_total" for name, _ in before)
 
     with ExitStack() as stack:
+        client, driver, addr = await attach(stack, d0)
         with trio.fail_after(TIMEOUT):
-            client = await VfioUserClient.connect(d0.config.socket)
-        stack.callback(client.close)
-        driver = VirtioMemDriver(client)
-        stack.callback(driver.close)
-        with trio.fail_after(TIMEOUT):
-            await driver.initialize()
-            addr = (await driver.read_config()).addr
             assert await driver.plug(addr, 4) == ACK               # 8 MiB
             assert await driver.plug(addr + 4 * BLOCK, 64) == ACK  # 128 MiB more
             assert await driver.plug(addr, 1) == ERROR             # already plugged
@@ -194,14 +202,8 @@ async def test_a_failing_policy_is_answered_busy_and_counted(exported) -> None:
     s = await scrape(exporter.url)
     assert s[key("vfiouser_vmem_hook_errors_total", id="d0", hook="policy")] == 0
     with ExitStack() as stack:
+        _, driver, addr = await attach(stack, d0)
         with trio.fail_after(TIMEOUT):
-            client = await VfioUserClient.connect(d0.config.socket)
-        stack.callback(client.close)
-        driver = VirtioMemDriver(client)
-        stack.callback(driver.close)
-        with trio.fail_after(TIMEOUT):
-            await driver.initialize()
-            addr = (await driver.read_config()).addr
             assert await driver.plug(addr, 1) == BUSY
             assert await driver.state(addr, 1) == (ACK, UNPLUGGED)
             d0.set_policy(None)
