@@ -70,6 +70,10 @@ class NativeQueue(Protocol):
         """Book what the last notify serve answered: (how many, interrupt due
         for them, Python must look at the queue)."""
 
+    def drop_notify(self) -> None:
+        """Forget what the last notify serve answered, unbooked: a system
+        reset undoes it anyway."""
+
 
 class QueueHandler(Protocol):
     """A device's handler of its virtqueue's requests."""

@@ -215,7 +215,7 @@ class VirtioPciTransport:
         # Requests a notify write served but nobody booked (the connection
         # broke in the same vfu_run_ctx): the device's reset undoes them.
         if self.handler.native is not None:
-            self.handler.native.take_notify()
+            self.handler.native.drop_notify()
         try:
             self.device.system_reset()
         finally:

@@ -115,11 +115,6 @@ class Observers:
     def __bool__(self) -> bool:
         return bool(self._callbacks)
 
-    def wants(self, kind: type[DeviceEvent]) -> bool:
-        """Whether an observer takes events of ``kind`` (so that building
-        them can be skipped on the request path)."""
-        return any(issubclass(kind, kinds) for _, kinds in self._callbacks)
-
     def subscribe(self, callback: Callable[[E], None], *kinds: type[E]) -> Callable[[], None]:
         """Call ``callback(event)`` for every event of the ``kinds`` given
         (all events without any); returns the function that unsubscribes it."""

@@ -129,14 +129,18 @@ class NativeVirtioMemQueue:
         if not count and not c.need_python:
             return 0, False, False
         result = count, bool(c.interrupt_due), bool(c.need_python)
-        c.nr_served = 0
-        c.interrupt_due = 0
-        c.need_python = 0
+        self.drop_notify()
         if count:
             # No Python around the call: the requests' own time in C is what
             # the guest waited for (after the vfio-user message arrived).
             self._book(self._notify_served, count, 0.0)
         return result
+
+    def drop_notify(self) -> None:
+        c = self._notify
+        c.nr_served = 0
+        c.interrupt_due = 0
+        c.need_python = 0
 
     @property
     def notify_state(self) -> CData:
