@@ -1,7 +1,7 @@
 /*
  * vmem_config: the device configuration read in C (see vmem_config.h).
- * Mirrors vfiouser_vmem/virtio_pci.py bar0_access and device.py
- * config_bytes; tests/test_config_reads.py compares the two.
+ * Mirrors vfiouser_vmem/virtio/_pci.py bar0_access and
+ * vfiouser_vmem/vmem/_model.py config_bytes; tests/test_config_reads.py compares the two.
  */
 #include "vmem_config.h"
 #include "vmem_queue.h"

@@ -15,7 +15,7 @@
  * - its extent: libvfio-user maps round_up(size) bytes from
  *   round_down(offset), so with an unaligned file offset the tail of the
  *   region is not mapped at all.  The Python side registers only what was
- *   mapped (vfu.py DmaRegion.reachable_bytes).
+ *   mapped (vfio_user/_context.py DmaRegion.reachable_bytes).
  * - the file behind it: a client may map more than its file holds, or
  *   shrink the file afterwards; touching a page beyond the end of the file
  *   is SIGBUS.  libvfio-user refuses a mapping beyond the end of the file

@@ -1,8 +1,8 @@
 /*
  * vmem_queue: the virtio-mem request path in C (see vmem_queue.h).
  *
- * Every check here mirrors one in vfiouser_vmem/virtqueue.py (SplitQueue.pop
- * and push) or vfiouser_vmem/device.py (VirtioMemDevice._plug, _unplug,
+ * Every check here mirrors one in vfiouser_vmem/virtio/_virtqueue.py
+ * (SplitQueue.pop and push) or vfiouser_vmem/vmem/_model.py (VirtioMemDevice._plug, _unplug,
  * _state); where Python would refuse, log or raise, this code stops with
  * VMEM_SERVE_SLOW before it has changed anything, and Python serves that
  * chain.  tests/test_fastpath.py runs random request streams through both
@@ -30,7 +30,7 @@
 #define VIRTIO_MEM_RESP_ACK 0
 
 #define REQUEST_SIZE 24
-/* virtqueue.py SplitQueue.pop reads this much of the readable part, so a
+/* virtio/_virtqueue.py SplitQueue.pop reads this much of the readable part, so a
  * longer request that is unreachable beyond its first 24 bytes is Python's. */
 #define MAX_READABLE 4096
 #define RESPONSE_SIZE 10
@@ -65,7 +65,7 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Rule 2 of docs/design.md, "virtio-mem rules" (device.py _range_error): aligned, not
+/* Rule 2 of docs/design.md, "virtio-mem rules" (vmem/_model.py _range_error): aligned, not
  * empty, inside the usable region.  The first block, or -1 when Python must
  * refuse the range. */
 static int64_t first_block(const struct vmem_device_state *dev, uint64_t addr, uint16_t nb_blocks)
@@ -107,7 +107,7 @@ static int serve_request(struct vmem_device_state *dev, uint16_t type, uint64_t 
         uint64_t plugged;
         if (!dev->plug_allowed || range != VMEM_RANGE_ALL_CLEAR)
             return -1;
-        /* Above requested_size is NACK (device.py _plug), logged by Python. */
+        /* Above requested_size is NACK (vmem/_model.py _plug), logged by Python. */
         if (__builtin_mul_overflow(dev->plugged_blocks + nb_blocks, dev->block_size, &plugged) ||
             plugged > dev->requested_size)
             return -1;

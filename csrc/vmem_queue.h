@@ -5,7 +5,7 @@
  * Python: it pops a chain from the split virtqueue (virtio spec 2.7), reads
  * the 24-byte request, applies the virtio-mem rules to the block bitmap
  * (spec 5.15.6; docs/design.md, "virtio-mem rules") and pushes the 10-byte response.
- * Python (vfiouser_vmem/virtio_pci.py) then sends one interrupt, hands the
+ * Python (vfiouser_vmem/virtio/_pci.py) then sends one interrupt, hands the
  * unplugged ranges to the discard queue and tells the size listeners.
  *
  * Why: in Python this path costs 85-110 us per request between two TCG
@@ -18,7 +18,7 @@
  * outside the mapped guest memory, or whose response buffer or used ring
  * the device may not write -- stops the call with VMEM_SERVE_SLOW *before
  * anything of that chain is consumed*, and Python's path (the
- * reference semantics, virtqueue.py and device.py) handles it.  So the C
+ * reference semantics, virtio/_virtqueue.py and vmem/_model.py) handles it.  So the C
  * path never decides differently from Python; it only decides faster.
  *
  * Everything between the CDEF markers is read by csrc/ffi_blocks.py as the
@@ -38,7 +38,7 @@
 /* Guest memory faulted (the client shrank the file behind a mapping):
  * mem->faulted says where.  A request whose answer was being written when
  * it faulted is in served[] (its state change happened) and its chain is
- * consumed; the queue must stop (virtio_pci.py). */
+ * consumed; the queue must stop (virtio/_pci.py). */
 #define VMEM_SERVE_FAULT 3
 
 /* The device side of a split virtqueue. */
@@ -56,7 +56,7 @@ struct vmem_vring {
 };
 
 /* What the request rules need of the device model: the model's own home of
- * these numbers (device.py reads them through blocks.CField).  The call
+ * these numbers (vmem/_model.py reads them through util/native.py CField).  The call
  * changes plugged_blocks, and clears plug_allowed after an UNPLUG. */
 struct vmem_device_state {
     uint64_t *words; /* the block bitmap (vmem_blocks.h) */
@@ -98,8 +98,8 @@ int vmem_serve_queue(struct vmem_vring *vq, struct vmem_guest_memory *mem, struc
  * loop injects it as soon as the vCPU lets the BQL go, instead of after
  * another wake-up of this server (docs/request-path.md).
  *
- * The server arms it after each vfio-user message (virtio_pci.py
- * arm_notify_serve: queue ready, device state, MSI-X vector) and the vfio-user
+ * The server arms it after each vfio-user message (virtio/_pci.py
+ * _arm_notify_serve: queue ready, device state, MSI-X vector) and the vfio-user
  * binding (csrc/ffi_vfu.py) disarms it before every Python callback and
  * after one call: one notify is served per arming, and anything that may
  * change what it relies on goes through Python first. */
@@ -109,7 +109,7 @@ struct vmem_notify_serve {
     struct vmem_device_state *dev;
     struct vmem_served *served;
     uint32_t max_served;
-    /* Out, until Python takes them (virtio_pci.py take_notify_served): */
+    /* Out, until Python takes them (virtio/_pci.py take_notify_served): */
     uint32_t nr_served;
     /* 1: the last call served requests and the guest is owed an interrupt
      * for them (the avail ring did not suppress it). */

@@ -25,7 +25,7 @@ keeps working.  The modules that raise them re-export them.
      +-- ConnectionLost                    the vfio-user client went away
      +-- QmpError                          a QMP error reply, or a broken QMP connection (ctl)
 
-What the command line does with them (``cli.exit_code``): ConfigError is bad
+What the command line does with them (``vfiouser_vmem/cli/_exit.py``): ConfigError is bad
 usage (exit 2); any other VmemError, an OSError from the system and a
 ValueError from a lower layer are a runtime failure (exit 1) with their
 message; anything else is a bug and ends with its traceback.
@@ -97,7 +97,7 @@ class DriverError(VmemError):
 
 class ProtocolViolation(DriverError):
     """A request no driver may send (unknown type, short buffer): the
-    transport decides what to do with the queue (see virtio_pci.py)."""
+    transport decides what to do with the queue (see virtio/_pci.py)."""
 
 
 class QueueError(DriverError):

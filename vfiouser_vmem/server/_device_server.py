@@ -16,7 +16,7 @@ import os
 
 import trio
 
-from vfiouser_vmem.errors import DiscardFailed
+from vfiouser_vmem.errors import ConfigError, DiscardFailed
 from vfiouser_vmem.server._config import DeviceConfig
 from vfiouser_vmem.util.sizes import format_size
 from vfiouser_vmem.util.sockets import claim_socket_path
@@ -70,7 +70,7 @@ class DeviceServer(HostMemory):
         if config.backend is not None:
             self.backend = config.backend
             if self.backend.size_bytes < self.bar_size:
-                raise ValueError(f"{config.id}: the backend holds {format_size(self.backend.size_bytes)}, "
+                raise ConfigError(f"{config.id}: the backend holds {format_size(self.backend.size_bytes)}, "
                                  f"the memory BAR needs {format_size(self.bar_size)}")
         else:
             self.backend = MemfdBackend(self.bar_size, name=f"vfiouser-vmem:{config.id}", hugetlb=config.hugetlb)

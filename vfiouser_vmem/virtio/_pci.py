@@ -150,7 +150,7 @@ class VirtioPciTransport:
         trigger: Callable[[int], None],
         memory_bar_index: int = 2,
         msix_cap_offset: int | None = None,
-        name: str = "vmem0",
+        name: str = "virtio0",
     ) -> None:
         self.device = device
         self.name = name
@@ -521,7 +521,7 @@ class VirtioPciTransport:
         process_queue would hand the whole queue to the C path first.  The
         vfio-user binding disarms it after one notify and before any other
         callback, so this runs again after each vfio-user message
-        (server.serve_requests) and after anything else that changes what
+        (DeviceServer.serve_requests) and after anything else that changes what
         it checks.  The BAR address is the caller's to refresh (arm_c_paths)."""
         q = self.queue
         native = self.handler.native

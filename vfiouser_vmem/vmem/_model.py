@@ -3,8 +3,8 @@
 It owns the device configuration (virtio spec "Memory Device", device
 configuration layout), the per-block plugged state and the request rules of
 docs/design.md ("virtio-mem rules"), in QEMU's validation order (hw/virtio/virtio-mem.c).
-Host memory is given back through an injected ``discard`` function so that
-unit tests can drive the model without a backend.
+Host memory is given back through its ``HostMemory`` (the server's queues
+discards on the backend), so that unit tests can drive the model without one.
 """
 
 from __future__ import annotations
