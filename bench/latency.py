@@ -5,11 +5,12 @@ QEMU's own virtio-mem-pci, segment by segment.
     .venv/bin/python bench/latency.py --analyze bench/results/<timestamp>-latency   (no guest)
 
 Boots the integration kit's guest twice (as bench/run.py does: QEMU's
-virtio-mem-pci, then ``vfiouser-vmem serve`` through bench/served.py) with
-QEMU tracing to one log per thread (``-msg timestamp=on -d tid -D ...
+virtio-mem-pci, then our server through bench/served.py) with QEMU
+tracing to one log per thread (``-msg timestamp=on -d tid -D ...
 -trace events=...``) and, for ours, the server's own wall-clock events
-(``served.py --events``: vfu_run_ctx, the BAR0 notify callback,
-process_queue, handle_request, vfu_irq_trigger).  Both clocks are
+(``served.py --events``: each notify write the C request path served, with
+its requests and its interrupt, at the C call's own clock; the requests
+served elsewhere, as the server's RequestServed events).  Both clocks are
 CLOCK_REALTIME.  Per repetition and size it grows 0 -> S (the traced
 operation: one PLUG request at a time) and shrinks back to 0.  Then it cuts
 every PLUG request of the grows into segments, from the vCPU's notify write
@@ -41,11 +42,11 @@ sys.path.insert(0, str(REPO / "integration"))
 from harness import Kit, short_tmpdir  # noqa: E402
 
 from bench import report  # noqa: E402
+from bench.qemu_vmem import QemuVmem  # noqa: E402
 from bench.qemutrace import load_trace, parse_trace_line, trace_args as _trace_args  # noqa: E402,F401 (parse_trace_line: tests)
 from bench.run import SETTLE_S, OursVmem, boot, environment, say, track_resize  # noqa: E402
-from bench.qemu_vmem import QemuVmem  # noqa: E402
-from vfiouser_vmem.virtio import _pci as vp  # noqa: E402
 from vfiouser_vmem.util.sizes import format_size, parse_size  # noqa: E402
+from vfiouser_vmem.virtio import _pci as vp  # noqa: E402
 
 #: QEMU trace events per device (the ``log`` backend, one line each).
 TRACE_EVENTS = {
@@ -160,8 +161,12 @@ def requests_ours(trace, events: list[list], windows: list[dict]) -> list[dict]:
             if r["run1"] is not None:
                 j = _last_at_or_before(T("run0"), r["run1"], prev)
                 r["run0"] = T("run0")[j] if j is not None else None
-        if r["run1"] is not None:
-            j = _last_at_or_before(send_t, r["ntf"] if r["ntf"] is not None else r["run1"], prev)
+        # The vCPU's notify write: the last one before the server took it
+        # (the C serve inside the write: its ntf event; older event files
+        # also have the vfu_run_ctx call that carried it).
+        anchor = r["ntf"] if r["ntf"] is not None else r["run1"]
+        if anchor is not None:
+            j = _last_at_or_before(send_t, anchor, prev)
             r["send"], msg_id = (sends[j][0], sends[j][1]) if j is not None else (None, None)
             r["reply"] = replies.get(msg_id) if msg_id is not None else None
         r["msi"] = r["apic"] = None
@@ -223,19 +228,12 @@ def requests_qemu(trace, windows: list[dict]) -> list[dict]:
 #: (segment, from, to); "=" rows are sums over several segments.
 SEGMENTS = {
     "ours": [
-        ("vCPU notify write (`vfio_user_region_rw`) -> server `vfu_run_ctx` starts", "send", "run0"),
-        ("`vfu_run_ctx` start -> BAR0 notify callback", "run0", "ntf"),
-        ("notify callback -> `vfu_run_ctx` returns (reply sent)", "ntf", "run1"),
-        ("`vfu_run_ctx` call (notify taken in C, reply sent)", "run0", "run1"),
-        ("= notify write -> QEMU has the reply (vCPU blocked)", "send", "reply"),
-        ("`vfu_run_ctx` returns -> `process_queue` starts", "run1", "pq0"),
-        ("`process_queue` start -> request handled (pop, parse, bitmap)", "pq0", "req"),
-        ("request handled -> `vfu_irq_trigger` (response push, suppression check)", "req", "trig"),
-        ("`vfu_irq_trigger` call (eventfd write)", "trig", "trig1"),
-        ("`vfu_irq_trigger` -> QEMU `vfio_msi_interrupt` (main loop)", "trig", "msi"),
+        ("vCPU notify write (`vfio_user_region_rw`) -> request served in C inside it", "send", "ntf"),
+        ("served in C -> QEMU has the reply (vCPU blocked until then)", "ntf", "reply"),
+        ("= notify write -> QEMU has the reply", "send", "reply"),
+        ("interrupt raised in C -> QEMU `vfio_msi_interrupt` (main loop)", "trig", "msi"),
         ("`vfio_msi_interrupt` -> `apic_deliver_irq`", "msi", "apic"),
         ("= notify write -> MSI delivered (device latency)", "send", "apic"),
-        ("(after the irq: `vfu_irq_trigger` returned -> `process_queue` ends)", "trig1", "pq1"),
         ("MSI delivered -> next notify write (guest)", "apic", "next"),
         ("= per request (notify -> next notify)", "send", "next"),
     ],
@@ -329,6 +327,18 @@ def no_msi_note(data: dict[str, list[dict]]) -> str:
     return "; ".join(notes)
 
 
+def outside_notify_note(events: list[list]) -> str:
+    """Requests bench/served.py saw served outside a notify write (after
+    the vfio-user message, in C or in Python): the server tells of those
+    only after their interrupt, so they are not cut into segments."""
+    plugs_ = [e for e in events if e[0] == "srv" and int(e[2]) == VIRTIO_MEM_REQ_PLUG]
+    if not plugs_:
+        return ""
+    in_python = sum(1 for e in plugs_ if e[4] == "python")
+    return (f"vfiouser-vmem: {len(plugs_)} PLUG request(s) were served after the vfio-user message rather than "
+            f"inside the notify write ({in_python} of them in Python); they are not in the segments above")
+
+
 def render(meta: dict, data: dict[str, list[dict]]) -> str:
     env = meta.get("env", {})
     parts = [f"virtio-mem PLUG request latency, vfiouser-vmem vs QEMU's virtio-mem-pci, {env.get('date', '?')}; "
@@ -342,9 +352,9 @@ def render(meta: dict, data: dict[str, list[dict]]) -> str:
             parts.append(f"**{kind}: failed:** {d['error']}")
         if data.get(kind):
             parts.append(f"{LABELS[kind]}, segment by segment\n\n" + segment_table(data[kind], kind))
-    note = no_msi_note(data)
-    if note:
-        parts.insert(2, note)
+    for note in (no_msi_note(data), meta.get("outside_notify", "")):
+        if note:
+            parts.insert(2, note)
     parts.append(grows_table(meta))
     return "\n\n".join(parts) + "\n"
 
@@ -414,6 +424,7 @@ def analyze(outdir: Path) -> tuple[dict, dict[str, list[dict]]]:
             ev_path = kdir / "server-events.json"
             events = json.loads(ev_path.read_text())["events"] if ev_path.exists() else []
             data[kind] = requests_ours(trace, events, d["grows"])
+            meta["outside_notify"] = outside_notify_note(events)
         else:
             data[kind] = requests_qemu(trace, d["grows"])
     return meta, data

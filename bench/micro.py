@@ -12,19 +12,19 @@ import ctypes.util
 import mmap
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vfiouser_vmem.vmem._bitmap import BlockBitmap, allocated_bytes, discard_runs
-
-from bench.procinfo import proc_rss
-from harness import stop_process  # noqa: E402  (on the path through bench.procinfo)
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "integration"))
+
+from harness import ServerProcess, VmemServer, short_tmpdir  # noqa: E402
+
+from bench.procinfo import proc_rss  # noqa: E402
+from vfiouser_vmem.vmem._bitmap import BlockBitmap, allocated_bytes, discard_runs  # noqa: E402
+
 MIB = 1 << 20
 GIB = 1 << 30
 TIB = 1 << 40
@@ -113,8 +113,8 @@ def bench_unplug_all(device_bytes: int, block_bytes: int = 2 * MIB, *, reps: int
     (``DiscardQueue.drain_now``, one fallocate per run: what the worker
     thread runs), against the C ``discard_runs`` over the same bitmap:
     every ``stride``-th block plugged, untouched (the loops' own cost)."""
-    from vfiouser_vmem.vmem._backend import MemfdBackend
     from vfiouser_vmem.vmem import HostMemory, VirtioMemDevice
+    from vfiouser_vmem.vmem._backend import MemfdBackend
     from vfiouser_vmem.vmem._discard import DiscardQueue
 
     nb_blocks = device_bytes // block_bytes
@@ -209,77 +209,30 @@ def bench_bitmap(nb_blocks: int = 524288, request_blocks: int = 64, *, min_total
 
 # -- the server's start-up ------------------------------------------------------
 
-def vfiouser_vmem_exe() -> str:
-    return shutil.which("vfiouser-vmem", path=str(Path(sys.executable).parent)) or "vfiouser-vmem"
-
-
-def cli_takes_many_devices() -> bool:
-    """Whether ``vfiouser-vmem serve`` takes repeatable --object/--device."""
-    out = subprocess.run([vfiouser_vmem_exe(), "serve", "--help"], capture_output=True, text=True).stdout
-    return "--device" in out and "--object" in out
-
-
-def _start_and_measure(cmd: list[str], timeout_s: float = 60) -> dict:
-    """Spawn ``cmd``, wait for its first stdout line ("ready"), read its RSS, stop it (SIGTERM)."""
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout_s):
-            raise TimeoutError(f"no ready line within {timeout_s} s from {cmd}")
-        line = proc.stdout.readline()
-        ready_s = time.monotonic() - started
-        if "ready" not in line:
-            proc.wait(timeout=10)
-            raise RuntimeError(f"{cmd[:4]}... did not start: {line!r}\n{proc.stderr.read()[-3000:]}")
-        rss = proc_rss(proc.pid)
-        return {"ready_s": ready_s, "rss": rss}
-    finally:
-        stop_process(proc)
-
-
-def bench_startup(*, size: str = "1T", devices: int = 1, device_size: str = "8G", reps: int = 3,
-                  prefer_cli: bool = True) -> dict:
-    """Spawn -> "ready" line, and VmRSS at ready, of one ``size`` device or of
-    ``devices`` devices of ``device_size`` in one process.
-
-    Several devices go through the CLI's repeatable --object/--device when it
-    has them, else through bench/served.py --devices (server.serve directly)."""
+def bench_startup(*, size: str = "1T", devices: int = 1, device_size: str = "8G", reps: int = 3) -> dict:
+    """Spawn -> "ready" line and QMP connected, and VmRSS then, of one
+    ``size`` device or of ``devices`` devices of ``device_size`` in one
+    process (``--object``/``--device``), started as the integration tests
+    start it (``harness.VmemServer``, ``harness.ServerProcess``)."""
     results: list[dict] = []
-    how = "cli"
     for _ in range(reps):
-        tmp = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
+        tmp = short_tmpdir()
+        server = None
         try:
-            qmp = os.path.join(tmp, "q.qmp")
+            started = time.monotonic()
             if devices == 1:
-                cmd = [vfiouser_vmem_exe(), "serve", "--socket", os.path.join(tmp, "v.sock"), "--size", size,
-                       "--qmp", qmp]
-            elif prefer_cli and cli_takes_many_devices():
-                cmd = [vfiouser_vmem_exe(), "serve", "--qmp", qmp]
-                for i in range(devices):
-                    cmd += ["--object", f"memory-backend-memfd,id=mem{i},size={device_size}",
-                            "--device", f"id=vm{i},memdev=mem{i},socket={os.path.join(tmp, f'vm{i}.sock')}"]
+                server = VmemServer(tmp, size=size)
             else:
-                how = "served.py"
-                cmd = [sys.executable, str(REPO / "bench" / "served.py"), "--devices", str(devices), "--dir", tmp,
-                       "--size", device_size, "--qmp", qmp]
-            try:
-                results.append(_start_and_measure(cmd))
-            except RuntimeError:
-                if how == "cli" and devices > 1:
-                    # The CLI's syntax is not the one expected here: measure
-                    # through server.serve directly instead.
-                    prefer_cli = False
-                    how = "served.py"
-                    cmd = [sys.executable, str(REPO / "bench" / "served.py"), "--devices", str(devices), "--dir",
-                           tmp, "--size", device_size, "--qmp", qmp]
-                    results.append(_start_and_measure(cmd))
-                else:
-                    raise
+                argv: list[str] = []
+                for i in range(devices):
+                    argv += ["--object", f"memory-backend-memfd,id=mem{i},size={device_size}",
+                             "--device", f"id=vm{i},memdev=mem{i},socket={tmp / f'vm{i}.sock'}"]
+                server = ServerProcess(tmp, "many", argv)
+            ready_s = time.monotonic() - started
+            results.append({"ready_s": ready_s, "rss": proc_rss(server.proc.pid)})
         finally:
+            if server is not None:
+                server.stop()
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"size": size if devices == 1 else device_size, "devices": devices, "how": how if devices > 1 else "cli",
+    return {"size": size if devices == 1 else device_size, "devices": devices, "how": "cli",
             "ready_s": [r["ready_s"] for r in results], "rss": [r["rss"] for r in results]}

@@ -16,16 +16,17 @@ devices with one code path.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 
-from harness import Guest, GuestError, Kit, QmpClient  # noqa: E402
+from harness import Guest, GuestError, Kit  # noqa: E402
 
 from bench.procinfo import cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402
+from vfiouser_vmem.control import QmpClient  # noqa: E402
+from vfiouser_vmem.errors import QmpError  # noqa: E402
 
 
 class QemuVmem:
@@ -58,11 +59,15 @@ class QemuVmem:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                self.qmp = QmpClient(self.qmp_path)
+                self.qmp = QmpClient(self.qmp_path, timeout_s=30)
                 return
-            except (FileNotFoundError, ConnectionRefusedError):
+            except QmpError as exc:
+                # QEMU has not created or opened its socket yet: retried.
+                if not isinstance(exc.__cause__, FileNotFoundError | ConnectionRefusedError):
+                    raise
                 if self.guest.proc.poll() is not None:
-                    raise GuestError(f"QEMU exited with {self.guest.proc.returncode}:\n{self.guest.qemu_log()}")
+                    raise GuestError(f"QEMU exited with {self.guest.proc.returncode}:\n"
+                                     f"{self.guest.qemu_log()}") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -98,29 +103,3 @@ class QemuVmem:
         except OSError:
             pass
         self.guest.stop()
-
-
-def main() -> int:  # a by-hand smoke check: boot, list QEMU's memfds
-    from harness import short_tmpdir
-
-    kit = Kit.build()
-    workdir = short_tmpdir()
-    q = QemuVmem(kit, workdir)
-    try:
-        print(q.guest.wait_ready(240))
-        q.connect_qmp()
-        for fd in os.listdir(f"/proc/{q.pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{q.pid}/fd/{fd}")
-            except OSError:
-                continue
-            if "memfd" in target:
-                print(fd, target, os.stat(f"/proc/{q.pid}/fd/{fd}").st_size)
-        print("size", q.get("size"), "allocated", q.allocated_bytes(), q.rss())
-        return 0
-    finally:
-        q.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

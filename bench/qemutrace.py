@@ -20,7 +20,7 @@ def parse_trace_line(line: str) -> tuple[float, str, str] | None:
     m = TRACE_LINE.match(line)
     if not m:
         return None
-    t = datetime.datetime.fromisoformat(m.group(1)).replace(tzinfo=datetime.timezone.utc).timestamp()
+    t = datetime.datetime.fromisoformat(m.group(1)).replace(tzinfo=datetime.UTC).timestamp()
     return t, m.group(2), m.group(3).strip()
 
 

@@ -5,7 +5,6 @@ No timing, no processes: everything here is checked by tests/test_bench.py.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -160,17 +159,26 @@ def comparison_table(rows: Sequence[Row]) -> str:
     )
 
 
-def service_time_rows(records: Sequence[Sequence[float]]) -> list[list[str]]:
-    """Per request type (and all): count, p50, p99, max of the service times.
+def service_time_rows(records: Sequence[Sequence]) -> list[list[str]]:
+    """Per request type and path (and all): count, p50, p99, max of the
+    service times.
 
-    ``records`` are [time, request type, response code, seconds]."""
-    by_type: dict[str, list[float]] = {}
-    for _, rtype, _, secs in records:
-        by_type.setdefault(REQUEST_TYPES.get(int(rtype), str(int(rtype))), []).append(secs)
+    ``records`` are [time, request type, response code, seconds(, path)]:
+    path "c" or "python" (bench/served.py), none in older files."""
+    groups: dict[str, list[float]] = {}
+    names = list(REQUEST_TYPES.values())
+    for r in records:
+        rtype = REQUEST_TYPES.get(int(r[1]), str(int(r[1])))
+        key = f"{rtype} ({r[4]})" if len(r) > 4 else rtype
+        groups.setdefault(key, []).append(r[3])
+
+    def order(key: str) -> tuple[int, str]:
+        base = key.split(" ", 1)[0]
+        return (names.index(base) if base in names else len(names), key)
+
     rows = []
-    order = [*(t for t in REQUEST_TYPES.values() if t in by_type), *(t for t in by_type if t not in REQUEST_TYPES.values())]
-    groups = [(t, by_type[t]) for t in order] + ([("all", [s for v in by_type.values() for s in v])] if by_type else [])
-    for name, vals in groups:
+    every = [s for v in groups.values() for s in v]
+    for name, vals in [*((k, groups[k]) for k in sorted(groups, key=order)), *([("all", every)] if every else [])]:
         rows.append([name, str(len(vals)), fmt_seconds(percentile(vals, 50)), fmt_seconds(percentile(vals, 99)),
                      fmt_seconds(max(vals))])
     return rows
@@ -184,44 +192,3 @@ def histogram_table(records: Sequence[Sequence[float]]) -> str:
     counts = histogram(r[3] * 1e6 for r in records)
     return markdown_table(["service time", "requests"],
                           [[bucket_label(i), str(c)] for i, c in enumerate(counts)])
-
-
-def preemption_note(records: Sequence[Sequence[float]], queue_runs: Sequence[Sequence[float]],
-                    slow_s: float = 100e-6) -> str:
-    """How many requests took longer than ``slow_s``, and in how many of
-    those the server thread was off the CPU for over half of the
-    ``process_queue`` call that served them (preempted, not working).
-
-    ``records`` are [time, type, code, seconds] (the observer runs inside
-    process_queue); ``queue_runs`` [end time, requests, wall, CPU]."""
-    slow = [r for r in records if r[3] > slow_s]
-    if not slow or not queue_runs:
-        return ""
-    runs = sorted(queue_runs)
-    ends = [run[0] for run in runs]
-    preempted = 0
-    for r in slow:
-        i = bisect.bisect_left(ends, r[0])
-        if i < len(runs) and runs[i][0] - runs[i][2] <= r[0]:
-            _, _, wall, cpu = runs[i]
-            if wall - cpu > wall / 2:
-                preempted += 1
-    return (f"{len(slow)} of {len(records)} requests took longer than {fmt_seconds(slow_s)}; in {preempted} of them "
-            f"the server thread was off the CPU for more than half of the process_queue call that served them "
-            f"(preempted: wall time against the thread's CPU time).")
-
-
-def model_time_table(records: Sequence[Sequence[float]]) -> str:
-    """Per request type: p50/p99 of wall and thread-CPU time.
-
-    ``records`` are [time, request type, wall seconds, CPU seconds]."""
-    by_type: dict[str, list[tuple[float, float]]] = {}
-    for _, rtype, wall, cpu in records:
-        by_type.setdefault(REQUEST_TYPES.get(int(rtype), str(int(rtype))), []).append((wall, cpu))
-    rows = []
-    for name, vals in by_type.items():
-        walls = [w for w, _ in vals]
-        cpus = [c for _, c in vals]
-        rows.append([name, str(len(vals)), fmt_seconds(percentile(walls, 50)), fmt_seconds(percentile(walls, 99)),
-                     fmt_seconds(percentile(cpus, 50)), fmt_seconds(percentile(cpus, 99))])
-    return markdown_table(["request", "count", "wall p50", "wall p99", "CPU p50", "CPU p99"], rows)

@@ -22,9 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "integration"))
 
+from proc_util import terminate  # noqa: E402
+
 from bench import micro, report  # noqa: E402
 from bench.procinfo import add_rss, cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402
-from proc_util import terminate  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -114,8 +115,16 @@ def test_service_time_tables():
     assert cells[2][1] == "2" and cells[-1][1] == "4"
     hist = _table_cells(report.histogram_table(records))
     assert sum(int(row[1]) for row in hist[2:]) == 4
-    model = _table_cells(report.model_time_table([[0.0, 0, 60e-6, 10e-6], [0.1, 1, 0.03, 0.029]]))
-    assert [row[0] for row in model[2:]] == ["PLUG", "UNPLUG"]
+
+
+def test_service_time_table_splits_by_request_path():
+    # bench/served.py's records: [time, type, code, seconds, path].
+    records = [[0.0, 0, 0, 5e-6, "c"], [0.1, 0, 0, 40e-6, "python"], [0.2, 1, 0, 6e-6, "c"],
+               [0.3, 0, 0, 7e-6, "c"], [0.4, 2, 0, 1e-3, "python"]]
+    cells = _table_cells(report.service_time_table(records))
+    assert [row[0] for row in cells[2:]] == ["PLUG (c)", "PLUG (python)", "UNPLUG (c)", "UNPLUG_ALL (python)", "all"]
+    assert [row[1] for row in cells[2:]] == ["2", "1", "1", "1", "5"]
+    assert cells[3][2] == "40.0 us"
 
 
 # -- host-side views ----------------------------------------------------------------
@@ -194,38 +203,146 @@ def test_startup_benchmark_one_device():
     assert out["rss"][0]["VmRSS"] > 0
 
 
-def test_startup_benchmark_several_devices_through_served():
-    out = micro.bench_startup(devices=2, device_size="256M", reps=1, prefer_cli=False)
-    assert out["how"] == "served.py" and out["devices"] == 2
+def test_startup_benchmark_several_devices_in_one_process():
+    out = micro.bench_startup(devices=2, device_size="256M", reps=1)
+    assert out["how"] == "cli" and out["devices"] == 2
     assert out["rss"][0]["VmRSS"] > 0
 
 
-def _run_served_until_ready(args: list[str]) -> None:
-    """bench/served.py with ``args``, until its "ready" line; then SIGTERM,
-    and it must exit 0 (it writes its files at exit)."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "served.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert "ready" in proc.stdout.readline()
-    finally:
-        code, err = terminate(proc, timeout_s=30)
-    assert code == 0, err
+# -- bench/served.py -------------------------------------------------------------------
+
+def _served(tmp_path: Path, d: str, *flags: str) -> subprocess.Popen:
+    """bench/served.py with ``flags``, one 256M device in ``d``, started as
+    bench/run.py starts it (its "ready" line read)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "served.py"), *flags, "serve",
+                             "--qmp", os.path.join(d, "q.qmp"), "--socket", os.path.join(d, "v.sock"),
+                             "--size", "256M", "--requested-size", "256M"],
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "server.log", "wb"), text=True)
+    line = proc.stdout.readline()
+    if "ready" not in line:
+        terminate(proc, timeout_s=30)
+        raise AssertionError(f"no ready line: {line!r}\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+    return proc
 
 
-def test_served_records_service_times_at_exit(tmp_path):
+def _stop_served(proc: subprocess.Popen, tmp_path: Path) -> None:
+    """SIGTERM; it must exit 0 (it writes its files at exit)."""
+    code, _ = terminate(proc, timeout_s=30)
+    assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
+
+
+def test_served_writes_empty_records_without_a_client(tmp_path):
     import shutil
     import tempfile
 
     d = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
-    stats = tmp_path / "stats.json"
     try:
-        _run_served_until_ready(["--stats", str(stats), "--devices", "2", "--dir", d, "--size", "256M",
-                                 "--qmp", os.path.join(d, "q.qmp")])
+        _stop_served(_served(tmp_path, d, "--stats", str(tmp_path / "s.json"), "--events", str(tmp_path / "e.json")),
+                     tmp_path)
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    data = json.loads(stats.read_text())
-    assert data["hook"] in ("request_observers", "handle_request")
-    assert set(data["devices"]) == {"vm0", "vm1"}
+    assert json.loads((tmp_path / "s.json").read_text()) == {"hook": "RequestServed", "devices": {"vmem0": []}}
+    assert json.loads((tmp_path / "e.json").read_text()) == {"events": []}  # no client, no request
+
+
+def test_served_records_every_request_and_the_notify_serve(tmp_path):
+    """A vfio-user client (the tests' own, no QEMU) plugs, unplugs and asks
+    the state: served.py's records are the device's RequestServed events,
+    and its events the notify writes served in C."""
+    import shutil
+    import tempfile
+
+    import trio
+    from vfio_user_client import VfioUserClient
+    from virtio_driver import ACK, VirtioMemDriver
+
+    bar = 0x40_0000_0000
+
+    async def drive(sock: str) -> None:
+        with trio.fail_after(30):
+            client = await VfioUserClient.connect(sock)
+            driver = VirtioMemDriver(client, bar_addr=bar)
+            try:
+                await driver.initialize()
+                for i in range(3):
+                    assert await driver.plug(bar + i * (2 << 20), 1) == ACK
+                assert await driver.unplug(bar, 1) == ACK
+                await driver.state(bar, 4)
+            finally:
+                driver.close()
+                client.close()
+
+    d = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
+    stats, events = tmp_path / "s.json", tmp_path / "e.json"
+    try:
+        proc = _served(tmp_path, d, "--stats", str(stats), "--events", str(events))
+        try:
+            trio.run(drive, os.path.join(d, "v.sock"))
+        finally:
+            _stop_served(proc, tmp_path)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    records = json.loads(stats.read_text())["devices"]["vmem0"]
+    # [monotonic time, type, response, seconds, path]; the lost connection's reset serves no request.
+    assert [r[1] for r in records] == [0, 0, 0, 1, 3]
+    assert all(r[2] == 0 and r[3] > 0 and r[4] in ("c", "python") for r in records)
+    assert [r[0] for r in records] == sorted(r[0] for r in records)
+    evs = json.loads(events.read_text())["events"]
+    kinds = {e[0] for e in evs}
+    assert kinds <= {"ntf", "req", "trig", "nq", "srv"}
+    # Every request is in the events once: inside a notify write (req) or elsewhere (srv).
+    served = sorted([e[2] for e in evs if e[0] == "req"] + [e[2] for e in evs if e[0] == "srv"])
+    assert served == [0, 0, 0, 1, 3]
+    # The first PLUG at least is served in C inside its notify write (the
+    # server arms that path after the driver's set-up); each such write has
+    # its requests, its interrupt and its totals at the C call's clock.
+    notifies = [e for e in evs if e[0] == "ntf"]
+    assert notifies and evs[:3] == [notifies[0], ["req", notifies[0][1], 0], ["trig", notifies[0][1], 1]]
+    for e in evs:
+        if e[0] == "nq":
+            assert e[2] == sum(1 for r in evs if r[0] == "req" and r[1] == e[1]) and e[3] > 0
+    assert len([e for e in evs if e[0] == "req"]) <= len([r for r in records if r[4] == "c"])
+
+
+# -- the per-request cost of a plug policy ---------------------------------------------
+
+def test_policy_cost_serves_the_stream_in_every_setting():
+    from bench import policy_cost
+
+    out = policy_cost.bench_policy_cost(requests=6, rounds=2, blocks=4)
+    assert set(out["times"]) == {"c", "python", "ack_policy", "meminfo_policy"}
+    for per_type in out["times"].values():
+        assert len(per_type["PLUG"]) == len(per_type["UNPLUG"]) == 6
+    rows = policy_cost.summary(out)
+    assert rows[0]["key"] == "c" and rows[0]["ratio"] == 1.0
+    cells = _table_cells(policy_cost.table(out).split("\n\n", 1)[1])
+    assert [row[0] for row in cells[2:]] == [label for _, label, _ in policy_cost.SETTINGS]
+    assert cells[2][-1] == "1.00"
+
+
+def test_policy_cost_settings_take_the_paths_they_name():
+    from bench import policy_cost
+    from vfiouser_vmem import RequestServed
+
+    want = {"c": "c", "python": "python", "ack_policy": "python", "meminfo_policy": "python"}
+    for key, _, make in policy_cost.SETTINGS:
+        guest = make(4)
+        paths = []
+        guest.device.observers.subscribe(lambda e, paths=paths: paths.append(e.path), RequestServed)
+        for _ in range(4):
+            guest.post_next()
+            assert guest.serve() == 1 and guest.last_response() == 0
+        assert paths == [want[key]] * 4, key
+        assert guest.interrupts == 4 and guest.device.plugged_size == 0
+
+
+def test_meminfo_policy_refuses_plugs_below_its_floor():
+    from bench.policy_cost import MemAvailablePolicy
+    from vfiouser_vmem import Request, Response
+
+    assert MemAvailablePolicy(0).decide(None, Request(0, 0, 1)) == Response.ACK
+    assert MemAvailablePolicy(1 << 60).decide(None, Request(0, 0, 1)) == Response.NACK
+    assert MemAvailablePolicy(1 << 60).decide(None, Request(1, 0, 1)) == Response.ACK
 
 
 # -- the guest-side measuring, against a fake guest and device -------------------------
@@ -259,7 +376,7 @@ class FakeGuest:
                 if not data:
                     return
                 buf += data
-            except socket.timeout:
+            except TimeoutError:
                 pass
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
@@ -366,14 +483,18 @@ def _synthetic_results() -> dict:
         "reps": 2, "sizes": [GIB], "touch_fraction": 0.9, "guest_kernel": "6.12",
         "devices": {"qemu": {"boot": {"ready_s": 3.0}, "series": series(1.0)},
                     "ours": {"boot": {"ready_s": 3.3}, "series": series(1.1), "server_ready_s": 0.2}},
-        "service_times": {"hook": "request_observers",
-                          "records": [[1.0, 0, 0, 50e-6], [2.0, 1, 0, 0.02]], "all_seconds": [50e-6, 0.02],
-                          "model": [[1.0, 0, 40e-6, 10e-6]]},
+        "service_times": {"hook": "RequestServed",
+                          "records": [[1.0, 0, 0, 50e-6, "c"], [2.0, 1, 0, 0.02, "python"]],
+                          "all_seconds": [50e-6, 0.02]},
         "micro": {
             "discard": [{"device_bytes": GIB, "block_bytes": 2 * MIB, "ranges": 256, "touch": False,
                          "times": {"c": [0.001], "python": [0.002]}}],
             "bitmap": {"nb_blocks": 512, "block_bytes": 2 * MIB, "ops": {"count_plugged, whole device": 1e-7,
                                                                          "_alternating_runs": 256}},
+            "policy_cost": {"requests": 1, "rounds": 1, "blocks": 64, "block_bytes": 2 * MIB,
+                            "labels": {"c": "C path", "python": "Python path"},
+                            "times": {"c": {"PLUG": [5e-6], "UNPLUG": [7e-6]},
+                                      "python": {"PLUG": [40e-6], "UNPLUG": [44e-6]}}},
             "startup": [{"size": "1T", "devices": 1, "how": "cli", "ready_s": [0.2],
                          "rss": [{"VmRSS": 30 * MIB}]}],
         },
@@ -389,8 +510,11 @@ def test_render_has_every_section_and_ratios():
     assert _table_cells(grow)[0][-1] == "1.10"
     assert "unplugged memory the host got back" in text and "100.0 %" in text
     for section in ("Device-side service time", "Where the time of a resize goes", "Discard loop",
-                    "Block bitmap", "Server start-up", "handle_request alone"):
+                    "Block bitmap", "Server start-up", "Per-request cost of a Python plug policy"):
         assert section in text, section
+    assert "PLUG (c)" in text and "UNPLUG (python)" in text
+    policy = next(line for line in text.splitlines() if line.startswith("| Python path"))
+    assert _table_cells(policy)[0][1:2] == ["42.0"] and _table_cells(policy)[0][-1] == "7.00"
     assert "C / Python" in text and "0.50" in text
 
 
@@ -412,6 +536,7 @@ def test_boot_row_takes_every_boot_of_a_device():
 
 def test_plots_are_written(tmp_path):
     import matplotlib  # noqa: F401  (the bench extra, installed by scripts/setup.sh)
+
     from bench.run import write_plots
 
     written = write_plots(_synthetic_results(), [GIB], tmp_path)
@@ -435,7 +560,7 @@ def _trace_line(t: float, event: str, args: str) -> str:
     """One line of QEMU's log trace backend with -msg timestamp=on."""
     import datetime
 
-    stamp = datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    stamp = datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
     return f"{stamp}Z {event} {args}\n"
 
 
@@ -463,7 +588,7 @@ def test_latency_parses_trace_lines(tmp_path):
                                             (20, "apic_deliver_irq")]
 
 
-def _ours_fixture():
+def _ours_fixture(old_events: bool = False):
     """Two PLUG requests of one grow through our server, in us after T0:
     QEMU's vCPU (tid 2), its iothread (3) and main loop (1), and the
     server's events, plus noise each lookup must skip."""
@@ -485,9 +610,15 @@ def _ours_fixture():
             (base + 410, main, "apic_deliver_irq", "dest 1 dest_mode 0 delivery_mode 0 vector 34 trigger_mode 0"),
             (base + 415, main, "apic_deliver_irq", "dest 1 dest_mode 0 delivery_mode 0 vector 35 trigger_mode 0"),
         ]
-        events += [["run0", base + 100], ["ntf", base + 130], ["run1", base + 200, 1], ["pq0", base + 201],
-                   ["req", base + 300, 0], ["trig", base + 330, 1], ["trig1", base + 340, 1],
-                   ["pq1", base + 350, 1]]
+        if old_events:  # an event file of an earlier served.py: the server's Python around the request
+            events += [["run0", base + 100], ["run1", base + 200, 1], ["pq0", base + 201],
+                       ["req", base + 300, 0], ["trig", base + 330, 1], ["trig1", base + 340, 1],
+                       ["pq1", base + 350, 1]]
+        else:  # served in C inside the notify write: one clock for it all
+            events += [["ntf", base + 100], ["req", base + 100, 0], ["trig", base + 100, 1],
+                       ["nq", base + 100, 1, 20e-6]]
+    # A STATE request served after a vfio-user message: not a request of the notify path.
+    events.append(["srv", 3000, 3, 30e-6, "python"])
     trace.sort()
     windows = [{"name": "1G#1", "wall0": T0, "wall1": T0 + 9000 * US}]
     return ([(T0 + t * US, tid, e, a) for t, tid, e, a in trace],
@@ -502,15 +633,17 @@ def test_latency_cuts_our_requests_into_segments():
     assert len(reqs) == 2 and all(r["grow"] == "1G#1" and r["type"] == 0 for r in reqs)
     seg = {(a, b): latency.segment_us(reqs, a, b) for _, a, b in latency.SEGMENTS["ours"]}
     approx = lambda xs: pytest.approx(xs, abs=1)  # noqa: E731
-    assert seg[("send", "run0")] == approx([100, 100])
-    assert seg[("run0", "ntf")] == approx([30, 30])
+    assert seg[("send", "ntf")] == approx([100, 100])
+    assert seg[("ntf", "reply")] == approx([160, 160])
     assert seg[("send", "reply")] == approx([260, 260])
-    assert seg[("pq0", "req")] == approx([99, 99])
-    assert seg[("trig", "msi")] == approx([70, 70])  # vector 1, not the config vector's 0
+    assert seg[("trig", "msi")] == approx([300, 300])  # vector 1, not the config vector's 0
     assert seg[("msi", "apic")] == approx([15, 15])  # the main loop's delivery of vector 0x23 to APIC 1
     assert seg[("send", "apic")] == approx([415, 415])
     assert seg[("apic", "next")] == approx([4000 - 415])  # the last request of a grow has no next
     assert seg[("send", "next")] == approx([4000])
+    assert latency.outside_notify_note(events) == ""  # the request served elsewhere is a STATE
+    srv = [*events, [events[0][0].replace("ntf", "srv"), T0 + 6000 * US, 0, 50e-6, "python"]]
+    assert latency.outside_notify_note(srv).startswith("vfiouser-vmem: 1 PLUG request(s) were served after")
     # Outside every grow window: not counted.
     assert latency.requests_ours(trace, events, [{"name": "x", "wall0": T0 + 1, "wall1": T0 + 2}]) == []
     # The first request's MSI merged into the next one's (QEMU's main loop
@@ -518,17 +651,18 @@ def test_latency_cuts_our_requests_into_segments():
     merged = [e for e in trace if not (e[2] == "vfio_msi_interrupt" and "vector 1 " in e[3] and e[0] < T0 + 2e-3)]
     reqs = latency.requests_ours(merged, events, windows)
     assert (reqs[0]["msi"], reqs[0]["apic"]) == (None, None)
-    assert latency.segment_us(reqs, "trig", "msi") == approx([70])
+    assert latency.segment_us(reqs, "trig", "msi") == approx([300])
     assert "1 of 2 PLUG requests" in latency.no_msi_note({"ours": reqs})
 
 
-def test_latency_finds_the_run_without_a_python_notify_event():
-    """The server takes notify writes in C: no ``ntf`` event; the
-    vfu_run_ctx call that returned right before process_queue carried it."""
+def test_latency_reads_the_events_of_an_earlier_served_py():
+    """Event files of an earlier bench/served.py (its vfu_run_ctx and
+    process_queue events, no notify served in C) are still cut: the
+    vfu_run_ctx call that returned right before process_queue carried the
+    notify."""
     from bench import latency
 
-    trace, events, windows = _ours_fixture()
-    events = [e for e in events if e[0] != "ntf"]
+    trace, events, windows = _ours_fixture(old_events=True)
     reqs = latency.requests_ours(trace, events, windows)
     assert len(reqs) == 2
     approx = lambda xs: pytest.approx(xs, abs=1)  # noqa: E731
@@ -563,20 +697,6 @@ def test_latency_cuts_qemu_requests_into_segments(tmp_path):
     assert latency.segment_us(reqs, "send", "next") == approx([3000])
 
 
-def test_served_writes_latency_events_at_exit(tmp_path):
-    import shutil
-    import tempfile
-
-    d = tempfile.mkdtemp(prefix="vmem-", dir="/tmp")
-    events = tmp_path / "events.json"
-    try:
-        _run_served_until_ready(["--events", str(events), "--", "serve", "--socket", os.path.join(d, "v.sock"),
-                                 "--size", "256M", "--qmp", os.path.join(d, "q.qmp")])
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-    assert json.loads(events.read_text()) == {"events": []}  # no client, no request
-
-
 def test_latency_report_totals_and_difference():
     from bench import latency
 
@@ -609,19 +729,6 @@ def test_latency_arguments_default_to_the_documented_run():
 
     args = parse_args([])
     assert args.reps == 3 and args.sizes == [GIB, 4 * GIB] and args.only == "both" and args.analyze is None
-
-
-def test_preemption_note_counts_slow_requests_whose_thread_was_off_cpu():
-    from bench import report
-
-    # [time, type, code, seconds]: observed inside the process_queue runs below.
-    records = [[10.0001, 0, 0, 20e-6], [20.0004, 1, 0, 300e-6], [30.0004, 1, 0, 150e-6], [40.0, 0, 0, 120e-6]]
-    # [end, requests, wall, CPU]: the run at 20 s was mostly off the CPU, the one at 30 s was not.
-    runs = [[10.0002, 1, 100e-6, 90e-6], [20.0005, 1, 800e-6, 100e-6], [30.0005, 1, 400e-6, 380e-6]]
-    note = report.preemption_note(records, runs)
-    assert note.startswith("3 of 4 requests took longer than 100.0 us; in 1 of them")
-    assert report.preemption_note(records[:1], runs) == ""  # nothing slow
-    assert report.preemption_note(records, []) == ""  # no call timing recorded
 
 
 def test_grows_are_paired_by_repetition():

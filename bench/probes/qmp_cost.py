@@ -25,9 +25,9 @@ Timings are reported, never asserted.
 
 Run it (about 30 s; needs the package in ``.venv``, no QEMU)::
 
-    .venv/bin/python bench/qmp_cost.py
-    .venv/bin/python bench/qmp_cost.py --count 1000 --rounds 5 --log-level info
-    .venv/bin/python bench/qmp_cost.py --cprofile /tmp/qmp.prof   # the server under cProfile
+    .venv/bin/python bench/probes/qmp_cost.py
+    .venv/bin/python bench/probes/qmp_cost.py --count 1000 --rounds 5 --log-level info
+    .venv/bin/python bench/probes/qmp_cost.py --cprofile /tmp/qmp.prof   # the server under cProfile
 
 Before/after a change, in one run: ``--repo DIR`` (repeatable) serves from
 another checkout instead of this one (``DIR/vfiouser_vmem``, put first on
@@ -37,7 +37,7 @@ every series on each server in turn, so that drift of a shared machine's
 load lands on all of them alike::
 
     mkdir /tmp/old && git archive HEAD | tar -x -C /tmp/old && cp vfiouser_vmem/*.so /tmp/old/vfiouser_vmem/
-    .venv/bin/python bench/qmp_cost.py --repo /tmp/old --repo . --rounds 5
+    .venv/bin/python bench/probes/qmp_cost.py --repo /tmp/old --repo . --rounds 5
 
 With ``--cprofile`` the figures include the profiler's overhead; they are for
 finding where the time goes, not for comparing.
@@ -57,7 +57,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 COMMANDS = {
     "qom-get size": {"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vmem0", "property": "size"}},

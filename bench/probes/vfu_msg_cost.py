@@ -17,7 +17,7 @@ It prints the server process's CPU time (its CPU-time clock, all threads,
 ns) per operation, median of the rounds.  Timings are reported, never
 asserted; the figures are the server's, the client's own CPU is not in them.
 
-    .venv/bin/python bench/vfu_msg_cost.py [--count 200] [--rounds 3] [--interval-ms 5]
+    .venv/bin/python bench/probes/vfu_msg_cost.py [--count 200] [--rounds 3] [--interval-ms 5]
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 import trio  # noqa: E402
-
 from vfio_user_client import VfioUserClient  # noqa: E402
 from virtio_driver import ACK, VirtioMemDriver  # noqa: E402
 
