@@ -4,9 +4,10 @@
 boots a Linux guest under QEMU with our device attached over vfio-user and
 talks to a shell in the guest over a second serial port (the guest's /init,
 integration/guest-init.sh).  ``VmemServer`` runs ``vfiouser-vmem serve`` and
-talks QMP to it.  Every process is started here and stopped here, by PID,
-also when a test fails; on failure the logs are printed (guest console,
-server log, QEMU stderr) so that CI output shows the cause.
+talks QMP to it (with the package's ``QmpClient``).  Every process is
+started here and stopped here, by PID, also when a test fails; on failure
+the logs are printed (guest console, server log, QEMU stderr) so that CI
+output shows the cause.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# The project's own QMP client, re-exported for the tests and bench/ (it
+# raises vfiouser_vmem.errors.QmpError for error replies and failures).
+from vfiouser_vmem.control import QmpClient  # noqa: F401
+from vfiouser_vmem.errors import QmpError  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
@@ -98,51 +104,6 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
         time.sleep(interval_s)
 
 
-class QmpClient:
-    """A minimal synchronous QMP client (the tests' own, independent of the
-    server's code)."""
-
-    def __init__(self, path: str, timeout_s: float = 30) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout_s)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rb")
-        self.events: list[dict] = []
-        greeting = self._recv()
-        if "QMP" not in greeting:
-            raise GuestError(f"no QMP greeting: {greeting}")
-        self.execute("qmp_capabilities")
-
-    def _recv(self) -> dict:
-        line = self.file.readline()
-        if not line:
-            raise GuestError("QMP connection closed")
-        return json.loads(line)
-
-    def command(self, name: str, **arguments) -> dict:
-        """The whole reply: {"return": ...} or {"error": ...}."""
-        msg = {"execute": name}
-        if arguments:
-            msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode())
-        while True:
-            reply = self._recv()
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            return reply
-
-    def execute(self, name: str, **arguments):
-        reply = self.command(name, **arguments)
-        if "error" in reply:
-            raise GuestError(f"QMP {name} failed: {reply['error']}")
-        return reply["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
 def memfd_allocated_bytes(pid: int, *, name_prefix: str | None = None, size_bytes: int | None = None) -> int:
     """Allocated bytes (st_blocks * 512) of the memfds ``pid`` holds open that
     match ``name_prefix`` (``/memfd:NAME``) and/or have ``size_bytes``: the
@@ -191,7 +152,7 @@ class ServerProcess:
         if "ready" not in self.first_line:
             self.stop()
             raise GuestError(f"server did not start: {self.first_line!r}\n{self.log()}")
-        self.qmp = QmpClient(self.qmp_path)
+        self.qmp = QmpClient(self.qmp_path, timeout_s=30)
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))

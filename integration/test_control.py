@@ -55,7 +55,7 @@ class MultiServer(ServerProcess):
         return result.stdout.strip()
 
     def sizes(self) -> dict[str, tuple[int, int]]:
-        """{id: (size, requested-size)} over QMP (the tests' own client)."""
+        """{id: (size, requested-size)} over QMP."""
         return {d["data"]["id"]: (d["data"]["size"], d["data"]["requested-size"])
                 for d in self.qmp.execute("query-memory-devices")}
 

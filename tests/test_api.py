@@ -187,6 +187,11 @@ async def test_open_server_runs_a_device_that_a_client_plugs_and_the_program_obs
                     await driver.initialize()
                     assert device.connected
                     assert await driver.plug(bar_addr, 1) == Response.NACK
+                    driver.config_irq.fire_count()  # (the resize's interrupt)
+                    generation = device.model.requested_size, (await driver.read_config())
+                    device.notify_config_change()  # nothing changes, but the guest is told to look
+                    assert await driver.config_irq.wait() == 1
+                    assert (device.requested_size, await driver.read_config()) == generation
                     device.policy = None
                     assert await driver.plug(bar_addr, 1) == Response.ACK
                     await device.wait_for_plugged_size(2 * MIB)

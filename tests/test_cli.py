@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from proc_util import terminate
+from vfiouser_vmem.control import QmpClient
+from vfiouser_vmem.errors import QmpError
 from vfiouser_vmem.util.sizes import format_size, parse_size
 
 EXE = [sys.executable, "-m", "vfiouser_vmem.cli"]
@@ -91,22 +93,18 @@ class Served:
         self.first_line = self.proc.stdout.readline()
 
     def qmp_session(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
-        s.connect(str(self.qmp))
-        f = s.makefile("r")
-        assert "QMP" in json.loads(f.readline())
+        """A QMP client and ``execute(name, **args)`` giving the whole reply,
+        ``{"return": ...}`` or ``{"error": {"class": ..., "desc": ...}}``."""
+        qmp = QmpClient(str(self.qmp), timeout_s=10)
 
         def execute(name, **args):
-            msg = {"execute": name, **({"arguments": args} if args else {})}
-            s.sendall(json.dumps(msg).encode())
-            while True:
-                reply = json.loads(f.readline())
-                if "event" not in reply:
-                    return reply
+            try:
+                return {"return": qmp.execute(name, **args)}
+            except QmpError as exc:
+                assert exc.error_class, exc  # an error reply, not a broken connection
+                return {"error": {"class": exc.error_class, "desc": exc.desc}}
 
-        execute("qmp_capabilities")
-        return s, execute
+        return qmp, execute
 
     def stop(self) -> tuple[int, str]:
         return terminate(self.proc)
@@ -119,12 +117,12 @@ def test_serve_is_ready_before_first_line_and_stops_cleanly(tmp):
         # Both sockets listen once the first line is out, created 0600.
         for path in (served.sock, served.qmp):
             assert (os.stat(path).st_mode & 0o777) == 0o600
-        s, execute = served.qmp_session()
+        qmp, execute = served.qmp_session()
         info = execute("query-memory-devices")["return"]
         assert info == [{"type": "virtio-mem", "data": {
             "id": "mem1", "memaddr": 0, "node": 1, "requested-size": 1 << 30, "size": 0,
             "max-size": 8 << 30, "block-size": 2 << 20, "memdev": "/objects/mem-mem1"}}]
-        s.close()
+        qmp.close()
     finally:
         rc, err = served.stop()
     assert rc == 0, err
@@ -134,7 +132,7 @@ def test_serve_is_ready_before_first_line_and_stops_cleanly(tmp):
 def test_qom_set_bad_values_are_refused_and_change_nothing(tmp):
     served = Served(tmp, "--size", "4G")
     try:
-        s, execute = served.qmp_session()
+        qmp, execute = served.qmp_session()
         for value, text in [(3 << 20, "not a multiple of the block-size"), (8 << 30, "above the device's maximum"),
                             ("1G", "expects uint64"), (-1, "expects uint64")]:
             reply = execute("qom-set", path="vmem0", property="requested-size", value=value)
@@ -146,7 +144,7 @@ def test_qom_set_bad_values_are_refused_and_change_nothing(tmp):
         assert execute("qom-get", path="vmem0", property="requested-size") == {"return": 0}
         assert execute("qom-set", path="vmem0", property="requested-size", value=1 << 30) == {"return": {}}
         assert execute("qom-get", path="vmem0", property="requested-size") == {"return": 1 << 30}
-        s.close()
+        qmp.close()
     finally:
         rc, err = served.stop()
     assert rc == 0, err
@@ -159,7 +157,7 @@ def test_qom_set_refuses_values_outside_the_property_type_and_names_the_qom_type
     qom/object.c does (the device is a virtio-mem-pci)."""
     served = Served(tmp, "--size", "4G")
     try:
-        s, execute = served.qmp_session()
+        qmp, execute = served.qmp_session()
         uint32 = "Parameter 'x-fail-discards' expects uint32_t (0 to 4294967295), got {}"
         uint64 = "Parameter 'requested-size' expects uint64 (a byte count), got {}"
         cases = [
@@ -186,7 +184,7 @@ def test_qom_set_refuses_values_outside_the_property_type_and_names_the_qom_type
         reply = execute("qom-set", path="vmem0", property="requested-size", value=(1 << 64) - 1)
         assert "above the device's maximum" in reply["error"]["desc"], reply
         assert execute("qom-get", path="vmem0", property="requested-size") == {"return": 0}
-        s.close()
+        qmp.close()
     finally:
         rc, err = served.stop()
     assert rc == 0, err
@@ -196,9 +194,9 @@ def test_serve_accepts_a_1t_device_sparsely(tmp):
     served = Served(tmp, "--size", "1T")
     try:
         assert "ready" in served.first_line
-        s, execute = served.qmp_session()
+        qmp, execute = served.qmp_session()
         assert execute("qom-get", path="vmem0", property="max-size") == {"return": 1 << 40}
-        s.close()
+        qmp.close()
         rss_kib = int(next(line for line in Path(f"/proc/{served.proc.pid}/status").read_text().splitlines()
                            if line.startswith("VmRSS:")).split()[1])
         assert rss_kib < 512 * 1024, "a 1 TiB backend must be sparse"
@@ -225,9 +223,9 @@ def test_second_server_on_the_same_socket_is_refused_and_the_first_lives_on(tmp)
         assert second.returncode == 1
         assert "another process is already listening on this socket" in second.stderr
         # The refusal did not disturb the first server (no test connection).
-        s, execute = first.qmp_session()
+        qmp, execute = first.qmp_session()
         assert execute("qom-get", path="vmem0", property="size") == {"return": 0}
-        s.close()
+        qmp.close()
         assert first.proc.poll() is None
     finally:
         rc, err = first.stop()
@@ -466,17 +464,10 @@ def test_serve_config_file_runs_two_devices(tmp):
     try:
         line = proc.stdout.readline()
         assert "ready: vm0 on" in line and "vm1 on" in line, proc.stderr.read() if proc.poll() is not None else line
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
-        s.connect(str(tmp / "q"))
-        f = s.makefile("r")
-        f.readline()
-        s.sendall(b'{"execute":"qmp_capabilities"}{"execute":"query-memory-devices"}')
-        assert json.loads(f.readline()) == {"return": {}}
-        devices = json.loads(f.readline())["return"]
+        with QmpClient(str(tmp / "q"), timeout_s=10) as qmp:
+            devices = qmp.execute("query-memory-devices")
         assert [(d["data"]["id"], d["data"]["memdev"], d["data"]["max-size"]) for d in devices] == [
             ("vm0", "/objects/mem0", 1 << 30), ("vm1", "/objects/mem1", 512 << 20)]
-        s.close()
         for name in ("vm0.sock", "vm1.sock", "q"):
             assert (os.stat(tmp / name).st_mode & 0o777) == 0o600
     finally:
@@ -714,8 +705,8 @@ def test_serve_qmp_max_clients_bounds_the_connections(tmp, how):
         second, _ = served.qmp_session()
         third, execute = served.qmp_session()  # greeted, and able to run commands
         assert execute("query-status") == {"return": {"status": "running", "running": True}}
-        first.settimeout(30)
-        assert first.recv(100) == b""  # closed by the server
+        first.sock.settimeout(30)
+        assert first.sock.recv(100) == b""  # closed by the server
         for s in (first, second, third):
             s.close()
     finally:

@@ -32,7 +32,8 @@ import trio.testing
 from fake_device import GiB, MiB, FakeDevice
 from vfiouser_vmem import __version__
 from vfiouser_vmem.errors import PropertyReadOnly
-from vfiouser_vmem.control._qmp import QmpServer, _JsonStreamSplitter, _Oversize, _ParseError
+from vfiouser_vmem.control import QmpServer
+from vfiouser_vmem.control._framing import JsonStreamSplitter, Oversize, ParseError
 from vfiouser_vmem.util.sockets import SocketPathInUse
 
 TIMEOUT = 10  # generous bound for things that should take milliseconds
@@ -314,13 +315,13 @@ def test_an_id_that_cannot_be_encoded_is_refused_before_the_command_runs() -> No
     """Defence in depth behind the parser: a request whose id no reply could
     carry (here built directly, a NaN) is refused, without its id, and its
     command does not run."""
-    from vfiouser_vmem.control._qmp import _Client
+    from vfiouser_vmem.control._connection import Client
 
     device = FakeDevice()
     server = QmpServer({"vmem0": device})
     a, b = socket.socketpair()
     try:
-        client = _Client(1, a, 8)
+        client = Client(1, a, 8)
         client.command_mode = True
         for bad_id in (float("nan"), [float("inf")], {"k": object()}):
             reply = server._dispatch(client, {"execute": "qom-set", "id": bad_id, "arguments": {
@@ -439,11 +440,11 @@ async def test_nesting_limit(sock_dir: str) -> None:
 
 def test_splitter_byte_by_byte() -> None:
     stream = b' {"a": "}\\"{"}\n[1,{"b":[]}] "s\\\\" true{"c":1}x,'
-    splitter = _JsonStreamSplitter(max_bytes=100)
+    splitter = JsonStreamSplitter(max_bytes=100)
     items: list[Any] = []
     for i in range(len(stream)):
         items += splitter.feed(stream[i : i + 1])
-    assert [item.desc if isinstance(item, _ParseError) else item for item in items] == [
+    assert [item.desc if isinstance(item, ParseError) else item for item in items] == [
         {"a": '}"{'},
         [1, {"b": []}],
         "s\\",
@@ -456,77 +457,125 @@ def test_splitter_byte_by_byte() -> None:
 
 
 def test_splitter_memory_is_bounded_while_discarding() -> None:
-    splitter = _JsonStreamSplitter(max_bytes=1000)
+    splitter = JsonStreamSplitter(max_bytes=1000)
     items = splitter.feed(b'{"k": "' + b"x" * 2000)
-    assert len(items) == 1 and isinstance(items[0], _Oversize)
+    assert len(items) == 1 and isinstance(items[0], Oversize)
     for _ in range(100):
         assert splitter.feed(b"y" * 10000) == []
         assert len(splitter._buf) <= 10000
     assert splitter.feed(b'"} {"ok": 1}') == [{"ok": 1}]
 
 
-def _splitter_items(chunks: list[bytes], *, fast: bool, max_bytes: int) -> list[Any]:
-    splitter = _JsonStreamSplitter(max_bytes=max_bytes)
-    splitter._fast_path = fast
+def _splitter_items(chunks: list[bytes], *, max_bytes: int) -> list[Any]:
+    splitter = JsonStreamSplitter(max_bytes=max_bytes)
     items: list[Any] = []
     for chunk in chunks:
         items += splitter.feed(chunk)
-    return [(type(item).__name__, item.desc) if isinstance(item, (_ParseError, _Oversize)) else item
+    return [(type(item).__name__, item.desc) if isinstance(item, (ParseError, Oversize)) else item
             for item in items]
 
 
-#: Messages of every kind the splitter meets: good commands, objects the
-#: parser refuses (duplicates, constants, syntax, encoding, control
+def _normalized(items: list[Any]) -> list[Any]:
+    """Splitter items with the parse errors counted one by one: what must not
+    depend on how the stream was cut into reads (errors are coalesced per
+    read, so their texts do)."""
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, tuple) and item[0] == "ParseError":
+            m = re.search(r"\(and (\d+) more JSON parse errors? after it\)$", item[1])
+            out += ["parse error"] * (1 + (int(m.group(1)) if m else 0))
+        elif isinstance(item, tuple):
+            out.append("oversize")
+        else:
+            out.append(item)
+    return out
+
+
+def _random_chunks(rng: Any, stream: bytes, cut_counts: list[int]) -> list[bytes]:
+    cuts = sorted(rng.sample(range(1, len(stream)), min(rng.choice(cut_counts), len(stream) - 1)))
+    return [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+_ERR, _BIG = "parse error", "oversize"
+
+#: Messages of every kind the splitter meets, each with what it must give
+#: (written out, not computed with the json module): good commands, objects
+#: the parser refuses (duplicates, constants, syntax, encoding, control
 #: characters), non-objects, stray characters, too large, too deep.
-_STREAM_PIECES = [
-    b'{"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vmem0", "property": "size"}}',
-    b'{"execute":"query-status","id":"a"}',
-    b'{"a": "}\\"{\\\\", "b": [1, {"c": [], "d": null}], "e": -1.5e3, "f": true}',
-    b'{"dup": 1, "dup": 2}',
-    b'{"x": [NaN]}',
-    b'{"x": {"y": -Infinity}}',
-    b'{"bad": }',
-    b'{"a" 1}',
-    b'{"s": "caf\xc3\xa9"}',
-    b'{"s": "\xff"}',
-    b'{"u": "\\u00e9\\ud800"}',
-    b'{"t": "tab\there"}',
-    b'{"n": 123456789012345678901234567890}',
-    b'{"big": "' + b"a" * 300 + b'"}',
-    b'{"deep": ' + b"[" * 1030 + b"]" * 1030 + b"}",
-    b'{"deepish": ' + b"[" * 600 + b"]" * 600 + b"}",
-    b"[1, 2]",
-    b'"str"',
-    b"true",
-    b"123",
-    b"nul",
-    b"}",
-    b",",
-    b"\xef\xbb\xbf{}",
-    b"{}",
+_STREAM_PIECES: list[tuple[bytes, list[Any]]] = [
+    (b'{"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vmem0", "property": "size"}}',
+     [{"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vmem0", "property": "size"}}]),
+    (b'{"execute":"query-status","id":"a"}', [{"execute": "query-status", "id": "a"}]),
+    (b'{"a": "}\\"{\\\\", "b": [1, {"c": [], "d": null}], "e": -1.5e3, "f": true}',
+     [{"a": '}"{\\', "b": [1, {"c": [], "d": None}], "e": -1500.0, "f": True}]),
+    (b'{"dup": 1, "dup": 2}', [_ERR]),
+    (b'{"x": [NaN]}', [_ERR]),
+    (b'{"x": {"y": -Infinity}}', [_ERR]),
+    (b'{"x": 1e999}', [_ERR]),
+    (b'{"bad": }', [_ERR]),
+    (b'{"a" 1}', [_ERR]),
+    (b'{"a": [1}]', [_ERR]),
+    (b'{"s": "caf\xc3\xa9"}', [{"s": "caf\u00e9"}]),
+    (b'{"s": "\xff"}', [_ERR]),
+    (b'{"u": "\\u00e9\\ud800"}', [{"u": "\u00e9\ud800"}]),
+    (b'{"t": "tab\there"}', [_ERR]),
+    (b'{"n": 123456789012345678901234567890}', [{"n": 123456789012345678901234567890}]),
+    (b'{"big": "' + b"a" * 5000 + b'"}', [_BIG]),
+    (b'{"deep": ' + b"[" * 1030 + b"]" * 1030 + b"}", [_ERR]),
+    (b'{"deepish": ' + b"[" * 600 + b"]" * 600 + b"}", [{"deepish": _nested(599)}]),
+    (b"[1, 2]", [[1, 2]]),
+    (b'"str"', ["str"]),
+    (b"true", [True]),
+    (b"123", [123]),
+    (b"-0.5e-3", [-0.0005]),
+    (b"nul", [_ERR]),
+    (b"12x", [_ERR]),
+    (b"}", [_ERR]),
+    (b",", [_ERR]),
+    (b"\xef\xbb\xbf{}", [_ERR, {}]),
+    (b"{}", [{}]),
 ]
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_splitter_fast_path_gives_what_the_structural_path_gives(seed: int) -> None:
-    """Whole ASCII objects are parsed by the json module's scanner straight
-    from the read (the fast path); anything else follows the structure byte
-    by byte.  Whatever the stream and however it is cut into reads, both
-    must give the same values and errors in the same order."""
+def test_splitter_gives_each_message_what_it_must_however_the_stream_is_cut(seed: int) -> None:
+    """A stream of the pieces above, separated by whitespace and cut into
+    reads anywhere: the values, in order, and as many errors as bad pieces,
+    whether it comes whole, in random reads or byte by byte."""
     import random
 
     rng = random.Random(seed)
-    stream = b"".join(
-        rng.choice(_STREAM_PIECES) + rng.choice([b"", b"", b" ", b"\n", b"\r\n\t "]) for _ in range(rng.randint(1, 30))
-    )
-    cuts = sorted(rng.sample(range(1, len(stream)), min(rng.choice([0, 1, 3, 10, 50]), len(stream) - 1)))
-    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
-    max_bytes = rng.choice([256, 4096, 1 << 20])
-    expected = _splitter_items(chunks, fast=False, max_bytes=max_bytes)
-    assert _splitter_items(chunks, fast=True, max_bytes=max_bytes) == expected
-    assert _splitter_items([stream], fast=True, max_bytes=max_bytes) == _splitter_items(
-        [stream], fast=False, max_bytes=max_bytes
-    )
+    chosen = [rng.choice(_STREAM_PIECES) for _ in range(rng.randint(1, 30))]
+    stream = b"".join(piece + rng.choice([b" ", b"\n", b"\r\n\t "]) for piece, _ in chosen)
+    expected = [item for _, items in chosen for item in items]
+    for chunks in ([stream], _random_chunks(rng, stream, [1, 3, 10, 50]), [stream[i:i + 1] for i in range(len(stream))]):
+        assert _normalized(_splitter_items(chunks, max_bytes=4096)) == expected
+
+
+def test_splitter_error_texts_are_those_of_the_message_alone() -> None:
+    """Line and column count from the start of the message, not of the
+    read; the byte offset of bad UTF-8 too."""
+    splitter = JsonStreamSplitter(max_bytes=4096)
+    assert splitter.feed(b'{"ok": 1}\n{"a":\n 1,\n  "b" 2}') == [{"ok": 1}, _parse_error_like(
+        "JSON parse error, expecting ':' delimiter at line 3 column 7")]
+    items = splitter.feed(b' {"x": 2}  {"s": "\xc3\xa9\xff"}')
+    assert items[0] == {"x": 2}
+    assert items[1].desc == "JSON parse error, invalid UTF-8 sequence at byte 9"
+
+
+class _parse_error_like:
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ParseError) and other.desc == self.desc
 
 
 #: Bytes that open a message (and so swallow what follows until it closes).
@@ -535,25 +584,26 @@ _OPENERS = b'{["'
 
 def test_splitter_makes_progress_on_every_byte_value() -> None:
     """Every byte value, alone, around and inside messages, whole or byte by
-    byte: each feed returns (b"\\x0b" and b"\\x0c" once made the structural
-    path loop forever: the token start took them for a token, the token end
-    for whitespace), both paths agree, and the stream resynchronises."""
+    byte: each feed returns (b"\\x0b" and b"\\x0c" once made the splitter
+    loop forever: the token start took them for a token, the token end for
+    whitespace), both ways of feeding agree, and the stream resynchronises."""
     with no_hang(30):
         for value in range(256):
             byte = bytes([value])
             streams = [byte, byte + b' {"ok": 1}', b'{"ok": 1}' + byte, b'{"s": "' + byte + b'"}', b"[" + byte + b"]",
-                       b"x" + byte + b"y ", byte * 3 + b"\n" + b'{"ok": 1}', b'{"a": 1' + byte + b"}"]
+                       b"x" + byte + b"y ", byte * 3 + b"\n" + b'{"ok": 1}', b'{"a": 1' + byte + b"}",
+                       b'{"e": "\\' + byte + b'"}']
             for stream in streams:
-                for chunks in ([stream], [stream[i:i + 1] for i in range(len(stream))]):
-                    structural = _splitter_items(chunks, fast=False, max_bytes=4096)
-                    assert _splitter_items(chunks, fast=True, max_bytes=4096) == structural, (byte, chunks)
-                    assert len(structural) <= len(stream)  # every item consumed input
-                    if stream.endswith(b'{"ok": 1}') and byte not in _OPENERS:
-                        assert structural[-1] == {"ok": 1}, (byte, structural)
+                whole = _splitter_items([stream], max_bytes=4096)
+                by_byte = _splitter_items([stream[i:i + 1] for i in range(len(stream))], max_bytes=4096)
+                assert _normalized(by_byte) == _normalized(whole), (byte, stream)
+                assert len(whole) <= len(stream)  # every item consumed input
+                if stream.endswith(b'{"ok": 1}') and byte not in _OPENERS:
+                    assert whole[-1] == {"ok": 1}, (byte, whole)
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_splitter_on_random_garbage_is_bounded_and_both_paths_agree(seed: int) -> None:
+def test_splitter_on_random_garbage_is_bounded_and_resynchronises(seed: int) -> None:
     import random
 
     rng = random.Random(seed)
@@ -561,36 +611,45 @@ def test_splitter_on_random_garbage_is_bounded_and_both_paths_agree(seed: int) -
     if seed % 2:  # garbage made of JSON's own characters nests, quotes and escapes
         garbage = bytes(rng.choice(b'{}[]",:\\ \t\n\x0b\x0cax1"') for _ in range(len(garbage)))
     stream = garbage + b' \n"" ]]]]}}}} {"ok": 1}'
-    cuts = sorted(rng.sample(range(1, len(stream)), min(rng.choice([0, 5, 100]), len(stream) - 1)))
-    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    chunks = _random_chunks(rng, stream, [0, 5, 100])
     with no_hang(30):
-        structural = _splitter_items(chunks, fast=False, max_bytes=4096)
-        assert _splitter_items(chunks, fast=True, max_bytes=4096) == structural
-        assert len(structural) <= len(stream)
-        splitter = _JsonStreamSplitter(max_bytes=4096)
+        whole = _splitter_items([stream], max_bytes=4096)
+        assert _normalized(_splitter_items(chunks, max_bytes=4096)) == _normalized(whole)
+        assert len(whole) <= len(stream)
+        splitter = JsonStreamSplitter(max_bytes=4096)
         for chunk in chunks:
             splitter.feed(chunk)
             assert len(splitter._buf) <= 4096 + len(chunk)
 
 
-def test_splitter_fast_path_keeps_the_nesting_limit_when_the_parser_could_go_deeper() -> None:
+def test_splitter_keeps_the_nesting_limit_when_the_parser_could_go_deeper() -> None:
     # With a recursion limit high enough for the json module to parse it, a
     # message deeper than MAX_NESTING must still be refused as too deep.
     message = b'{"deep": ' + b"[" * 1100 + b"]" * 1100 + b'}{"ok": 1}'
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(10_000)
     try:
-        items = _splitter_items([message], fast=True, max_bytes=1 << 20)
+        items = _splitter_items([message], max_bytes=1 << 20)
     finally:
         sys.setrecursionlimit(limit)
-    assert items == [("_ParseError", "JSON nesting depth limit exceeded"), {"ok": 1}]
+    assert items == [("ParseError", "JSON nesting depth limit exceeded"), {"ok": 1}]
+
+
+def test_splitter_parses_a_message_with_the_public_json_api_only() -> None:
+    """The parser is json.JSONDecoder.raw_decode (the undocumented scan_once
+    is not used), on one message at a time."""
+    from vfiouser_vmem.control import _framing
+
+    source = Path(_framing.__file__).read_text()
+    assert "scan_once" not in source
+    assert source.count("raw_decode(") == 1
 
 
 @pytest.mark.parametrize("result", [0, 1, -7, 1 << 63, True, False, None, {}, {"a": 1}, [], [1], "s", 1.5])
 def test_encoded_returns_are_what_json_dumps_writes(result: Any) -> None:
-    from vfiouser_vmem.control._qmp import _encode_return
+    from vfiouser_vmem.control._framing import encode_return
 
-    assert _encode_return(result) == (json.dumps({"return": result}) + "\n").encode()
+    assert encode_return(result) == (json.dumps({"return": result}) + "\n").encode()
 
 
 # ---------------------------------------------------------------------------
@@ -1085,7 +1144,7 @@ async def test_replies_queued_for_a_client_are_bounded_in_bytes(sock_dir: str) -
     """A client that sends requests but never reads stalls itself: what the
     server holds for it is bounded in bytes (the replies here quote a 200 KB
     parameter name), not only in messages."""
-    from vfiouser_vmem.control._qmp import DEFAULT_MAX_QUEUED_BYTES
+    from vfiouser_vmem.control._connection import DEFAULT_MAX_QUEUED_BYTES
 
     path = os.path.join(sock_dir, "q")
     name = "p" * 200_000

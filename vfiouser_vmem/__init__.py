@@ -27,6 +27,7 @@ from vfiouser_vmem.errors import (  # noqa: E402  (after __version__, which the 
     VmemError,
 )
 from vfiouser_vmem.server import Device, DeviceConfig, Server, open_server, serve  # noqa: E402
+from vfiouser_vmem.util.sizes import format_size, parse_size  # noqa: E402
 from vfiouser_vmem.vmem import (  # noqa: E402
     ClientConnected,
     ClientDisconnected,
@@ -70,6 +71,8 @@ __all__ = [
     "VirtioMemDevice",
     "VmemError",
     "__version__",
+    "format_size",
     "open_server",
+    "parse_size",
     "serve",
 ]

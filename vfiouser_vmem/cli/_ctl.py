@@ -39,162 +39,23 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
-import socket
 import sys
 import time
-from collections import deque
 from datetime import datetime
 from typing import Any, TextIO
 
+from vfiouser_vmem.cli._exit import EXIT_FAILURE, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
+from vfiouser_vmem.control import QmpClient
 from vfiouser_vmem.errors import QmpError
 from vfiouser_vmem.util.logtext import printable
 from vfiouser_vmem.util.sizes import format_size
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"
 #: qom-get size this often while waiting: QMP events are rate-limited to one a
 #: second per device, so they alone would make the wait up to 1 s late.
 POLL_INTERVAL_S = 0.1
-MAX_LINE_BYTES = 16 << 20
 DEFAULT_QMP_TIMEOUT_S = 10.0
-#: Events kept while waiting for a reply (the oldest go first): a peer that
-#: floods events cannot make ctl grow without bound.
-MAX_QUEUED_EVENTS = 10_000
-
-
-class QmpConnection:
-    """A small synchronous QMP client: commands with ids, events queued.
-
-    Every message from the server is one line of JSON (QEMU and this server
-    both end each with a newline).  Replies are matched by ``id``; events
-    that arrive meanwhile are kept for :meth:`next_event`.
-    """
-
-    def __init__(self, path: str, timeout_s: float = DEFAULT_QMP_TIMEOUT_S) -> None:
-        self.path = path
-        self.timeout_s = timeout_s
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout_s)
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise QmpError(f"cannot connect to the QMP socket {path}: {exc.strerror or exc}") from None
-        self._buf = bytearray()
-        self._next_id = 1
-        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED_EVENTS)
-        try:
-            try:
-                greeting = self._read(time.monotonic() + timeout_s)
-            except TimeoutError:
-                raise QmpError(f"no QMP greeting from {path} within {timeout_s:g} s") from None
-            if "QMP" not in greeting:
-                raise QmpError(f"{path} does not speak QMP (first message: {printable(json.dumps(greeting), 200)})")
-            self.greeting = greeting
-            self.execute("qmp_capabilities")
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> QmpConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _read(self, deadline: float | None) -> dict[str, Any]:
-        """The next message; TimeoutError at ``deadline`` (None: wait forever)."""
-        while True:
-            line = self._read_line(deadline)
-            if line.strip():  # blank lines are skipped (in a loop: there may be many)
-                break
-        try:
-            message = json.loads(line)
-        except (ValueError, RecursionError):  # RecursionError: nested too deep
-            raise QmpError(f"the QMP server at {self.path} sent something that is not JSON: "
-                           f"{printable(line, 200)}") from None
-        if not isinstance(message, dict):
-            raise QmpError(f"the QMP server at {self.path} sent something that is not a JSON object: "
-                           f"{printable(line, 200)}")
-        return message
-
-    def _read_line(self, deadline: float | None) -> bytes:
-        buf = self._buf
-        scanned = 0
-        while (end := buf.find(b"\n", scanned)) < 0:
-            scanned = len(buf)  # look at each byte once, however the line arrives
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                ready, _, _ = select.select([self.sock], [], [], remaining)
-                if not ready:
-                    raise TimeoutError
-            else:
-                select.select([self.sock], [], [])
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                raise QmpError(f"QMP connection to {self.path} failed: {exc.strerror or exc}") from None
-            if not data:
-                raise QmpError(f"the QMP server at {self.path} closed the connection")
-            buf += data
-            if len(buf) > MAX_LINE_BYTES:
-                raise QmpError(f"the QMP server at {self.path} sent a message longer than {MAX_LINE_BYTES} bytes")
-        line = bytes(buf[:end])
-        del buf[:end + 1]
-        return line
-
-    def execute(self, command: str, **arguments: Any) -> Any:
-        """Run a command; its ``return`` value, or QmpError with its desc."""
-        msg_id = f"ctl-{self._next_id}"
-        self._next_id += 1
-        msg: dict[str, Any] = {"execute": command, "id": msg_id}
-        if arguments:
-            msg["arguments"] = arguments
-        try:
-            self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        except OSError as exc:
-            raise QmpError(f"QMP connection to {self.path} failed: {exc.strerror or exc}") from None
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                reply = self._read(deadline)
-            except TimeoutError:
-                raise QmpError(f"no reply to {command} from the QMP server at {self.path} "
-                               f"within {self.timeout_s:g} s") from None
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if reply.get("id") != msg_id:
-                continue  # not ours (cannot happen on a connection of our own)
-            if "error" in reply:
-                error = reply["error"]
-                if not isinstance(error, dict):
-                    raise QmpError(f"the QMP server at {self.path} sent a malformed error reply: "
-                                   f"{printable(json.dumps(reply), 200)}")
-                raise QmpError(str(error.get("desc", error)), str(error.get("class", "")))
-            return reply.get("return")
-
-    def next_event(self, timeout_s: float | None) -> dict[str, Any] | None:
-        """The next event, or None after ``timeout_s`` (None: wait forever)."""
-        if self.events:
-            return self.events.popleft()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            try:
-                message = self._read(deadline)
-            except TimeoutError:
-                return None
-            if "event" in message:
-                return message
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +127,7 @@ def _find(devices: list[dict[str, Any]], dev_id: str) -> dict[str, Any] | None:
     return None
 
 
-def resize(qmp: QmpConnection, dev_id: str, size_bytes: int, *, wait: bool, timeout_s: float,
+def resize(qmp: QmpClient, dev_id: str, size_bytes: int, *, wait: bool, timeout_s: float,
            out: TextIO, err: TextIO) -> int:
     start = time.monotonic()
     qmp.execute("qom-set", path=dev_id, property="requested-size", value=size_bytes)
@@ -292,7 +153,7 @@ def resize(qmp: QmpConnection, dev_id: str, size_bytes: int, *, wait: bool, time
     return EXIT_OK
 
 
-def _stuck(qmp: QmpConnection, dev_id: str, size_bytes: int, timeout_s: float, err: TextIO) -> int:
+def _stuck(qmp: QmpClient, dev_id: str, size_bytes: int, timeout_s: float, err: TextIO) -> int:
     size = qmp.execute("qom-get", path=dev_id, property="size")
     requested = qmp.execute("qom-get", path=dev_id, property="requested-size")
     lines = [f"{dev_id}: timed out after {timeout_s:g} s: size is {human(size)} ({size}), "
@@ -312,7 +173,7 @@ def _stuck(qmp: QmpConnection, dev_id: str, size_bytes: int, timeout_s: float, e
     return EXIT_TIMEOUT
 
 
-def info(qmp: QmpConnection, *, as_json: bool, out: TextIO) -> int:
+def info(qmp: QmpClient, *, as_json: bool, out: TextIO) -> int:
     devices = qmp.execute("query-memory-devices")
     if as_json:
         print(json.dumps(devices, indent=2), file=out)
@@ -321,7 +182,7 @@ def info(qmp: QmpConnection, *, as_json: bool, out: TextIO) -> int:
     return EXIT_OK
 
 
-def watch(qmp: QmpConnection, ids: list[str], *, count: int | None, as_json: bool,
+def watch(qmp: QmpClient, ids: list[str], *, count: int | None, as_json: bool,
           out: TextIO, err: TextIO) -> int:
     if ids:
         known = {entry.get("data", {}).get("id") for entry in qmp.execute("query-memory-devices")}
@@ -353,7 +214,7 @@ def run(args: Any, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
         print("vfiouser-vmem ctl: error: --qmp PATH is required (or set VFIOUSER_VMEM_QMP)", file=err)
         return EXIT_USAGE
     try:
-        with QmpConnection(qmp_path, getattr(args, "qmp_timeout", DEFAULT_QMP_TIMEOUT_S)) as qmp:
+        with QmpClient(qmp_path, getattr(args, "qmp_timeout", DEFAULT_QMP_TIMEOUT_S), id_prefix="ctl") as qmp:
             if args.ctl_command == "resize":
                 return resize(qmp, args.id, args.size, wait=args.wait, timeout_s=args.timeout, out=out, err=err)
             if args.ctl_command == "info":
@@ -375,4 +236,4 @@ def run(args: Any, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     raise AssertionError(f"unknown ctl command {args.ctl_command}")
 
 
-__all__ = ["QmpConnection", "QmpError", "format_table", "format_size", "human", "run"]
+__all__ = ["QmpError", "format_table", "format_size", "human", "run"]

@@ -1,4 +1,4 @@
-"""The control plane: QMP (framing, commands, events) and metrics.
+"""The control plane: QMP (framing, commands, events; a client) and metrics.
 
 It knows devices only through ``ControlledDevice`` (QMP) and the
 attributes ``MetricsExporter`` reads, so that it is tested with fakes; the
@@ -6,8 +6,9 @@ server layer above adapts its devices to them.  This layer may import the
 virtio-mem device and the layers below it (docs/architecture.md).
 """
 
+from vfiouser_vmem.control._client import QmpClient
 from vfiouser_vmem.control._metrics import MetricsExporter, parse_metrics_address
 from vfiouser_vmem.control._protocol import ControlledDevice
-from vfiouser_vmem.control._qmp import QmpServer
+from vfiouser_vmem.control._qmp import QEMU_VERSION, QmpServer
 
-__all__ = ["ControlledDevice", "MetricsExporter", "QmpServer", "parse_metrics_address"]
+__all__ = ["QEMU_VERSION", "ControlledDevice", "MetricsExporter", "QmpClient", "QmpServer", "parse_metrics_address"]

@@ -1,7 +1,7 @@
 """What the control plane (QMP, CLI) needs from a device, and nothing more.
 
 The server adapts each running device to ``ControlledDevice``; the QMP server
-(``qmp.py``) only talks to this protocol, so that it can be tested with a fake
+(``control/_qmp.py``) only talks to this protocol, so that it can be tested with a fake
 and never reaches into the device model.
 """
 

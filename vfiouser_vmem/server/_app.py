@@ -104,6 +104,13 @@ class Device:
         """Ask the guest to plug or unplug up to ``requested_size_bytes``."""
         self._server.resize(requested_size_bytes)
 
+    def notify_config_change(self) -> None:
+        """Send the guest a configuration-change interrupt without changing
+        anything: Linux's driver then looks at the device at once, which
+        cancels its retry timer (drivers/virtio/virtio_mem.c,
+        virtio_mem_config_changed), e.g. once a policy stops answering BUSY."""
+        self._server.transport.notify_config()
+
     def subscribe(self, callback: Callable[[E], None], *kinds: type[E]) -> Callable[[], None]:
         """Call ``callback(event)`` for each event of ``kinds`` (all without);
         returns the function that unsubscribes it."""

@@ -6,9 +6,13 @@ consulted for every PLUG, UNPLUG and UNPLUG_ALL the rules would answer ACK,
 before the block state changes, and answers:
 
 - ``Response.ACK``: go on (the rules' answer stands);
-- ``Response.NACK`` (PLUG only): refused for now; Linux retries the plug
-  later, as when the guest asks for more than requested_size;
-- ``Response.BUSY``: the host cannot do it now; the driver retries.
+- ``Response.NACK`` (PLUG only): not granted; Linux takes it as "more than
+  requested_size" and retries at once with what it reads then
+  (drivers/virtio/virtio_mem.c, virtio_mem_run_wq: -EAGAIN, ``goto retry``),
+  so a NACK that lasts makes the guest spin;
+- ``Response.BUSY``: the host cannot do it now; Linux retries on its retry
+  timer (50 s, doubling up to 300 s); ``Device.notify_config_change()``
+  makes it look again at once.
 
 Never ERROR, which makes Linux mark the device broken (rule 5 of
 docs/robustness.md).  An answer outside these, and an exception, is a bug

@@ -1,0 +1,185 @@
+"""One QMP client connection: its outgoing queue and its share of the log.
+
+Queue
+    Each client has a bounded queue of outgoing messages
+    (``max_queued_messages``, default 256, and ``DEFAULT_MAX_QUEUED_BYTES``,
+    4 MiB, besides the message that passes it).  Replies wait for room (the
+    client that does not read its replies only stalls itself: the server
+    stops reading it); an event that finds a client's queue full disconnects
+    that client, with a WARNING log line, so that a stuck client never
+    delays anyone else.
+
+Log
+    Refused inputs and commands are logged at most 10 times per client per
+    10 s; the rest are counted, and the count is logged.  Text from clients
+    (command names, paths, quoted input) is escaped and cut in log lines
+    (logtext.printable) by the callers; the replies keep it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+
+import trio
+
+__all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_MESSAGES", "Client"]
+
+log = logging.getLogger("vfiouser_vmem.qmp")
+
+DEFAULT_MAX_QUEUED_MESSAGES = 256
+#: What may wait for one client in bytes (besides the message that passes
+#: it): replies can quote a request of up to max_message_bytes.
+DEFAULT_MAX_QUEUED_BYTES = 4 << 20
+#: Refused inputs and commands are logged at most _LOG_BURST times per client
+#: per _LOG_WINDOW_S; the others are counted, and the count is logged when a
+#: later line may go out or the client leaves: one client sending bad
+#: requests cannot flood the log.
+_LOG_BURST = 10
+_LOG_WINDOW_S = 10.0
+
+
+class Client:
+    """One connection: its socket and its bounded queue of outgoing messages.
+
+    The socket is driven with trio's low-level waits (``wait_readable``,
+    ``wait_writable``) and non-blocking ``recv``/``send``, not through a
+    ``trio.SocketStream``: a command then costs one wake-up, one ``recv``,
+    one ``send`` and the re-arming of the wait, where the stream's
+    ``receive_some``/``send_all`` and a memory channel to a writer task add
+    a failed ``recv``, scheduler rounds and a task switch per command.
+
+    A message is written at once when nothing is queued before it; what the
+    socket does not take waits in ``out`` (at most ``max_queued`` messages
+    and ``max_queued_bytes`` bytes besides the one being written) for the
+    writer task.
+    """
+
+    __slots__ = ("_log_count", "_log_dropped", "_log_window_end", "_room_lot", "_writer_lot", "cancel_scope",
+                 "closed", "command_mode", "last_input", "max_queued", "max_queued_bytes", "number", "out",
+                 "queued_bytes", "sock")
+
+    def __init__(self, number: int, sock: socket.socket, max_queued: int,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
+        self.number = number
+        self.sock = sock
+        self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
+        self.cancel_scope = trio.CancelScope()
+        self.command_mode = False
+        #: When input last came (trio time; the server sets it at accept):
+        #: who is idle the longest.
+        self.last_input = 0.0
+        #: Messages not yet (entirely) written, oldest first, and their size.
+        self.out: deque[bytes | memoryview] = deque()
+        self.queued_bytes = 0
+        #: No more messages are taken (the session is ending, or the socket broke).
+        self.closed = False
+        self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits for messages
+        self._room_lot = trio.lowlevel.ParkingLot()  # replies wait for room
+        self._log_window_end = 0.0
+        self._log_count = 0
+        self._log_dropped = 0
+
+    # -- the log -------------------------------------------------------------
+
+    def may_log(self) -> bool:
+        """Whether a refused input or command of this client may be logged
+        now (_LOG_BURST per _LOG_WINDOW_S); if not, it is counted."""
+        now = time.monotonic()
+        if now >= self._log_window_end:
+            self.log_dropped()
+            self._log_window_end = now + _LOG_WINDOW_S
+            self._log_count = 0
+        if self._log_count < _LOG_BURST:
+            self._log_count += 1
+            return True
+        self._log_dropped += 1
+        return False
+
+    def log_refused(self, what: str, *args: object, level: int = logging.INFO, exc_info: bool = False) -> None:
+        """Log ``"QMP client N: " + what % args``, if :meth:`may_log` lets it
+        out.  ``args`` are built before the call: keep them cheap (printable
+        cuts client text first)."""
+        if self.may_log():
+            log.log(level, "QMP client %d: " + what, self.number, *args, exc_info=exc_info)
+
+    def log_dropped(self) -> None:
+        """Log how many lines may_log held back, if any."""
+        if self._log_dropped:
+            log.info("QMP client %d: %d more refused inputs or commands were not logged", self.number,
+                     self._log_dropped)
+            self._log_dropped = 0
+
+    # -- the queue -----------------------------------------------------------
+
+    def queue_nowait(self, data: bytes) -> bool:
+        """Write or queue without waiting; False when the queue is full."""
+        if self.closed:
+            return True
+        out = self.out
+        if out:
+            if len(out) > self.max_queued or self.queued_bytes > self.max_queued_bytes:
+                return False
+            out.append(data)
+            self.queued_bytes += len(data)
+            return True
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.broken()
+            return True
+        if sent < len(data):
+            out.append(memoryview(data)[sent:])
+            self.queued_bytes += len(data) - sent
+            self._writer_lot.unpark()
+        return True
+
+    async def send(self, data: bytes) -> None:
+        """Write or queue, waiting for room in the queue."""
+        while not self.queue_nowait(data):
+            await self._room_lot.park()
+
+    def close_queue(self) -> None:
+        """Take no more messages; the writer ends once the queue is written."""
+        self.closed = True
+        self._writer_lot.unpark_all()
+
+    def broken(self) -> None:
+        """The socket failed: drop what is queued, end the session."""
+        self.closed = True
+        self.out.clear()
+        self.queued_bytes = 0
+        self.cancel_scope.cancel()
+        self._writer_lot.unpark_all()
+        self._room_lot.unpark_all()
+
+    async def write_queued(self) -> None:
+        """The writer task: write what ``queue_nowait`` could not."""
+        sock, out = self.sock, self.out
+        while True:
+            if not out:
+                if self.closed:
+                    return
+                await self._writer_lot.park()
+                continue
+            await trio.lowlevel.wait_writable(sock)
+            while out:
+                head = out[0]
+                try:
+                    sent = sock.send(head)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    self.broken()
+                    return
+                self.queued_bytes -= sent
+                if sent < len(head):
+                    out[0] = memoryview(head)[sent:]
+                    break
+                out.popleft()
+            self._room_lot.unpark_all()
