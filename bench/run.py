@@ -38,7 +38,6 @@ from harness import (  # noqa: E402
     Guest,
     GuestError,
     Kit,
-    ServerProcess,
     VmemServer,
     kvm_works,
     short_tmpdir,
@@ -49,7 +48,6 @@ from harness import (  # noqa: E402
 from bench import micro, policy_cost, qemutrace, report  # noqa: E402
 from bench.procinfo import add_rss, cpu_seconds, proc_rss  # noqa: E402
 from bench.qemu_vmem import QemuVmem  # noqa: E402
-from vfiouser_vmem.control import QmpClient  # noqa: E402
 from vfiouser_vmem.util.sizes import format_size, parse_size  # noqa: E402
 
 BOOT_TIMEOUT_S = 240
@@ -66,30 +64,7 @@ def say(text: str) -> None:
 
 # -- the two devices, one surface ------------------------------------------------
 
-class _ServedProcess(ServerProcess):
-    """``harness.ServerProcess``'s start, with bench/served.py as the
-    command: ``ServerProcess`` runs the CLI and takes no other one.  It sits between
-    ``VmemServer`` and ``ServerProcess`` in ``ServedVmem``'s MRO."""
-
-    def __init__(self, workdir: Path, name: str, argv: list[str]) -> None:
-        self.workdir = workdir
-        self.name = name
-        self.qmp_path = str(workdir / f"{name}.qmp")
-        self.log_path = workdir / f"{name}-server.log"
-        self.log_file = open(self.log_path, "wb")
-        self.argv = [sys.executable, str(REPO / "bench" / "served.py"), *self.served_args,
-                     "serve", "--qmp", self.qmp_path, *argv]
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log_file)
-        self.first_line = self.proc.stdout.readline().decode()
-        if "ready" not in self.first_line:
-            self.stop()
-            raise GuestError(f"server did not start: {self.first_line!r}\n{self.log()}")
-        self.qmp = QmpClient(self.qmp_path, timeout_s=30)
-
-
-
-
-class ServedVmem(VmemServer, _ServedProcess):
+class ServedVmem(VmemServer):
     """``harness.VmemServer`` (its argument list, QMP client, ``get``,
     ``set_requested_size``, ``allocated_bytes``, log and ``stop``) with the
     server run by bench/served.py, which records the server's per-request
@@ -98,6 +73,9 @@ class ServedVmem(VmemServer, _ServedProcess):
     def __init__(self, workdir: Path, *, served_args: list[str], **kwargs) -> None:
         self.served_args = served_args
         super().__init__(workdir, **kwargs)
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(REPO / "bench" / "served.py"), *self.served_args, "serve"]
 
 
 

@@ -137,7 +137,13 @@ class ServerProcess:
     """``vfiouser-vmem serve ...`` in a child process, with a QMP client.
 
     ``argv`` is everything after ``serve`` except ``--qmp``; the server's
-    stderr goes to ``<name>-server.log`` in ``workdir``."""
+    stderr goes to ``<name>-server.log`` in ``workdir``.  A subclass runs
+    another command line of the same contract (bench/served.py) by
+    overriding ``command``."""
+
+    def command(self) -> list[str]:
+        """What comes before ``--qmp PATH ARGV...``."""
+        return [VFIOUSER_VMEM, "serve"]
 
     def __init__(self, workdir: Path, name: str, argv: list[str]) -> None:
         self.workdir = workdir
@@ -145,7 +151,7 @@ class ServerProcess:
         self.qmp_path = str(workdir / f"{name}.qmp")
         self.log_path = workdir / f"{name}-server.log"
         self.log_file = open(self.log_path, "wb")
-        self.argv = [VFIOUSER_VMEM, "serve", "--qmp", self.qmp_path, *argv]
+        self.argv = [*self.command(), "--qmp", self.qmp_path, *argv]
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log_file)
         # The server prints its first line once all its sockets listen.
         self.first_line = self.proc.stdout.readline().decode()
@@ -275,7 +281,7 @@ class Guest:
                 raise GuestError(f"QEMU exited with {self.proc.returncode}")
             try:
                 self.conn, _ = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 if time.monotonic() > deadline:
                     raise TimeoutError("QEMU did not connect its command chardev")
 
@@ -293,7 +299,7 @@ class Guest:
             self.conn.settimeout(min(remaining, 1.0))
             try:
                 data = self.conn.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not data:
                 raise GuestError("the guest's command channel closed")
