@@ -23,3 +23,17 @@ def test_the_project_stands_on_its_own() -> None:
             if any(word in line for word in outside):
                 offenders.append(f"{name}:{lineno}: {line.strip()[:100]}")
     assert offenders == []
+
+
+def test_no_two_test_modules_share_a_name() -> None:
+    # pytest imports tests/ and integration/ modules by their basename
+    # (rootdir-relative, no __init__.py): two test_x.py make the second one
+    # fail to collect, which stops the whole run.
+    seen: dict[str, Path] = {}
+    clashes = []
+    for folder in ("tests", "integration"):
+        for path in sorted((REPO / folder).glob("*.py")):
+            if path.name in seen:
+                clashes.append(f"{seen[path.name].relative_to(REPO)} and {path.relative_to(REPO)}")
+            seen[path.name] = path
+    assert clashes == []
