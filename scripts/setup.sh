@@ -21,7 +21,8 @@ source "$ROOT/scripts/lib.sh"
 # -- system packages --------------------------------------------------------
 PKGS=(gcc pkg-config libffi-dev meson ninja-build libjson-c-dev libcmocka-dev patch xz-utils
       python3 python3-venv python3-dev ca-certificates)
-((WITH_KIT)) && PKGS+=(debootstrap cpio gzip)
+# netcat-openbsd: the monitor test runs the guide's `echo ... | nc -U MONITOR` (integration/test_hmp.py).
+((WITH_KIT)) && PKGS+=(debootstrap cpio gzip netcat-openbsd)
 ensure_debian_packages "${PKGS[@]}"
 
 # -- libvfio-user -----------------------------------------------------------

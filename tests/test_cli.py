@@ -133,14 +133,17 @@ def test_qom_set_bad_values_are_refused_and_change_nothing(tmp):
     served = Served(tmp, "--size", "4G")
     try:
         qmp, execute = served.qmp_session()
-        for value, text in [(3 << 20, "not a multiple of the block-size"), (8 << 30, "above the device's maximum"),
+        for value, text in [(3 << 20, "'requested-size' has to be multiples of 'block-size' (0x200000)"),
+                            (8 << 30, "'requested-size' cannot exceed the memory backend size(0x100000000)"),
                             ("1G", "expects uint64"), (-1, "expects uint64")]:
             reply = execute("qom-set", path="vmem0", property="requested-size", value=value)
             assert reply["error"]["class"] == "GenericError"
             assert text in reply["error"]["desc"], reply
         for prop in ("size", "block-size", "max-size"):
             reply = execute("qom-set", path="vmem0", property=prop, value=0)
-            assert reply["error"]["desc"] == f"Property 'virtio-mem-pci.{prop}' is not writable"
+            # QEMU names the alias's target (virtio-mem) for size and block-size.
+            owner = "virtio-mem-pci" if prop == "max-size" else "virtio-mem"
+            assert reply["error"]["desc"] == f"Property '{owner}.{prop}' is not writable"
         assert execute("qom-get", path="vmem0", property="requested-size") == {"return": 0}
         assert execute("qom-set", path="vmem0", property="requested-size", value=1 << 30) == {"return": {}}
         assert execute("qom-get", path="vmem0", property="requested-size") == {"return": 1 << 30}
@@ -168,7 +171,7 @@ def test_qom_set_refuses_values_outside_the_property_type_and_names_the_qom_type
             ("x-fail-discards", True, uint32.format(True)),
             ("requested-size", 1 << 64, uint64.format(1 << 64)),
             ("requested-size", 10 ** 30, uint64.format(10 ** 30)),
-            ("size", 0, "Property 'virtio-mem-pci.size' is not writable"),
+            ("size", 0, "Property 'virtio-mem.size' is not writable"),
             ("x-requests-pending", True, "Property 'virtio-mem-pci.x-requests-pending' is not writable"),
             ("nope", 1, "Property 'virtio-mem-pci.nope' not found"),
         ]
@@ -182,7 +185,7 @@ def test_qom_set_refuses_values_outside_the_property_type_and_names_the_qom_type
         assert execute("qom-get", path="vmem0", property="x-fail-discards") == {"return": (1 << 32) - 1}
         assert execute("qom-set", path="vmem0", property="x-fail-discards", value=0) == {"return": {}}
         reply = execute("qom-set", path="vmem0", property="requested-size", value=(1 << 64) - 1)
-        assert "above the device's maximum" in reply["error"]["desc"], reply
+        assert "cannot exceed the memory backend size" in reply["error"]["desc"], reply
         assert execute("qom-get", path="vmem0", property="requested-size") == {"return": 0}
         qmp.close()
     finally:
@@ -713,3 +716,44 @@ def test_serve_qmp_max_clients_bounds_the_connections(tmp, how):
         rc, err = served.stop()
     assert rc == 0, err
     assert "WARNING" in err and "disconnecting client 1" in err, err
+
+
+def test_serve_monitor_flag_serves_the_human_monitor(tmp):
+    mon = tmp / "vmem0.mon"
+    mon_stale = socket.socket(socket.AF_UNIX)
+    mon_stale.bind(str(mon))  # a stale socket (nobody listens): removed at start
+    mon_stale.close()
+    served = Served(tmp, "--size", "1G", "--monitor", str(mon))
+    try:
+        assert f"monitor on {mon}" in served.first_line
+        assert (os.stat(mon).st_mode & 0o777) == 0o600
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(str(mon))
+        s.sendall(b"info memory_size_summary\n")
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        s.close()
+        assert out.startswith(b"QEMU 11.1.0 monitor - type 'help' for more information\r\n(qemu) i\x1b[K")
+        assert out.endswith(b"\x1b[K\r\nbase memory: 0\r\nplugged memory: 0\r\n(qemu) ")
+    finally:
+        rc, err = served.stop()
+    assert rc == 0, err
+    assert not mon.exists()
+
+
+def test_serve_monitor_path_must_differ_from_qmp(tmp):
+    result = run_cli("serve", "--socket", str(tmp / "s"), "--size", "1G", "--qmp", str(tmp / "q"),
+                     "--monitor", str(tmp / "q"))
+    assert result.returncode == 2 and "is the QMP socket too" in result.stderr
+
+
+def test_toml_monitor_key(tmp):
+    path = tmp / "vmem.toml"
+    path.write_text('qmp = "/tmp/q"\nmonitor = "/tmp/m"\n')
+    assert load_config_file(str(path)).monitor == "/tmp/m"
+    path.write_text("monitor = 3\n")
+    with pytest.raises(ConfigError, match="monitor must be a string"):
+        load_config_file(str(path))

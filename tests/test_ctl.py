@@ -274,8 +274,8 @@ async def test_watch_count_streams_size_changes_of_the_chosen_device(served: Ser
 async def test_ctl_errors(served: ServedDevices) -> None:
     cases = [
         (("resize", "nope", "1G"), 1, "vfiouser-vmem ctl: Device 'nope' not found"),
-        (("resize", "vm0", "3M"), 1, "vfiouser-vmem ctl: requested-size 3M is not a multiple of the block-size 2M"),
-        (("resize", "vm0", "2G"), 1, "above the device's maximum"),
+        (("resize", "vm0", "3M"), 1, "vfiouser-vmem ctl: 'requested-size' has to be multiples of 'block-size' (0x200000)"),
+        (("resize", "vm0", "2G"), 1, "'requested-size' cannot exceed the memory backend size"),
         (("resize", "vm0", "1X"), 2, "invalid size '1X'"),
         (("resize", "vm0", "1G", "--timeout", "0"), 2, "not a positive number of seconds"),
         (("watch", "vm0", "--count", "0"), 2, "not a positive count"),

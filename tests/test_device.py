@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from vfiouser_vmem.vmem import (
@@ -221,8 +223,8 @@ def test_config_change_exactly_when_requested_or_usable_changes():
 @pytest.mark.parametrize(
     "value, message",
     [
-        (3 * MIB, "not a multiple of the block-size"),
-        (8 * GIB, "above the device's maximum"),
+        (3 * MIB, "'requested-size' has to be multiples of 'block-size' (0x200000)"),
+        (8 * GIB, "'requested-size' cannot exceed the memory backend size(0x100000000)"),
         (-2 * MIB, "negative"),
         ("1G", "must be an integer"),
         (True, "must be an integer"),
@@ -231,7 +233,7 @@ def test_config_change_exactly_when_requested_or_usable_changes():
 def test_bad_requested_size_is_refused_and_changes_nothing(value, message):
     dev, rec = make(size=4 * GIB, requested=1 * GIB)
     before = dev.config_bytes()
-    with pytest.raises((ValueError, TypeError), match=message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         dev.set_requested_size(value)
     assert dev.config_bytes() == before
 

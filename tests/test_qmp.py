@@ -773,7 +773,8 @@ async def test_qom_list(sock_dir: str) -> None:
     async with running(QmpServer({"vmem0": device}), path):
         client = await RawClient.connect(path)
         reply = await client.command("qom-list", {"path": "/machine/peripheral/vmem0"})
-        assert reply == {"return": device.qom_list()}
+        # The device's properties, then its child virtio-backend (the QOM tree, control/_qom.py).
+        assert reply == {"return": device.qom_list() + [{"name": "virtio-backend", "type": "child<virtio-mem>"}]}
         names = {p["name"] for p in reply["return"]}
         assert {"size", "requested-size", "block-size", "max-size", "memaddr", "node", "memdev"} <= names
 

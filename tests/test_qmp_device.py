@@ -43,7 +43,7 @@ async def test_qemu_qmp_client_resizes_a_real_device_with_a_guest_attached(vmem:
                 # Every error class, each refused with a precise description.
                 refusals = [
                     ("qom-set", {"path": dev, "property": "requested-size", "value": 3 * MiB}, "GenericError",
-                     "not a multiple of the block-size"),
+                     "'requested-size' has to be multiples of 'block-size'"),
                     ("qom-set", {"path": dev, "property": "requested-size", "value": "1G"}, "GenericError",
                      "expects uint64"),
                     ("qom-set", {"path": dev, "property": "size", "value": 0}, "GenericError", "is not writable"),

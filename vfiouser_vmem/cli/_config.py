@@ -23,7 +23,8 @@ a byte count).
 The TOML file has the same keys, in ``[[object]]`` and ``[[device]]`` tables
 (integers are byte counts, strings take the size forms, booleans or
 ``"on"``/``"off"`` for flags), plus optional top-level ``qmp`` (the QMP
-socket path), ``qmp-max-clients`` (a positive integer, as
+socket path), ``monitor`` (the human monitor's socket path, as
+``--monitor``), ``qmp-max-clients`` (a positive integer, as
 ``--qmp-max-clients``) and ``socket-group``::
 
     qmp = "/run/vmem.qmp"
@@ -64,7 +65,7 @@ OBJECT_TYPES = ("memory-backend-memfd",)
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-pci")
 OBJECT_KEYS = ("qom-type", "id", "size", "share", "hugetlb", "hugetlbsize")
 DEVICE_KEYS = ("driver", "id", "memdev", "socket", "node", "block-size", "requested-size")
-FILE_TOP_LEVEL_KEYS = ("qmp", "qmp-max-clients", "socket-group", "object", "device")
+FILE_TOP_LEVEL_KEYS = ("qmp", "monitor", "qmp-max-clients", "socket-group", "object", "device")
 
 # QEMU's id_wellformed() (util/id.c): a letter, then letters, digits, '-',
 # '.', '_'.  Used with fullmatch: "$" would also match before a final "\n".
@@ -157,6 +158,8 @@ class FileConfig:
     qmp: str | None = None
     socket_group: str | None = None
     qmp_max_clients: int | None = None
+    #: The human monitor's socket (``--monitor``).
+    monitor: str | None = None
 
 
 def load_config_file(path: str) -> FileConfig:
@@ -190,7 +193,11 @@ def load_config_file(path: str) -> FileConfig:
     if max_clients is not None and (isinstance(max_clients, bool) or not isinstance(max_clients, int)
                                     or max_clients < 1):
         raise ConfigError(f"{path}: qmp-max-clients must be a positive count (of QMP clients), got {max_clients!r}")
-    return FileConfig(specs["object"], specs["device"], qmp, None if group is None else str(group), max_clients)
+    monitor = data.get("monitor")
+    if monitor is not None and not isinstance(monitor, str):
+        raise ConfigError(f"{path}: monitor must be a string (a socket path)")
+    return FileConfig(specs["object"], specs["device"], qmp, None if group is None else str(group), max_clients,
+                      monitor)
 
 
 # ---------------------------------------------------------------------------

@@ -149,11 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(serve)
     serve.add_argument("--qmp", metavar="PATH",
                        help="the UNIX socket on which the server speaks QMP (or qmp= in --config)")
+    serve.add_argument("--monitor", metavar="PATH",
+                       help="the UNIX socket on which the server speaks QEMU's human monitor (HMP), as QEMU's "
+                       "-mon mode=readline (or monitor= in --config)")
     serve.add_argument("--qmp-max-clients", type=_positive_int, metavar="N",
-                       help="at most N QMP connections (default 64, or qmp-max-clients= in --config); at the "
-                       "limit a new client is still served: the one idle the longest is disconnected")
+                       help="at most N QMP connections, and N monitor connections (default 64, or "
+                       "qmp-max-clients= in --config); at the limit a new client is still served: the one idle "
+                       "the longest is disconnected")
     serve.add_argument("--socket-group", metavar="GROUP",
-                       help="make the vfio-user and QMP sockets 0660 and owned by GROUP (default: 0600)")
+                       help="make the vfio-user, QMP and monitor sockets 0660 and owned by GROUP (default: 0600)")
     serve.add_argument("--metrics", metavar="[HOST]:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
     serve.add_argument("--metrics-allow-remote", action="store_true",
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     qargs.add_argument("--format", choices=["shell", "json"], default="shell",
                        help="shell: quoted for sh (default); json: a JSON list of argv strings")
     qargs.add_argument("--qmp", metavar="PATH", help=argparse.SUPPRESS)  # accepted, so serve's flags can be reused
+    qargs.add_argument("--monitor", metavar="PATH", help=argparse.SUPPRESS)  # likewise
     return parser
 
 
@@ -311,6 +316,18 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         check_socket_path(qmp_path, "--qmp" if args.qmp else f"{args.config}: qmp", need_directory=True)
     except ConfigError as exc:
         parser.error(str(exc))
+    monitor_path = args.monitor or (file_config.monitor if file_config else None)
+    if monitor_path is not None:
+        where = "--monitor" if args.monitor else f"{args.config}: monitor"
+        try:
+            check_socket_path(monitor_path, where, need_directory=True)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        taken = {os.path.abspath(qmp_path): "the QMP socket"}
+        taken.update({os.path.abspath(c.socket): f"the vfio-user socket of {c.id}" for c in configs})
+        if os.path.abspath(monitor_path) in taken:
+            parser.error(f"{where}: {monitor_path!r} is {taken[os.path.abspath(monitor_path)]} too; "
+                         "use different paths")
     max_clients = args.qmp_max_clients or (file_config.qmp_max_clients if file_config else None)
     group = args.socket_group or (file_config.socket_group if file_config else None)
     gid = None if group is None else _group_id(parser, group)
@@ -330,16 +347,18 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             line = (f"vfiouser-vmem {__version__}: {c.id} ready on {c.socket} (max {format_size(c.size_bytes)}, "
                     f"block {format_size(c.block_size_bytes)}, requested {format_size(c.requested_size_bytes)}), "
                     f"QMP on {qmp_path}")
+            if monitor_path is not None:
+                line += f", monitor on {monitor_path}"
         else:
             line = (f"vfiouser-vmem {__version__}: ready: " + ", ".join(_describe(c) for c in configs)
-                    + f"; QMP on {qmp_path}")
+                    + f"; QMP on {qmp_path}" + ("" if monitor_path is None else f", monitor on {monitor_path}"))
         if exporter is not None:
             line += f", metrics on {exporter.url}"
         print(line, flush=True)
 
     try:
         trio.run(functools.partial(serve, configs, qmp_path, ready=ready, metrics=exporter, socket_group=gid,
-                                   qmp_max_clients=max_clients))
+                                   qmp_max_clients=max_clients, monitor_path=monitor_path))
     except BaseException as exc:
         # Failures to start (a path or port in use, a permission), possibly
         # wrapped in exception groups by trio's nurseries: a message, exit 1.

@@ -36,7 +36,7 @@ class CommandError(Exception):
 @dataclass(frozen=True)
 class _Arg:
     name: str
-    kind: str  # "str", "any" or "capabilities"
+    kind: str  # "str", "int", "any" or "capabilities"
     required: bool = True
 
 
@@ -51,6 +51,8 @@ COMMAND_ARGS: dict[str, tuple[_Arg, ...]] = {
     "qom-list": (_Arg("path", "str"),),
     "query-memory-devices": (),
     "query-memory-size-summary": (),
+    "x-query-numa": (),
+    "human-monitor-command": (_Arg("command-line", "str"), _Arg("cpu-index", "int", required=False)),
 }
 
 #: The capabilities QEMU knows (QMPCapability); we offer none of them.
@@ -91,6 +93,9 @@ def check_arguments(command: str, arguments: dict[str, Any]) -> dict[str, Any]:
         if kind == "str":
             if not isinstance(value, str):
                 raise CommandError(f"Invalid parameter type for '{name}', expected: string")
+        elif kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CommandError(f"Invalid parameter type for '{name}', expected: integer")
         elif kind == "capabilities":
             if not isinstance(value, list):
                 raise CommandError(f"Invalid parameter type for '{name}', expected: array")

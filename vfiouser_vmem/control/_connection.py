@@ -18,12 +18,16 @@ Log
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 import time
 from collections import deque
 
 import trio
+
+from vfiouser_vmem.util.sockets import SocketPathInUse, claim_socket_path, remove_socket_if_same
 
 __all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_MESSAGES", "Client"]
 
@@ -183,3 +187,46 @@ class Client:
                     break
                 out.popleft()
             self._room_lot.unpark_all()
+
+
+async def listen_unix(path: str, what: str) -> tuple[trio.SocketListener, tuple[int, int]]:
+    """Listen on the UNIX socket ``path`` for the ``what`` server (QMP, the
+    monitor): claimed as util/sockets.py says, mode 0600 from the start;
+    returns the listener and the socket file's identity, for
+    ``remove_socket_if_same`` when it stops."""
+    claim_socket_path(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    identity: tuple[int, int] | None = None
+    try:
+        # On Linux, bind() gives the new inode the socket's own mode (less
+        # the umask): no window where the socket file is world-accessible.
+        os.fchmod(sock.fileno(), 0o600)
+        try:
+            await sock.bind(path)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SocketPathInUse(path, "another process is already listening on this socket") from exc
+            # bind()'s errors do not name the path: say which socket failed.
+            raise OSError(exc.errno, f"cannot listen on the {what} socket {path}: {exc.strerror or exc}") from None
+        st = os.lstat(path)
+        identity = (st.st_dev, st.st_ino)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        if identity is not None:
+            remove_socket_if_same(path, identity)
+        raise
+    return trio.SocketListener(sock), identity
+
+
+def adopt_connection(stream: trio.SocketStream, what: str) -> socket.socket | None:
+    """The connection's socket out of its trio wrapper (see Client), or None
+    (logged) if that fails."""
+    fd = stream.socket.detach()
+    try:
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+    except OSError:
+        os.close(fd)
+        log.exception("%s: could not take a new connection", what)
+        return None

@@ -29,13 +29,18 @@ Commands (command mode)
     ``query-version``, ``query-commands``, ``query-status`` (always
     ``{"status": "running", "running": true}``), ``qom-get``, ``qom-set``,
     ``qom-list``, ``query-memory-devices``, ``query-memory-size-summary``
-    (``base-memory`` is 0: this process owns no boot memory).  There is no
+    (``base-memory`` is 0: this process owns no boot memory), ``x-query-numa``
+    and ``human-monitor-command`` (the human monitor, control/_hmp.py;
+    docs/monitor.md).  There is no
     ``quit``: the server stops on SIGTERM/SIGINT.
 
-    A device is named, in ``path``, by its id (``vmem0``), by QEMU's
-    ``/machine/peripheral/<id>``, or by its ``qom_path`` (the path its
-    MEMORY_DEVICE_SIZE_CHANGE events carry).  Devices are looked up when each
-    command runs, so devices added to the mapping later are found.
+    The qom- commands walk one QOM tree (control/_qom.py): ``/``,
+    ``/machine``, ``/machine/peripheral``, ``/objects``, each device, named by
+    its id (``vmem0``), by QEMU's ``/machine/peripheral/<id>``, or by its
+    ``qom_path`` (``.../virtio-backend``, the path its
+    MEMORY_DEVICE_SIZE_CHANGE events carry), and each device's memory
+    backend ``/objects/<memdev>``.  Devices are looked up when each command
+    runs, so devices added to the mapping later are found.
 
     A reply carries the ``id`` member of the command it answers whenever the
     command had one (any JSON value).  A request whose ``id`` cannot be
@@ -90,10 +95,8 @@ disconnected for not reading or to make room for a new client.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import socket as _stdlib_socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -101,7 +104,7 @@ import trio
 
 from vfiouser_vmem import __version__
 from vfiouser_vmem.control._arguments import COMMAND_ARGS, CommandError, check_arguments, check_request
-from vfiouser_vmem.control._connection import DEFAULT_MAX_QUEUED_MESSAGES, Client
+from vfiouser_vmem.control._connection import DEFAULT_MAX_QUEUED_MESSAGES, Client, adopt_connection, listen_unix
 from vfiouser_vmem.control._events import SizeChangeEvents
 from vfiouser_vmem.control._framing import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -112,10 +115,11 @@ from vfiouser_vmem.control._framing import (
     encode_return,
     encode_value,
 )
+from vfiouser_vmem.control._hmp import HumanMonitor, numa_text
 from vfiouser_vmem.control._protocol import ControlledDevice
-from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
+from vfiouser_vmem.control._qom import QomTree
 from vfiouser_vmem.util.logtext import printable
-from vfiouser_vmem.util.sockets import SocketPathInUse, claim_socket_path, remove_socket_if_same
+from vfiouser_vmem.util.sockets import remove_socket_if_same
 
 __all__ = [
     "DEFAULT_MAX_CLIENTS",
@@ -134,7 +138,6 @@ DEFAULT_MAX_CLIENTS = 64
 #: replies still queued for it.
 _DRAIN_TIMEOUT_S = 5.0
 _READ_SIZE = 65536
-_PERIPHERAL = "/machine/peripheral/"
 
 
 class QmpServer:
@@ -182,7 +185,13 @@ class QmpServer:
             "qom-list": self._qom_list,
             "query-memory-devices": self._query_memory_devices,
             "query-memory-size-summary": self._query_memory_size_summary,
+            "x-query-numa": self._x_query_numa,
+            "human-monitor-command": self._human_monitor_command,
         }
+        #: The QOM tree qom-list/get/set walk, shared with the human monitor.
+        self.qom = QomTree(self._iter_devices)
+        #: The human monitor (HMP) over the same devices and tree.
+        self.hmp = HumanMonitor(self._iter_devices, self.qom)
         assert self._handlers.keys() == COMMAND_ARGS.keys()
 
     @property
@@ -205,15 +214,6 @@ class QmpServer:
     def _find_by_id(self, dev_id: str) -> ControlledDevice | None:
         device = self._devices.get(dev_id)
         return device if device is not None else self._extra_devices.get(dev_id)
-
-    def _resolve(self, path: str) -> ControlledDevice:
-        # The first device that path names, by id, /machine/peripheral/<id> or qom_path.
-        peripheral = path[len(_PERIPHERAL):] if path.startswith(_PERIPHERAL) else None
-        for device in self._iter_devices():
-            dev_id = device.id
-            if path == dev_id or peripheral == dev_id or path == device.qom_path:
-                return device
-        raise CommandError(f"Device '{path}' not found", "DeviceNotFound")
 
     def add_device(self, device: ControlledDevice) -> None:
         """Make ``device`` known (if the mapping lacks it) and turn its size
@@ -246,31 +246,8 @@ class QmpServer:
         if self._serving:
             raise RuntimeError("this QmpServer is already serving")
         path = os.fspath(path)
-        claim_socket_path(path)
-        sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
-        identity: tuple[int, int] | None = None
-        try:
-            # On Linux, bind() gives the new inode the socket's own mode (less
-            # the umask): no window where the socket file is world-accessible.
-            os.fchmod(sock.fileno(), 0o600)
-            try:
-                await sock.bind(path)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise SocketPathInUse(path, "another process is already listening on this socket") from exc
-                # bind()'s errors do not name the path: say which socket failed.
-                raise OSError(exc.errno, f"cannot listen on the QMP socket {path}: {exc.strerror or exc}") from None
-            st = os.lstat(path)
-            identity = (st.st_dev, st.st_ino)
-            os.chmod(path, 0o600)
-            sock.listen(128)
-        except BaseException:
-            sock.close()
-            if identity is not None:
-                remove_socket_if_same(path, identity)
-            raise
-
-        listener = trio.SocketListener(sock)
+        listener, identity = await listen_unix(path, "QMP")
+        sock = listener.socket
         self._serving = True
         log.info("QMP listening on %s", path)
         try:
@@ -290,13 +267,8 @@ class QmpServer:
             log.info("QMP stopped listening on %s", path)
 
     async def _handle_client(self, stream: trio.SocketStream) -> None:
-        # The connection's socket, out of its trio wrapper (see Client).
-        fd = stream.socket.detach()
-        try:
-            sock = _stdlib_socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM, fileno=fd)
-        except OSError:
-            os.close(fd)
-            log.exception("QMP: could not take a new connection")
+        sock = adopt_connection(stream, "QMP")
+        if sock is None:
             return
         client = Client(self._next_client, sock, self.max_queued_messages)
         client.last_input = trio.current_time()
@@ -449,33 +421,25 @@ class QmpServer:
         return {"base-memory": 0, "plugged-memory": plugged}
 
     def _qom_list(self, client: Client, args: dict[str, Any]) -> Any:
-        return self._resolve(args["path"]).qom_list()
+        return self.qom.qom_list(args["path"])
 
     def _qom_get(self, client: Client, args: dict[str, Any]) -> Any:
-        device = self._resolve(args["path"])
-        prop = args["property"]
-        try:
-            return device.qom_get(prop)
-        except (PropertyNotFound, PropertyReadOnly, ValueError, TypeError) as exc:
-            raise _property_error(exc, device, prop) from exc
+        return self.qom.qom_get(args["path"], args["property"])
 
     def _qom_set(self, client: Client, args: dict[str, Any]) -> Any:
-        device = self._resolve(args["path"])
-        prop = args["property"]
-        try:
-            device.qom_set(prop, args["value"])
-        except (PropertyNotFound, PropertyReadOnly, ValueError, TypeError) as exc:
-            raise _property_error(exc, device, prop) from exc
+        self.qom.qom_set(args["path"], args["property"], args["value"])
         return {}
 
+    def _x_query_numa(self, client: Client, args: dict[str, Any]) -> Any:
+        # QEMU 11's x-query-numa is HumanReadableText (qapi/machine.json).
+        return {"human-readable-text": numa_text(self._iter_devices())}
 
-def _property_error(exc: Exception, device: ControlledDevice, prop: str) -> CommandError:
-    """The QMP error for what a device's qom_get/qom_set raised."""
-    if isinstance(exc, PropertyNotFound):
-        return CommandError(str(exc) or f"Property '{device.id}.{prop}' not found")
-    if isinstance(exc, PropertyReadOnly):
-        return CommandError(str(exc) or f"Property '{device.id}.{prop}' is not writable")
-    return CommandError(str(exc) or f"Invalid value for property '{device.id}.{prop}'")
+    def _human_monitor_command(self, client: Client, args: dict[str, Any]) -> Any:
+        if "cpu-index" in args:
+            # qmp_human_monitor_command (monitor/qmp-cmds.c): monitor_set_cpu
+            # fails, and there are no CPUs here.
+            raise CommandError("Parameter 'cpu-index' expects a CPU number")
+        return self.hmp.execute(args["command-line"])
 
 
 def _describe_request(request: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import trio
 
 from vfiouser_vmem import __version__
-from vfiouser_vmem.control import MetricsExporter, QmpServer
+from vfiouser_vmem.control import QEMU_VERSION, MetricsExporter, MonitorServer, QmpServer
 from vfiouser_vmem.server._config import DeviceConfig
 from vfiouser_vmem.server._device_server import DeviceServer
 from vfiouser_vmem.server._qom import ControlledVmem
@@ -141,9 +141,12 @@ class Device:
 class Server:
     """The devices of one ``open_server``, by id, and its control plane."""
 
-    def __init__(self, servers: list[DeviceServer], qmp_path: str | None, metrics: MetricsExporter | None) -> None:
+    def __init__(self, servers: list[DeviceServer], qmp_path: str | None, metrics: MetricsExporter | None,
+                 monitor_path: str | None = None) -> None:
         self.devices: Mapping[str, Device] = {s.config.id: Device(s) for s in servers}
         self.qmp_path = qmp_path
+        #: The human monitor's socket (QEMU's -mon ...,mode=readline), if any.
+        self.monitor_path = monitor_path
         self.metrics = metrics
         self._servers = servers
 
@@ -160,13 +163,16 @@ def share_socket_with_group(path: str, gid: int) -> None:
 @asynccontextmanager
 async def open_server(configs: list[DeviceConfig], qmp_path: str | None = None, *,
                       metrics: MetricsExporter | None = None, socket_group: int | None = None,
-                      qmp_max_clients: int | None = None) -> AsyncIterator[Server]:
+                      qmp_max_clients: int | None = None,
+                      monitor_path: str | None = None) -> AsyncIterator[Server]:
     """Start the devices (each listening on its vfio-user socket), QMP on
-    ``qmp_path`` if given and ``metrics`` if given; stop them all on exit.
+    ``qmp_path`` if given, the human monitor (HMP, docs/monitor.md) on
+    ``monitor_path`` if given and ``metrics`` if given; stop them all on exit.
 
-    ``socket_group``: a gid; the vfio-user and QMP sockets are then 0660 and
-    owned by that group instead of 0600.  ``qmp_max_clients``: at most this
-    many QMP connections (QmpServer's default otherwise)."""
+    ``socket_group``: a gid; the vfio-user, QMP and monitor sockets are then
+    0660 and owned by that group instead of 0600.  ``qmp_max_clients``: at
+    most this many QMP connections, and as many monitor connections
+    (QmpServer's default otherwise)."""
     servers: list[DeviceServer] = []
     try:
         for config in configs:
@@ -177,7 +183,7 @@ async def open_server(configs: list[DeviceConfig], qmp_path: str | None = None, 
             # A QEMU with several devices DMA-maps each one's memory BAR to all.
             s.siblings = [other for other in servers if other is not s]
         qmp = None
-        if qmp_path is not None:
+        if qmp_path is not None or monitor_path is not None:
             controlled = {s.config.id: ControlledVmem(s) for s in servers}
             qmp = QmpServer(controlled, version=__version__,
                             **({} if qmp_max_clients is None else {"max_clients": qmp_max_clients}))
@@ -189,12 +195,19 @@ async def open_server(configs: list[DeviceConfig], qmp_path: str | None = None, 
                 await nursery.start(qmp.serve, qmp_path)
                 if socket_group is not None:
                     share_socket_with_group(qmp_path, socket_group)
+            if qmp is not None and monitor_path is not None:
+                # The monitor runs its commands through QMP's tree and devices.
+                monitor = MonitorServer(qmp.hmp, qemu_version=QEMU_VERSION,
+                                        **({} if qmp_max_clients is None else {"max_clients": qmp_max_clients}))
+                await nursery.start(monitor.serve, monitor_path)
+                if socket_group is not None:
+                    share_socket_with_group(monitor_path, socket_group)
             if metrics is not None:
                 await nursery.start(metrics.serve)
             for s in servers:
                 nursery.start_soon(s.run)
             try:
-                yield Server(servers, qmp_path, metrics)
+                yield Server(servers, qmp_path, metrics, monitor_path)
             finally:
                 nursery.cancel_scope.cancel()
     finally:
@@ -210,12 +223,12 @@ async def open_server(configs: list[DeviceConfig], qmp_path: str | None = None, 
 
 async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[], None] | None = None,
                 metrics: Any = None, socket_group: int | None = None,
-                qmp_max_clients: int | None = None) -> None:
-    """Run the devices and the QMP server until SIGTERM/SIGINT; ``ready()``
-    once every socket listens."""
+                qmp_max_clients: int | None = None, monitor_path: str | None = None) -> None:
+    """Run the devices, the QMP server and the monitor (if ``monitor_path``)
+    until SIGTERM/SIGINT; ``ready()`` once every socket listens."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_server(configs, qmp_path, metrics=metrics, socket_group=socket_group,
-                               qmp_max_clients=qmp_max_clients):
+                               qmp_max_clients=qmp_max_clients, monitor_path=monitor_path):
             if ready is not None:
                 ready()
             async for signum in signals:

@@ -10,7 +10,7 @@ from typing import Any
 from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
 from vfiouser_vmem.server._device_server import DeviceServer
 
-__all__ = ["ControlledVmem"]
+__all__ = ["ControlledBackend", "ControlledVmem"]
 
 log = logging.getLogger("vfiouser_vmem.server")
 
@@ -21,6 +21,7 @@ class ControlledVmem:
     #: The QOM type QEMU's property errors name, "Property 'TYPE.NAME' ..."
     #: (qom/object.c, object_get_typename): the device users add in QEMU.
     QOM_TYPE = "virtio-mem-pci"
+    _BACKEND_ALIASES = frozenset({"size", "block-size", "requested-size"})
     _UINT32_MAX = (1 << 32) - 1
     _UINT64_MAX = (1 << 64) - 1
 
@@ -28,6 +29,9 @@ class ControlledVmem:
         self.server = server
         self.id = server.config.id
         self.qom_path = f"/machine/peripheral/{self.id}/virtio-backend"
+        #: The NUMA node the device names (None: none given), for info numa.
+        self.numa_node: int | None = server.model.node_id
+        self._backend = ControlledBackend(server)
         # Built once: management tools and the benchmark poll qom-get every
         # few ms.
         self._prop_table = self._build_props()
@@ -96,9 +100,13 @@ class ControlledVmem:
                 # The injected trouble is over: retry a failed range now.
                 self.server.discards.retry_now()
             return
-        # qom/object.c (object_property_set, object_property_find_err).
+        # qom/object.c (object_property_set, object_property_find_err).  QEMU's
+        # virtio-mem-pci has size and block-size as aliases of its
+        # virtio-backend child (hw/virtio/virtio-mem-pci.c), so the refusal
+        # names that child's type.
         if prop in self._props():
-            raise PropertyReadOnly(f"Property '{self.QOM_TYPE}.{prop}' is not writable")
+            owner = "virtio-mem" if prop in self._BACKEND_ALIASES else self.QOM_TYPE
+            raise PropertyReadOnly(f"Property '{owner}.{prop}' is not writable")
         raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
 
     def qom_list(self) -> list[dict[str, str]]:
@@ -117,7 +125,60 @@ class ControlledVmem:
             "memdev": f"/objects/{self.server.config.memdev}",
         }
 
+    def memory_backend(self) -> ControlledBackend:
+        """``/objects/<memdev>`` in the QOM tree (control/_qom.py)."""
+        return self._backend
+
     def add_size_listener(self, listener: Callable[[int], None]) -> Callable[[], None]:
         listeners = self.server.model.size_listeners
         listeners.append(listener)
         return lambda: listeners.remove(listener) if listener in listeners else None
+
+
+class ControlledBackend:
+    """A device's memory backend as QEMU's ``/objects/<memdev>`` shows it:
+    a ``memory-backend-memfd`` (backends/hostmem.c, hostmem-memfd.c), its
+    properties in the order QEMU 11.1's qom-list gives them.  The values are
+    this process's (size, hugetlb) or QEMU's defaults for what it does not
+    have (no preallocation, no NUMA policy: memory is bound nowhere); QEMU's
+    child ``<id>[0]`` (the memory region) is not listed."""
+
+    QOM_TYPE = "memory-backend-memfd"
+
+    def __init__(self, server: DeviceServer) -> None:
+        config = server.config
+        self.id = config.memdev
+        self.qom_type = self.QOM_TYPE
+        self._props: dict[str, tuple[str, Callable[[], Any]]] = {
+            "share": ("bool", lambda: True),  # memfd backends default to share=on
+            "size": ("int", lambda: config.size_bytes),
+            "dump": ("bool", lambda: True),
+            "prealloc-threads": ("int", lambda: 1),
+            "x-use-canonical-path-for-ramblock-id": ("bool", lambda: False),
+            "policy": ("HostMemPolicy", lambda: "default"),
+            "prealloc-context": ("link<thread-context>", lambda: ""),
+            "prealloc": ("bool", lambda: False),
+            "reserve": ("bool", lambda: True),
+            "host-nodes": ("int", lambda: []),
+            "merge": ("bool", lambda: True),
+            "hugetlb": ("bool", lambda: config.hugetlb),
+            "seal": ("bool", lambda: True),
+            "hugetlbsize": ("int", lambda: 0),
+        }
+
+    def qom_list(self) -> list[dict[str, str]]:
+        return [{"name": name, "type": typ} for name, (typ, _) in self._props.items()]
+
+    def qom_get(self, prop: str) -> Any:
+        if prop not in self._props:
+            raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
+        return self._props[prop][1]()
+
+    def qom_set(self, prop: str, value: Any) -> None:
+        if prop not in self._props:
+            raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
+        if prop == "size":
+            # backends/hostmem.c host_memory_backend_set_size, its trailing space too.
+            raise ValueError(f"cannot change property size of {self.QOM_TYPE} ")
+        # The other setters of a backend in use (hostmem.c, hostmem-memfd.c).
+        raise ValueError("cannot change property value")

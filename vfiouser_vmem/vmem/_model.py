@@ -20,7 +20,7 @@ from vfiouser_vmem.util.sizes import format_size
 from vfiouser_vmem.vmem._bitmap import BlockBitmap, RangeState
 from vfiouser_vmem.vmem._events import HookErrors, Observers, PluggedSizeChanged, RequestedSizeChanged
 from vfiouser_vmem.vmem._policy import PlugPolicy, allowed_answers
-from vfiouser_vmem.vmem._settings import check_block_size, check_requested_size, check_size
+from vfiouser_vmem.vmem._settings import MODEL_NAMES, check_block_size, check_requested_size, check_size
 from vfiouser_vmem.vmem._spec import (
     CONFIG_SIZE,
     CONFIG_STRUCT,
@@ -214,7 +214,7 @@ class VirtioMemDevice:
         )
 
     def check_requested_size(self, size_bytes: int) -> None:
-        check_requested_size(size_bytes, self.region_size, self.block_size)
+        check_requested_size(size_bytes, self.region_size, self.block_size, names=MODEL_NAMES)
 
     def set_requested_size(self, size_bytes: int) -> None:
         """Ask the guest for a new size (QEMU: qom-set requested-size)."""

@@ -14,7 +14,7 @@ from vfiouser_vmem.util.sizes import format_size
 from vfiouser_vmem.vmem._spec import MIN_BLOCK_SIZE_BYTES
 
 __all__ = [
-    "CLI_NAMES", "CONFIG_NAMES", "MAX_DEVICE_SIZE_BYTES", "SettingNames", "check_block_size",
+    "CLI_NAMES", "CONFIG_NAMES", "MODEL_NAMES", "MAX_DEVICE_SIZE_BYTES", "SettingNames", "check_block_size",
     "check_device_settings", "check_requested_size", "check_size",
 ]
 
@@ -33,8 +33,14 @@ class SettingNames:
     #: How a message refers to the size and the block size it compares with.
     size_phrase: str = "the device's maximum size"
     block_size_phrase: str = "the block-size"
+    #: QEMU's own texts for a refused requested-size (the device model, so
+    #: QMP and HMP ``qom-set``): hw/virtio/virtio-mem.c,
+    #: virtio_mem_set_requested_size.
+    qemu_texts: bool = False
 
 
+#: The device model, and through it QMP/HMP ``qom-set`` and ``Device.resize``.
+MODEL_NAMES = SettingNames(qemu_texts=True)
 #: The ``--object``/``--device`` options and the TOML file.
 CONFIG_NAMES = SettingNames(size_phrase="the size", block_size_phrase="the block size")
 #: The single-device flags of ``serve`` and ``qemu-args``.
@@ -82,6 +88,10 @@ def check_requested_size(requested_size_bytes: int, size_bytes: int, block_size_
                         f"not {type(requested_size_bytes).__name__}") from None
     if requested_size_bytes < 0:
         raise _refuse(where, f"{names.requested_size} {requested_size_bytes} is negative")
+    if names.qemu_texts and requested_size_bytes > size_bytes:
+        raise _refuse(where, f"'requested-size' cannot exceed the memory backend size({size_bytes:#x})")
+    if names.qemu_texts and requested_size_bytes % block_size_bytes:
+        raise _refuse(where, f"'requested-size' has to be multiples of 'block-size' ({block_size_bytes:#x})")
     if requested_size_bytes > size_bytes:
         raise _refuse(where, f"{names.requested_size} {format_size(requested_size_bytes)} is above "
                              f"{names.size_phrase} {format_size(size_bytes)}")
