@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Guest, Kit, VmemServer, short_tmpdir  # noqa: E402
+from harness import Guest, Kit, VmemServer, short_tmpdir, stop_and_report, node_failed  # noqa: E402
 
 TIMINGS: list[tuple[str, float]] = []
 
@@ -73,14 +73,6 @@ def env(request, kit, workdir):
             return g
 
     yield Env()
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    failed = node_failed(request)
     for thing in reversed(started):
-        if isinstance(thing, Guest):
-            thing.stop()
-            if failed:
-                print(f"===== guest console ({thing.console_path}) =====\n{thing.console()[-20000:]}")
-                print(f"===== QEMU output =====\n{thing.qemu_log()[-5000:]}")
-        else:
-            thing.stop()
-            if failed:
-                print(f"===== server log ({thing.id}) =====\n{thing.log()[-20000:]}")
+        stop_and_report(thing, failed)

@@ -363,6 +363,25 @@ class Guest:
         return self.stderr_path.read_text(errors="replace")
 
 
+def node_failed(request) -> bool:
+    """Whether the test of a fixture's ``request`` failed (conftest.py's
+    ``rep_call``), read at the fixture's teardown."""
+    return getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+
+
+def stop_and_report(thing, failed: bool) -> None:
+    """Stop a Guest or a process of a test (anything with ``stop`` and ``log``)
+    and, when the test failed, print what it logged."""
+    thing.stop()
+    if not failed:
+        return
+    if isinstance(thing, Guest):
+        print(f"===== guest console ({thing.console_path}) =====\n{thing.console()[-20000:]}")
+        print(f"===== guest QEMU output =====\n{thing.qemu_log()[-5000:]}")
+    else:
+        print(f"===== {getattr(thing, 'name', type(thing).__name__)} log =====\n{thing.log()[-20000:]}")
+
+
 def short_tmpdir() -> Path:
     """UNIX socket paths are limited to 107 bytes: keep them short."""
     return Path(tempfile.mkdtemp(prefix="vmem-", dir="/tmp"))

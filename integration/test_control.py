@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import GIB, MIB, Guest, GuestError, ServerProcess, wait_for
+from harness import GIB, MIB, Guest, GuestError, ServerProcess, stop_and_report, node_failed, wait_for
 
 BOOT_TIMEOUT_S = 240
 # TCG on two shared cores is slow and sometimes stalls (docs/design.md, "Where the parts come from").
@@ -92,21 +92,14 @@ def procs(request, kit, workdir):
             return proc
 
     yield Procs()
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    failed = node_failed(request)
     for thing in sorted(started, key=lambda t: not isinstance(t, (Guest, subprocess.Popen))):
         if isinstance(thing, subprocess.Popen):
             if thing.poll() is None:
                 thing.kill()
                 thing.wait()
             continue
-        thing.stop()
-        if not failed:
-            continue
-        if isinstance(thing, Guest):
-            print(f"===== guest console ({thing.console_path}) =====\n{thing.console()[-20000:]}")
-            print(f"===== QEMU output =====\n{thing.qemu_log()[-5000:]}")
-        else:
-            print(f"===== server log ({thing.id}) =====\n{thing.log()[-20000:]}")
+        stop_and_report(thing, failed)
 
 
 def qemu_args(device_args: list[str], ram: str = "1G") -> list[str]:

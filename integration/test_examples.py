@@ -88,16 +88,9 @@ def lab(request, kit, workdir):
             return g
 
     yield Lab()
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    failed = harness.node_failed(request)
     for thing in reversed(started):
-        thing.stop()
-        if not failed:
-            continue
-        if isinstance(thing, Guest):
-            print(f"===== guest console ({thing.console_path}) =====\n{thing.console()[-20000:]}")
-            print(f"===== QEMU output =====\n{thing.qemu_log()[-5000:]}")
-        else:
-            print(f"===== {thing.name} log =====\n{thing.log()[-20000:]}")
+        harness.stop_and_report(thing, failed)
 
 
 def boot(lab, server: ExampleServer) -> Guest:

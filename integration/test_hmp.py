@@ -41,7 +41,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import GIB, MIB, Guest, Kit, QmpClient, QmpError, ServerProcess, kvm_works, stop_process, wait_for
+from harness import (
+    GIB,
+    MIB,
+    Guest,
+    Kit,
+    QmpClient,
+    QmpError,
+    ServerProcess,
+    kvm_works,
+    node_failed,
+    stop_and_report,
+    stop_process,
+    wait_for,
+)
 
 BOOT_TIMEOUT_S = 240
 # TCG on two shared cores is slow and sometimes stalls (docs/design.md, "Where the parts come from").
@@ -423,7 +436,7 @@ def procs(request, kit, workdir):
             return c
 
     yield Procs()
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    failed = node_failed(request)
     order = {Hmp: 0, QmpClient: 0, Guest: 1, Qemu: 2}
     for thing in sorted(reversed(started), key=lambda t: order.get(type(t), 3)):
         if isinstance(thing, (Hmp, QmpClient)):
@@ -432,16 +445,7 @@ def procs(request, kit, workdir):
             except OSError:
                 pass
             continue
-        thing.stop()
-        if not failed:
-            continue
-        if isinstance(thing, Guest):
-            print(f"===== guest console ({thing.console_path}) =====\n{thing.console()[-20000:]}")
-            print(f"===== guest QEMU output =====\n{thing.qemu_log()[-5000:]}")
-        elif isinstance(thing, Qemu):
-            print(f"===== QEMU (HMP reference) output =====\n{thing.log()[-5000:]}")
-        else:
-            print(f"===== server log =====\n{thing.log()[-20000:]}")
+        stop_and_report(thing, failed)
 
 
 # -- the tests ---------------------------------------------------------------
