@@ -9,6 +9,11 @@ device and QEMU's own QMP socket:
     -device virtio-mem-pci,id=vmem0,memdev=vmemmem0,block-size=2M,requested-size=0
     -qmp unix:PATH,server=on,wait=off
 
+``backend_opts`` and ``device_opts`` add QEMU's memory backend and
+virtio-mem options to those two (bench/run.py's "Memory backends" rows,
+e.g. ``hugetlb=on,hugetlbsize=2M`` and ``prealloc=on``); ``maxmem``
+defaults to the guest RAM plus the device's size.
+
 ``QemuVmem`` offers the same small surface as ``harness.VmemServer`` (get,
 set_requested_size, allocated_bytes, rss) so that the benchmark drives both
 devices with one code path.
@@ -27,6 +32,7 @@ from harness import Guest, GuestError, Kit  # noqa: E402
 from bench.procinfo import cpu_seconds, memfd_allocated_bytes, proc_rss  # noqa: E402
 from vfiouser_vmem.control import QmpClient  # noqa: E402
 from vfiouser_vmem.errors import QmpError  # noqa: E402
+from vfiouser_vmem.util.sizes import format_size, parse_size  # noqa: E402
 
 
 class QemuVmem:
@@ -35,15 +41,19 @@ class QemuVmem:
     backend_id = "vmemmem0"
 
     def __init__(self, kit: Kit, workdir: Path, *, size: str = "8G", block_size: str = "2M", id: str = "vmem0",
-                 ram: str = "1G", maxmem: str = "9G", cpus: int = 2, name: str = "qemu-vmem",
-                 extra_args: list[str] | None = None) -> None:
+                 ram: str = "1G", maxmem: str | None = None, cpus: int = 2, name: str = "qemu-vmem",
+                 extra_args: list[str] | None = None, backend_opts: str = "", device_opts: str = "") -> None:
         self.id = id
         self.qmp_path = str(workdir / f"{name}.qmp")
         self.size_bytes = None
+        if maxmem is None:
+            maxmem = format_size(parse_size(ram) + parse_size(size))
         args = [
             "-m", f"{ram},maxmem={maxmem},slots=1",
-            "-object", f"memory-backend-memfd,id={self.backend_id},size={size},share=on",
-            "-device", f"virtio-mem-pci,id={id},memdev={self.backend_id},block-size={block_size},requested-size=0",
+            "-object", f"memory-backend-memfd,id={self.backend_id},size={size},share=on"
+                       + (f",{backend_opts}" if backend_opts else ""),
+            "-device", f"virtio-mem-pci,id={id},memdev={self.backend_id},block-size={block_size},requested-size=0"
+                       + (f",{device_opts}" if device_opts else ""),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *(extra_args or []),
         ]

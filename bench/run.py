@@ -1,6 +1,7 @@
 """vfiouser-vmem against QEMU's own virtio-mem-pci, side by side, in one run.
 
     .venv/bin/python bench/run.py [--reps 5] [--sizes 1G,4G] [--profile cprofile|py-spy]
+    .venv/bin/python bench/run.py --only backends [--backends hugetlb,prealloc,hugetlb-prealloc] [--reps 3]
 
 Boots the integration kit's guest (QEMU 11, Linux 6.12, busybox /init) twice:
 once with QEMU's in-process ``virtio-mem-pci`` (memfd backend, block size
@@ -9,6 +10,14 @@ once with QEMU's in-process ``virtio-mem-pci`` (memfd backend, block size
 results.json, table.md, timelines.png and service_times.png to
 bench/results/<timestamp>/ and prints the table.  Timings are reported, never
 asserted.
+
+Then the "Memory backends" rows (``BACKENDS``): the same series on a
+smaller device (``--backend-device-size``, 2G) whose memory backend and
+device options, in QEMU's syntax, both devices get: a hugetlb memfd of
+2 MiB pages, ``prealloc=on`` on the device, both.  The hugetlb rows raise
+/proc/sys/vm/nr_hugepages for their duration (integration/hugepages.py: under an
+exclusive flock of /run/vfiouser-vmem-hugepages.lock, the old value put
+back in a finally) and also report the pool's free_hugepages.
 """
 
 from __future__ import annotations
@@ -27,17 +36,20 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "integration"))
 
+import hugepages  # noqa: E402  (integration/hugepages.py)
 from harness import (  # noqa: E402
     MIB,
     Guest,
     GuestError,
     Kit,
+    ServerProcess,
     VmemServer,
     kvm_works,
     short_tmpdir,
@@ -64,15 +76,67 @@ def say(text: str) -> None:
 
 # -- the two devices, one surface ------------------------------------------------
 
+@dataclass(frozen=True)
+class Backend:
+    """The memory backend and device options of one group of "Memory
+    backends" rows, in QEMU's syntax, given alike to both devices: QEMU's
+    ``-object memory-backend-memfd,id=..,size=..,share=on,OBJECT_OPTS
+    -device virtio-mem-pci,id=..,memdev=..,block-size=..,requested-size=0,DEVICE_OPTS``
+    and our ``serve --object memory-backend-memfd,id=..,size=..,OBJECT_OPTS
+    --device id=..,memdev=..,socket=..,block-size=..,requested-size=0,DEVICE_OPTS``
+    (ours is always shared)."""
+
+    name: str
+    object_opts: str = ""
+    device_opts: str = ""
+
+    @property
+    def hugetlb(self) -> bool:
+        return "hugetlb=on" in self.object_opts.split(",")
+
+    def label(self, device_size: str) -> str:
+        obj = ",".join(x for x in (f"memory-backend-memfd,size={device_size}", self.object_opts) if x)
+        return f"`{obj}`, device " + (f"`{self.device_opts}`" if self.device_opts else "defaults")
+
+
+#: The "Memory backends" rows (``--backends``), in the order they are reported (the
+#: hugetlb ones run last, together, while the huge page pool is raised for them).
+BACKENDS = {b.name: b for b in (
+    Backend("hugetlb", object_opts="hugetlb=on,hugetlbsize=2M"),
+    Backend("prealloc", device_opts="prealloc=on"),
+    Backend("hugetlb-prealloc", object_opts="hugetlb=on,hugetlbsize=2M", device_opts="prealloc=on"),
+)}
+
+
+def _opts(*parts: str) -> str:
+    return ",".join(p for p in parts if p)
+
+
 class ServedVmem(VmemServer):
     """``harness.VmemServer`` (its argument list, QMP client, ``get``,
     ``set_requested_size``, ``allocated_bytes``, log and ``stop``) with the
     server run by bench/served.py, which records the server's per-request
-    figures, instead of the ``vfiouser-vmem`` command."""
+    figures, instead of the ``vfiouser-vmem`` command.
 
-    def __init__(self, workdir: Path, *, served_args: list[str], **kwargs) -> None:
+    With a ``backend``, the device is given in QEMU's syntax instead of the
+    single-device flags (``--object memory-backend-memfd,... --device
+    id=vmem0,memdev=...``, read by the command line's parser in served.py);
+    the rest of VmemServer's surface is the same (the memfd is still named
+    after the device)."""
+
+    def __init__(self, workdir: Path, *, served_args: list[str], backend: Backend | None = None, **kwargs) -> None:
         self.served_args = served_args
-        super().__init__(workdir, **kwargs)
+        if backend is None:
+            super().__init__(workdir, **kwargs)
+            return
+        self.id = kwargs.get("id", "vmem0")
+        self.socket = str(workdir / f"{self.id}.sock")
+        memdev = f"mem-{self.id}"
+        argv = ["--object", _opts(f"memory-backend-memfd,id={memdev},size={kwargs['size']}", backend.object_opts),
+                "--device", _opts(f"id={self.id},memdev={memdev},socket={self.socket},"
+                                  f"block-size={kwargs.get('block_size', '2M')},requested-size=0",
+                                  backend.device_opts)]
+        ServerProcess.__init__(self, workdir, self.id, argv)
 
     def command(self) -> list[str]:
         return [sys.executable, str(REPO / "bench" / "served.py"), *self.served_args, "serve"]
@@ -86,15 +150,18 @@ class OursVmem:
 
     def __init__(self, kit: Kit, workdir: Path, *, size: str, block_size: str, stats_path: Path,
                  cprofile_path: Path | None = None, name: str = "ours",
-                 served_args: list[str] | None = None, qemu_args: list[str] | None = None) -> None:
+                 served_args: list[str] | None = None, qemu_args: list[str] | None = None,
+                 backend: Backend | None = None) -> None:
         """``served_args`` go to bench/served.py (e.g. ``--events PATH``),
-        ``qemu_args`` to QEMU (``harness.Guest``'s ``extra_args``)."""
+        ``qemu_args`` to QEMU (``harness.Guest``'s ``extra_args``);
+        ``backend``: the memory backend and device options (``ServedVmem``)."""
         self.id = "vmem0"
         self.stats_path = stats_path
         served = ["--stats", str(stats_path), *(["--cprofile", str(cprofile_path)] if cprofile_path else []),
                   *(served_args or [])]
         started = time.monotonic()
-        self.server = ServedVmem(workdir, size=size, block_size=block_size, id=self.id, served_args=served)
+        self.server = ServedVmem(workdir, size=size, block_size=block_size, id=self.id, served_args=served,
+                                 backend=backend)
         self.server_ready_s = time.monotonic() - started
         self.qmp = self.server.qmp
         self.log_path = self.server.log_path
@@ -291,9 +358,13 @@ def boot(dev, t_spawn: float) -> dict:
 
 
 def run_series(dev, sizes: list[int], reps: int, touch_fraction: float, log_prefix: str,
-               rep_offset: int = 0) -> dict:
+               rep_offset: int = 0, huge_pages: bool = False) -> dict:
     """The scenarios, ``reps`` times: per size, grow and shrink untouched,
-    then grow, write ``touch_fraction`` of it in the guest, shrink."""
+    then grow, write ``touch_fraction`` of it in the guest, shrink.  With
+    ``huge_pages``, the 2 MiB pool's counts too (``hugepages_*``: before the
+    plug, after the grow, after the writes, when the backend is back after
+    the unplug) and the share of the pages taken by the writes that the
+    pool got back."""
     guest = dev.guest
     base_kib = memtotal_kib(guest)
     out: dict = {"base_kib": base_kib, "reps": []}
@@ -306,9 +377,13 @@ def run_series(dev, sizes: list[int], reps: int, touch_fraction: float, log_pref
             rep_out[name] = r
             alloc_floor = dev.allocated_bytes()
             r["alloc_before"] = alloc_floor
+            if huge_pages:
+                r["hugepages_before"] = hugepages.counts()
             r["rss_before"] = dev.rss()
             r["grow"] = track_resize(dev, size, base_kib)
             r["alloc_grown"] = dev.allocated_bytes()
+            if huge_pages:
+                r["hugepages_grown"] = hugepages.counts()
             say(f"{log_prefix} rep {rep + 1}: grow 0 -> {name}: size {r['grow']['size_s']:.2f} s, "
                 f"MemTotal {r['grow']['memtotal_s']:.2f} s")
             time.sleep(SETTLE_S)
@@ -325,11 +400,18 @@ def run_series(dev, sizes: list[int], reps: int, touch_fraction: float, log_pref
             r["touch_s"] = time.monotonic() - started
             r["touch_bytes"] = count * MIB
             r["alloc_touched"] = dev.allocated_bytes()
+            if huge_pages:
+                r["hugepages_touched"] = hugepages.counts()
             r["rss_touched"] = dev.rss()
             guest.run("rm /tmp/fill")
             time.sleep(SETTLE_S)
             r["shrink_touched"] = track_resize(dev, 0, base_kib, alloc_floor=alloc_floor)
             r["alloc_after"] = dev.allocated_bytes()
+            if huge_pages:
+                r["hugepages_after"] = hugepages.counts()
+                taken = r["hugepages_before"]["free"] - r["hugepages_touched"]["free"]
+                r["hugepages_returned_fraction"] = ((r["hugepages_after"]["free"] - r["hugepages_touched"]["free"])
+                                                    / taken if taken > 0 else None)
             r["rss_after"] = dev.rss()
             plugged_touched = r["alloc_touched"] - alloc_floor
             r["returned_fraction"] = ((r["alloc_touched"] - r["alloc_after"]) / plugged_touched
@@ -337,7 +419,9 @@ def run_series(dev, sizes: list[int], reps: int, touch_fraction: float, log_pref
             say(f"{log_prefix} rep {rep + 1}: wrote {count} MiB in {r['touch_s']:.1f} s (backend "
                 f"{r['alloc_touched'] >> 20} MiB); shrink -> 0: size {r['shrink_touched']['size_s']:.2f} s, "
                 f"MemTotal {r['shrink_touched']['memtotal_s']:.2f} s, backend back to "
-                f"{r['alloc_after'] >> 20} MiB after {r['shrink_touched']['alloc_s']:.2f} s")
+                f"{r['alloc_after'] >> 20} MiB after {r['shrink_touched']['alloc_s']:.2f} s"
+                + (f"; huge pages free {r['hugepages_before']['free']} before, {r['hugepages_touched']['free']} "
+                   f"after the writes, {r['hugepages_after']['free']} after" if huge_pages else ""))
             time.sleep(SETTLE_S)
     return out
 
@@ -362,13 +446,20 @@ class PySpy:
 QEMU_PLUG_EVENTS = ["virtio_mem_plug_request", "virtio_mem_send_response"]
 
 
-def _start_device(kind: str, kit: Kit, args: argparse.Namespace, outdir: Path, workdir: Path):
+def _start_device(kind: str, kit: Kit, args: argparse.Namespace, outdir: Path, workdir: Path,
+                  backend: Backend | None = None):
+    """One device and its guest; with a ``backend``, of --backend-device-size
+    with the backend's options (both kinds alike)."""
+    size = args.device_size if backend is None else args.backend_device_size
     if kind == "qemu":
-        return QemuVmem(kit, workdir, size=args.device_size, block_size=args.block_size,
-                        extra_args=qemutrace.trace_args(QEMU_PLUG_EVENTS, outdir / "qemu-trace"))
-    return OursVmem(kit, workdir, size=args.device_size, block_size=args.block_size,
+        return QemuVmem(kit, workdir, size=size, block_size=args.block_size,
+                        extra_args=qemutrace.trace_args(QEMU_PLUG_EVENTS, outdir / "qemu-trace"),
+                        backend_opts=backend.object_opts if backend else "",
+                        device_opts=backend.device_opts if backend else "")
+    return OursVmem(kit, workdir, size=size, block_size=args.block_size,
                     stats_path=outdir / "service_times.json",
-                    cprofile_path=outdir / "server.prof" if args.profile == "cprofile" else None)
+                    cprofile_path=outdir / "server.prof" if args.profile == "cprofile" and backend is None else None,
+                    backend=backend)
 
 
 def _report_failure(kind: str, dev, exc: BaseException, result: dict) -> None:
@@ -381,13 +472,17 @@ def _report_failure(kind: str, dev, exc: BaseException, result: dict) -> None:
         say(f"----- server log (tail) -----\n{dev.server_log()[-4000:]}")
 
 
-def measure_devices(kinds: list[str], kit: Kit, args: argparse.Namespace, outdir: Path) -> dict[str, dict]:
+def measure_devices(kinds: list[str], kit: Kit, args: argparse.Namespace, outdir: Path,
+                    backend: Backend | None = None) -> dict[str, dict]:
     """Boot one guest per device and keep both up; then, repetition by
     repetition, run the series on one device and then on the other (the
     order alternates).  Interleaved, a slow drift of this shared machine's
     load (seen as +-30% between runs minutes apart) lands on both devices
     alike instead of on whichever ran second.  The idle guest meanwhile
-    costs little: its vCPUs halt."""
+    costs little: its vCPUs halt.  With a ``backend`` (the "Memory
+    backends" rows): its devices, ``--backend-sizes``, no extra boots."""
+    sizes = args.sizes if backend is None else args.backend_sizes
+    prefix = "" if backend is None else f"{backend.name}: "
     workdirs = {kind: short_tmpdir() for kind in kinds}
     devs: dict[str, object] = {}
     results: dict[str, dict] = {kind: {"kind": kind} for kind in kinds}
@@ -398,17 +493,17 @@ def measure_devices(kinds: list[str], kit: Kit, args: argparse.Namespace, outdir
             dev = None
             try:
                 t_spawn = time.monotonic()
-                dev = _start_device(kind, kit, args, outdir, workdirs[kind])
+                dev = _start_device(kind, kit, args, outdir, workdirs[kind], backend)
                 devs[kind] = dev
                 if isinstance(dev, OursVmem):
                     result["server_ready_s"] = dev.server_ready_s
                 result["boot"] = boot(dev, t_spawn)
-                say(f"{kind}: guest ready after {result['boot']['ready_s']:.2f} s, virtio_mem bound after "
+                say(f"{prefix}{kind}: guest ready after {result['boot']['ready_s']:.2f} s, virtio_mem bound after "
                     f"{result['boot']['bound_s']:.2f} s, MemTotal {result['boot']['base_kib'] >> 10} MiB")
                 result["series"] = {"reps": []}
             except Exception as exc:
                 _report_failure(kind, dev, exc, result)
-        if "ours" in devs and "error" not in results["ours"] and args.profile == "py-spy":
+        if "ours" in devs and "error" not in results["ours"] and args.profile == "py-spy" and backend is None:
             spy = PySpy(devs["ours"].server.proc.pid, outdir / "server-py-spy.txt")
         for rep in range(args.reps):
             order = kinds if rep % 2 == 0 else list(reversed(kinds))
@@ -417,7 +512,8 @@ def measure_devices(kinds: list[str], kit: Kit, args: argparse.Namespace, outdir
                 if "error" in result:
                     continue
                 try:
-                    one = run_series(devs[kind], args.sizes, 1, args.touch_fraction, kind, rep_offset=rep)
+                    one = run_series(devs[kind], sizes, 1, args.touch_fraction, f"{prefix}{kind}", rep_offset=rep,
+                                     huge_pages=backend is not None and backend.hugetlb)
                     result["series"]["base_kib"] = one["base_kib"]
                     result["series"]["reps"] += one["reps"]
                 except Exception as exc:
@@ -431,8 +527,50 @@ def measure_devices(kinds: list[str], kit: Kit, args: argparse.Namespace, outdir
                 (outdir / "server.log").write_text(dev.server_log())
         for workdir in workdirs.values():
             shutil.rmtree(workdir, ignore_errors=True)
-    extra_boots(kinds, kit, args, outdir, results)
+    if backend is None:
+        extra_boots(kinds, kit, args, outdir, results)
     return results
+
+
+def measure_backends(kinds: list[str], kit: Kit, args: argparse.Namespace, outdir: Path) -> dict[str, dict]:
+    """The "Memory backends" rows: for each of ``--backends``, both devices
+    with that backend (``measure_devices``), in ``outdir/backend-NAME/``.
+    The hugetlb ones run last, together, while integration/hugepages.py holds the
+    2 MiB pool at what their devices reserve (all kinds are up at once:
+    each reserves its whole backend when it starts); a pool that cannot be
+    had is those rows' error."""
+    chosen = [BACKENDS[name] for name in args.backends]
+    out: dict[str, dict] = {b.name: {"label": b.label(args.backend_device_size), "hugetlb": b.hugetlb}
+                            for b in chosen}
+
+    def one(b: Backend) -> None:
+        sub = outdir / f"backend-{b.name}"
+        sub.mkdir(parents=True, exist_ok=True)
+        say(f"{b.name}: {out[b.name]['label']}")
+        devices = measure_devices(kinds, kit, args, sub, backend=b)
+        stats_path = sub / "service_times.json"
+        stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
+        add_answer_clocks(devices, sub, stats)
+        out[b.name]["devices"] = devices
+        if stats is not None:
+            out[b.name]["service_times"] = [r for recs in stats["devices"].values() for r in recs]
+
+    for b in chosen:
+        if not b.hugetlb:
+            one(b)
+    huge = [b for b in chosen if b.hugetlb]
+    if huge:
+        pages = len(kinds) * (parse_size(args.backend_device_size) // hugepages.PAGE_BYTES)
+        try:
+            with hugepages.pool_of(pages, say=say) as pool:
+                for b in huge:
+                    out[b.name]["pool"] = pool
+                    one(b)
+        except hugepages.HugePagesUnavailable as exc:
+            say(f"huge pages: {exc}")
+            for b in huge:
+                out[b.name].setdefault("error", f"huge pages: {exc}")
+    return out
 
 
 def extra_boots(kinds: list[str], kit: Kit, args: argparse.Namespace, outdir: Path, results: dict) -> None:
@@ -536,6 +674,59 @@ def _vals(series: dict | None, size_name: str, *path: str) -> list[float]:
     return out
 
 
+def size_rows(qs: dict | None, os_: dict | None, n: str, touch_fraction: float, *,
+              backend: bool = False) -> list[report.Row]:
+    """The rows of one size, QEMU's series and ours; ``backend``: for the
+    "Memory backends" tables (the backend's allocated bytes after the grow,
+    the huge page pool's counts when there are any; no RSS rows)."""
+    S = report.Summary.of
+    both = lambda *path: (S(_vals(qs, n, *path)), S(_vals(os_, n, *path)))  # noqa: E731
+
+    def grows(clock: str) -> tuple:
+        # Both grows of a repetition are the same operation (0 -> n after
+        # a shrink to 0): twice the samples for the noisiest clocks.
+        return tuple(S(_vals(series, n, "grow", clock) + _vals(series, n, "grow_again", clock))
+                     for series in (qs, os_))
+
+    rows = [
+        report.Row(f"grow 0 -> {n}: last PLUG answered (device's clock)", "s", *grows("answered_s")),
+        report.Row(f"grow 0 -> {n}: device size (QMP)", "s", *grows("size_s")),
+        report.Row(f"grow 0 -> {n}: guest MemTotal", "s", *grows("memtotal_s")),
+        report.Row(f"shrink {n} -> 0 untouched: guest MemTotal", "s", *both("shrink_untouched", "memtotal_s")),
+        report.Row(f"shrink {n} -> 0 untouched: device size (QMP)", "s", *both("shrink_untouched", "size_s")),
+        report.Row(f"guest writes {touch_fraction:.0%} of {n} (dd to tmpfs)", "s", *both("touch_s")),
+        report.Row(f"shrink {n} -> 0 after writes: guest MemTotal", "s", *both("shrink_touched", "memtotal_s")),
+        report.Row(f"shrink {n} -> 0 after writes: device size (QMP)", "s", *both("shrink_touched", "size_s")),
+        report.Row(f"shrink {n} -> 0 after writes: backend back at ~0", "s", *both("shrink_touched", "alloc_s")),
+    ]
+    if backend:
+        rows.append(report.Row(f"{n}: backend allocated after grow", "bytes", *both("alloc_grown")))
+    rows += [
+        report.Row(f"{n}: backend allocated after writes", "bytes", *both("alloc_touched")),
+        report.Row(f"{n}: backend allocated after unplug", "bytes", *both("alloc_after")),
+        report.Row(f"{n}: unplugged memory the host got back", "fraction", *both("returned_fraction")),
+    ]
+    if backend and (_vals(qs, n, "hugepages_before") or _vals(os_, n, "hugepages_before")):
+        for key, label in (("hugepages_before", "before plug"), ("hugepages_grown", "after grow"),
+                           ("hugepages_touched", "after writes"), ("hugepages_after", "after unplug")):
+            rows.append(report.Row(f"{n}: huge pages free (2 MiB, pool-wide) {label}", "count", *both(key, "free")))
+        rows.append(report.Row(f"{n}: huge pages the writes took that the pool got back", "fraction",
+                               *both("hugepages_returned_fraction")))
+    for key, label in (("grow", f"grow 0 -> {n}"), ("shrink_untouched", f"shrink {n} -> 0 untouched"),
+                       ("shrink_touched", f"shrink {n} -> 0 after writes")):
+        # Both grows of a repetition, as for the grows' clocks above.
+        keys = (key, "grow_again") if key == "grow" else (key,)
+        cpu = lambda series, keys=keys: [sum(v.values()) for k in keys  # noqa: E731
+                                         for v in _vals(series, n, k, "cpu_s")]
+        rows.append(report.Row(f"{label}: host CPU time (QEMU + server)", "s", S(cpu(qs)), S(cpu(os_))))
+    if not backend:
+        for key, label in (("rss_before", "before plug"), ("rss_touched", "after writes"),
+                           ("rss_after", "after unplug")):
+            for field in ("VmRSS", "RssShmem"):
+                rows.append(report.Row(f"{n}: QEMU (+ server) {field} {label}", "bytes", *both(key, field)))
+    return rows
+
+
 def comparison_rows(results: dict, sizes: list[int]) -> list[report.Row]:
     q = results["devices"].get("qemu", {})
     o = results["devices"].get("ours", {})
@@ -547,40 +738,7 @@ def comparison_rows(results: dict, sizes: list[int]) -> list[report.Row]:
                    S(boot_samples(o)) if "boot" in o else None),
     ]
     for size in sizes:
-        n = format_size(size)
-        both = lambda *path, n=n: (S(_vals(qs, n, *path)), S(_vals(os_, n, *path)))  # noqa: E731
-
-        def grows(clock: str, n: str = n) -> tuple:
-            # Both grows of a repetition are the same operation (0 -> n after
-            # a shrink to 0): twice the samples for the noisiest clocks.
-            return tuple(S(_vals(series, n, "grow", clock) + _vals(series, n, "grow_again", clock))
-                         for series in (qs, os_))
-
-        rows += [
-            report.Row(f"grow 0 -> {n}: last PLUG answered (device's clock)", "s", *grows("answered_s")),
-            report.Row(f"grow 0 -> {n}: device size (QMP)", "s", *grows("size_s")),
-            report.Row(f"grow 0 -> {n}: guest MemTotal", "s", *grows("memtotal_s")),
-            report.Row(f"shrink {n} -> 0 untouched: guest MemTotal", "s", *both("shrink_untouched", "memtotal_s")),
-            report.Row(f"shrink {n} -> 0 untouched: device size (QMP)", "s", *both("shrink_untouched", "size_s")),
-            report.Row(f"guest writes {results['touch_fraction']:.0%} of {n} (dd to tmpfs)", "s", *both("touch_s")),
-            report.Row(f"shrink {n} -> 0 after writes: guest MemTotal", "s", *both("shrink_touched", "memtotal_s")),
-            report.Row(f"shrink {n} -> 0 after writes: device size (QMP)", "s", *both("shrink_touched", "size_s")),
-            report.Row(f"shrink {n} -> 0 after writes: backend back at ~0", "s", *both("shrink_touched", "alloc_s")),
-            report.Row(f"{n}: backend allocated after writes", "bytes", *both("alloc_touched")),
-            report.Row(f"{n}: backend allocated after unplug", "bytes", *both("alloc_after")),
-            report.Row(f"{n}: unplugged memory the host got back", "fraction", *both("returned_fraction")),
-        ]
-        for key, label in (("grow", f"grow 0 -> {n}"), ("shrink_untouched", f"shrink {n} -> 0 untouched"),
-                           ("shrink_touched", f"shrink {n} -> 0 after writes")):
-            # Both grows of a repetition, as for the grows' clocks above.
-            keys = (key, "grow_again") if key == "grow" else (key,)
-            cpu = lambda series, keys=keys, n=n: [sum(v.values()) for k in keys  # noqa: E731
-                                                  for v in _vals(series, n, k, "cpu_s")]
-            rows.append(report.Row(f"{label}: host CPU time (QEMU + server)", "s", S(cpu(qs)), S(cpu(os_))))
-        for key, label in (("rss_before", "before plug"), ("rss_touched", "after writes"),
-                           ("rss_after", "after unplug")):
-            for field in ("VmRSS", "RssShmem"):
-                rows.append(report.Row(f"{n}: QEMU (+ server) {field} {label}", "bytes", *both(key, field)))
+        rows += size_rows(qs, os_, format_size(size), results["touch_fraction"])
     svc = results.get("service_times", {}).get("all_seconds", [])
     if svc:
         rows.append(report.Row("device service time per request, p50 (ours only)", "s", None,
@@ -590,6 +748,54 @@ def comparison_rows(results: dict, sizes: list[int]) -> list[report.Row]:
     rows.append(report.Row("resolution: interval between two MemTotal samples", "s",
                            S(_poll_rtts(qs)), S(_poll_rtts(os_))))
     return rows
+
+
+def backend_rows(b: dict, sizes: list[int], touch_fraction: float) -> list[report.Row]:
+    """One "Memory backends" table: ``size_rows`` per size, then our
+    device's service time per PLUG and UNPLUG (with prealloc=on a PLUG
+    allocates its blocks before the answer, on the Python path)."""
+    devices = b.get("devices", {})
+    qs, os_ = (devices.get("qemu") or {}).get("series"), (devices.get("ours") or {}).get("series")
+    rows = []
+    for size in sizes:
+        rows += size_rows(qs, os_, format_size(size), touch_fraction, backend=True)
+    recs = b.get("service_times") or []
+    for rtype, name in ((0, "PLUG"), (1, "UNPLUG")):
+        vals = [r[3] for r in recs if int(r[1]) == rtype]
+        if not vals:
+            continue
+        paths = sorted({r[4] for r in recs if int(r[1]) == rtype and len(r) > 4})
+        for p, what in ((50, "p50"), (100, "max")):
+            rows.append(report.Row(f"device service time per {name} ({'/'.join(paths) or '?'} path), {what} "
+                                   "(ours only)", "s", None, report.Summary.of([report.percentile(vals, p)])))
+    return [r for r in rows if r.qemu is not None or r.ours is not None]
+
+
+def backend_section(results: dict) -> str:
+    bk = results.get("backends")
+    if not bk:
+        return ""
+    sizes = results["backend_sizes"]
+    parts = [f"Memory backends: both devices with the same memory backend and device options (QEMU's "
+             f"{results['backend_device_size']} backend also share=on, which ours always is); 2M blocks, "
+             f"{results['reps']} repetition(s): median (min - max); ratio = ours / QEMU's medians"]
+    for name, b in bk.items():
+        title = f"**{name}**: {b['label']}"
+        if "pool" in b:
+            title += f" (nr_hugepages {b['pool']['old']} -> {b['pool']['nr']} for these rows)"
+        parts.append(title)
+        rows = backend_rows(b, sizes, results["touch_fraction"])
+        if rows:
+            parts.append(report.comparison_table(rows))
+        if b.get("error"):
+            parts.append(f"**{name}: not measured:** {b['error']}")
+        for kind, d in b.get("devices", {}).items():
+            if d.get("error"):
+                parts.append(f"**{name}, {kind}: failed:** {d['error']}")
+        paired = paired_section({"devices": b.get("devices", {})}, sizes)
+        if paired:
+            parts.append(paired)
+    return "\n\n".join(parts)
 
 
 def paired_grow_ratios(results: dict, size_name: str, clock: str) -> list[float]:
@@ -831,8 +1037,10 @@ def environment(kit: Kit | None) -> dict:
 def render(results: dict, sizes: list[int]) -> str:
     env = results["env"]
     head = (f"vfiouser-vmem vs QEMU's virtio-mem-pci, {env['date']}; {env['host']}; {env['qemu']}, "
-            f"{env['accel']}, 2 vCPUs, guest Linux {results.get('guest_kernel', '?')}; 8G maximum, 2M blocks, "
-            f"{results['reps']} repetition(s): median (min - max); ratio = ours / QEMU's medians")
+            f"{env['accel']}, 2 vCPUs, guest Linux {results.get('guest_kernel', '?')}")
+    if results["devices"]:
+        head += (f"; 8G maximum, 2M blocks, {results['reps']} repetition(s): median (min - max); "
+                 "ratio = ours / QEMU's medians")
     rows = [r for r in comparison_rows(results, sizes) if r.qemu is not None or r.ours is not None]
     parts = [head]
     if rows:
@@ -842,7 +1050,7 @@ def render(results: dict, sizes: list[int]) -> str:
         if err:
             parts.append(f"**{kind}: failed:** {err}")
     for section in (paired_section(results, sizes), service_time_section(results), scenario_service(results),
-                    micro_tables(results)):
+                    backend_section(results), micro_tables(results)):
         if section:
             parts.append(section)
     return "\n\n".join(parts) + "\n"
@@ -881,12 +1089,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--touch-fraction", type=float, default=0.9, help="share of the plugged memory the guest writes")
     p.add_argument("--micro-device", default="1T", help="device size of the bitmap/discard/start-up benchmarks")
     p.add_argument("--micro-touch", default="512M", help="memfd size of the touched discard benchmark")
-    p.add_argument("--only", choices=["all", "guests", "micro", "qemu", "ours"], default="all")
+    p.add_argument("--only", choices=["all", "guests", "micro", "qemu", "ours", "backends"], default="all",
+                   help="a part of the run: guests = the main series and the Memory backends rows (both devices), "
+                        "qemu/ours = the main series of one device, backends = the Memory backends rows alone")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help=f"the Memory backends rows to run, or none (default {','.join(BACKENDS)})")
+    p.add_argument("--backend-device-size", default="2G",
+                   help="both devices' maximum in the Memory backends rows (default 2G)")
+    p.add_argument("--backend-sizes", default="1G", help="grow/shrink targets of the Memory backends rows (default 1G)")
     p.add_argument("--profile", choices=["none", "cprofile", "py-spy"], default="none",
                    help="profile the server during the guest runs (perturbs the timings)")
     p.add_argument("--out", help="results folder (default bench/results/<timestamp>)")
     args = p.parse_args(argv)
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s]
+    args.backend_sizes = [parse_size(s) for s in args.backend_sizes.split(",") if s]
+    args.backends = [] if args.backends == "none" else [b for b in args.backends.split(",") if b]
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown:
+        p.error(f"--backends: unknown {', '.join(unknown)} (known: {', '.join(BACKENDS)}, or none)")
+    if any(s > parse_size(args.backend_device_size) for s in args.backend_sizes):
+        p.error("--backend-sizes: a size above --backend-device-size")
     args.micro_device = parse_size(args.micro_device)
     args.micro_touch = parse_size(args.micro_touch)
     return args
@@ -902,6 +1124,8 @@ def main(argv: list[str] | None = None) -> int:
     kit = None if args.only == "micro" else Kit.build()
     results: dict = {"env": environment(kit), "reps": args.reps, "sizes": args.sizes,
                      "touch_fraction": args.touch_fraction, "devices": {}}
+    if args.only in ("all", "guests", "backends") and args.backends:
+        results.update(backend_device_size=args.backend_device_size, backend_sizes=args.backend_sizes)
     if args.only in ("all", "micro"):
         results["micro"] = run_micro(args)
     kinds = {"all": ["qemu", "ours"], "guests": ["qemu", "ours"], "qemu": ["qemu"], "ours": ["ours"]}.get(args.only, [])
@@ -910,6 +1134,12 @@ def main(argv: list[str] | None = None) -> int:
         for measured in results["devices"].values():
             if "boot" in measured:
                 results["guest_kernel"] = measured["boot"]["kernel"]
+    if "backend_sizes" in results:
+        results["backends"] = measure_backends(["qemu", "ours"], kit, args, outdir)
+        for b in results["backends"].values():
+            for measured in b.get("devices", {}).values():
+                if "boot" in measured:
+                    results.setdefault("guest_kernel", measured["boot"]["kernel"])
     stats_path = outdir / "service_times.json"
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
     if "devices" in results:
@@ -926,6 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {outdir} ({', '.join(Path(p).name for p in plots) or 'no plots'}); "
           f"took {results['elapsed_s']:.0f} s", flush=True)
     failed = [k for k, d in results["devices"].items() if "error" in d]
+    failed += [name for name, b in results.get("backends", {}).items()
+               if "error" in b or any("error" in d for d in b.get("devices", {}).values())]
     return 1 if failed else 0
 
 

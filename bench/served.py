@@ -3,10 +3,16 @@ the public API (``open_server``, ``Device.subscribe``).
 
     python bench/served.py --stats OUT.json [--events OUT.json] [--cprofile OUT.prof] \\
         serve --qmp PATH --socket PATH --size 8G [--block-size 2M] [--requested-size 0] [--id vmem0]
+    python bench/served.py --stats OUT.json ... \
+        serve --qmp PATH --object memory-backend-memfd,id=mem0,size=2G,hugetlb=on \
+        --device id=vmem0,memdev=mem0,socket=PATH,prealloc=on
 
 After ``serve`` come the single-device flags of ``vfiouser-vmem serve``
 (so that bench/run.py starts it through ``harness.VmemServer``'s own
-argument list).  It prints one "ready" line once every socket listens, and
+argument list), or its ``--object``/``--device`` options in QEMU's syntax,
+read by the command line's own parser (``vfiouser_vmem.cli._config``:
+bench/run.py's "Memory backends" rows give both devices the same backend
+and device options).  It prints one "ready" line once every socket listens, and
 stops on SIGTERM/SIGINT, writing its files then:
 
 - ``--stats``: every ``RequestServed`` event of every device, as
@@ -46,7 +52,8 @@ if str(REPO) not in sys.path:
 
 import trio  # noqa: E402
 
-from vfiouser_vmem import Device, DeviceConfig, RequestServed, open_server  # noqa: E402
+from vfiouser_vmem import ConfigError, Device, DeviceConfig, RequestServed, open_server  # noqa: E402
+from vfiouser_vmem.cli._config import build_configs, device_spec, object_spec  # noqa: E402
 from vfiouser_vmem.util.sizes import format_size, parse_size  # noqa: E402
 
 
@@ -135,20 +142,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="vfiouser-vmem serve's single-device flags")
     s.add_argument("--qmp", required=True)
-    s.add_argument("--socket", required=True)
-    s.add_argument("--size", required=True, type=parse_size)
+    s.add_argument("--socket")
+    s.add_argument("--size", type=parse_size)
     s.add_argument("--block-size", default=2 << 20, type=parse_size)
     s.add_argument("--requested-size", default=0, type=parse_size)
     s.add_argument("--id", default="vmem0")
-    return p.parse_args(argv)
+    s.add_argument("--object", action="append", default=[], help="as vfiouser-vmem serve --object (QEMU's syntax)")
+    s.add_argument("--device", action="append", default=[], help="as vfiouser-vmem serve --device")
+    args = p.parse_args(argv)
+    if not args.device and (args.socket is None or args.size is None):
+        s.error("--socket and --size are required (or --object/--device)")
+    return args
+
+
+def device_configs(args: argparse.Namespace) -> list[DeviceConfig]:
+    """The devices of the single-device flags, or of --object/--device as
+    ``vfiouser-vmem serve`` reads them."""
+    if args.device:
+        return build_configs([object_spec(t) for t in args.object], [device_spec(t) for t in args.device],
+                             qmp_path=args.qmp, need_directories=True)
+    return [DeviceConfig(socket=args.socket, size_bytes=args.size, block_size_bytes=args.block_size,
+                         requested_size_bytes=args.requested_size, id=args.id)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    configs = [DeviceConfig(socket=args.socket, size_bytes=args.size, block_size_bytes=args.block_size,
-                            requested_size_bytes=args.requested_size, id=args.id)]
+    try:
+        configs = device_configs(args)
+    except ConfigError as exc:
+        print(f"served: {exc}", flush=True)  # the first line, instead of "ready"
+        return 2
     recorder = Recorder(events=bool(args.events))
     profiler = None
     if args.cprofile:

@@ -1,6 +1,7 @@
 """cffi (API mode) builder of ``vfiouser_vmem._blocks``: the C helper of csrc/
 (the block bitmap and discard loop, vmem_blocks; guest memory access under
-a SIGBUS guard, vmem_guest; the request path of the virtqueue, vmem_queue)."""
+a SIGBUS guard, vmem_guest; the request path of the virtqueue, vmem_queue;
+the system calls of the memory backends, vmem_hostmem)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("vmem_blocks", "vmem_guest", "vmem_queue", "vmem_config")
+PARTS = ("vmem_blocks", "vmem_guest", "vmem_queue", "vmem_config", "vmem_hostmem")
 
 ffibuilder = FFI()
 for part in PARTS:

@@ -104,6 +104,15 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
         time.sleep(interval_s)
 
 
+def open_files(pid: int):
+    """(link target, stat) of each fd of ``pid`` (fds closed meanwhile skipped)."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            yield os.readlink(fd), os.stat(fd)
+        except OSError:
+            continue
+
+
 def memfd_allocated_bytes(pid: int, *, name_prefix: str | None = None, size_bytes: int | None = None) -> int:
     """Allocated bytes (st_blocks * 512) of the memfds ``pid`` holds open that
     match ``name_prefix`` (``/memfd:NAME``) and/or have ``size_bytes``: the
@@ -112,12 +121,7 @@ def memfd_allocated_bytes(pid: int, *, name_prefix: str | None = None, size_byte
     The same memfd can be open more than once (libvfio-user keeps its own fd
     of a region, QEMU dups them): each file is counted once, by inode."""
     blocks_by_inode: dict[int, int] = {}
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-            st = os.stat(fd)
-        except OSError:
-            continue
+    for target, st in open_files(pid):
         if not target.startswith("/memfd:"):
             continue
         if name_prefix is not None and not target.startswith(f"/memfd:{name_prefix}"):

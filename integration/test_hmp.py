@@ -241,11 +241,11 @@ COMMANDS: list[tuple[str, bool, tuple[Differs, ...]]] = [
       Differs(r"compat_monitor\d+ \(child<monitor-(hmp|qmp)>\)",
               "the objects QEMU makes for its -mon and -qmp monitors", "qemu-only"))),
     ("qom-list /objects/vmem0mem", False,
-     (props_only_qemu(r"vmem0mem\[0\]|x-use-canonical-path-for-ramblock-id|prealloc-context|prealloc-threads"
-                      r"|prealloc|dump|merge|policy|host-nodes|reserve|seal",
-                      "properties of a VM's RAM block (its MemoryRegion child, ramblock naming, "
-                      "preallocation, core dumps, KSM, NUMA policy, seals) that the server's memfd objects "
-                      "do not take (README: id, size, share, hugetlb, hugetlbsize)"),)),
+     (props_only_qemu(r"vmem0mem\[0\]", "the backend's MemoryRegion child, a VM's RAM block"),)),
+    ("qom-get /objects/vmem0mem dump", True, ()),
+    ("qom-get /objects/vmem0mem policy", True, ()),
+    ("qom-get /objects/vmem0mem host-nodes", True, ()),
+    ("qom-get /objects/vmem0mem seal", True, ()),
     ("qom-list vm0", False,
      (Differs(r"(?!(type|size|requested-size|block-size|memaddr|node|memdev) ).*",
               "the PCI proxy's and virtio transport's properties and memory regions (a VM's device model)",
@@ -283,7 +283,7 @@ COMMANDS: list[tuple[str, bool, tuple[Differs, ...]]] = [
     ("help qom-list", True, ()),
     ("help help", True, ()),
     ("help info", True,
-     (Differs(r"info (?!(memory-devices|memory_size_summary|numa) ).*",
+     (Differs(r"info (?!(memdev|memory-devices|memory_size_summary|numa) ).*",
               "info subcommands the server does not have: they show a VM's state", "qemu-only"),)),
     ("help", True, (OTHER_HELP,)),
 ]
@@ -345,7 +345,9 @@ class Qemu:
         accel = ["-accel", "kvm", "-cpu", "host"] if kvm_works() else ["-accel", "tcg", "-cpu", "qemu64"]
         devices = []
         for dev_id, memdev, size, node, requested in DEVICES:
-            devices += ["-object", f"memory-backend-memfd,id={memdev},size={size},share=on",
+            # dump=off,merge=off: the server's defaults for a device's backend
+            # (docs/backends.md), so that info memdev / query-memdev compare.
+            devices += ["-object", f"memory-backend-memfd,id={memdev},size={size},share=on,dump=off,merge=off",
                         "-device", f"virtio-mem-pci,id={dev_id},memdev={memdev},node={node},"
                                    f"requested-size={requested}"]
         self.argv = [
@@ -509,6 +511,37 @@ def test_human_monitor_command_over_qmp_matches_qemu(procs):
         ours.execute("human-monitor-command")
     assert str(o_err.value) == str(q_err.value) == "Parameter 'command-line' is missing"
     assert not unexpected, "differences no rule allows:\n" + "\n".join(unexpected)
+
+
+def memdev_blocks(lines: list[str]) -> dict[str, list[str]]:
+    """``info memdev``'s blocks by backend id."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in lines:
+        m = re.fullmatch(r"memory backend: (.+)", line)
+        if m:
+            current = blocks.setdefault(m.group(1), [])
+        if line:  # the empty line after the list
+            current.append(line)
+    return blocks
+
+
+@needs_monitor
+def test_memory_backends_match_qemu(procs):
+    """``info memdev`` and ``query-memdev``: the devices' backends as QEMU
+    shows the same backends (the same ids, sizes and options); QEMU's boot
+    RAM backends (mem0, mem1) are its own, and its order is its hash table's."""
+    qemu = procs.qemu()
+    server = procs.server()
+    theirs, ours = procs.hmp(qemu.monitor), procs.hmp(server.monitor)
+    q_blocks = memdev_blocks(theirs.command("info memdev").lines)
+    o_blocks = memdev_blocks(ours.command("info memdev").lines)
+    assert sorted(q_blocks) == ["mem0", "mem1", "vmem0mem", "vmem1mem"], q_blocks
+    assert o_blocks == {memdev: q_blocks[memdev] for memdev in ("vmem0mem", "vmem1mem")}
+    q_list = procs.qmp(qemu.qmp_path).execute("query-memdev")
+    o_list = procs.qmp(server.qmp_path).execute("query-memdev")
+    assert sorted(o_list, key=lambda m: m["id"]) == sorted(
+        (m for m in q_list if m["id"] in ("vmem0mem", "vmem1mem")), key=lambda m: m["id"])
 
 
 def parse_memory_devices(lines: list[str]) -> dict[str, dict[str, str]]:

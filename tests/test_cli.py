@@ -279,7 +279,8 @@ def test_parse_keyval_refuses(text, implied, message):
 
 
 def _configs(objects, devices, qmp=None):
-    return build_configs([object_spec(t) for t in objects], [device_spec(t) for t in devices], qmp_path=qmp)
+    return build_configs([object_spec(t) for t in objects], [device_spec(t) for t in devices], qmp_path=qmp,
+                         need_directories=True)
 
 
 def test_build_configs_two_devices():
@@ -306,8 +307,25 @@ OK_DEV = "id=vm0,memdev=mem0,socket=/tmp/vm0.sock"
         ([OK_OBJ], [OK_DEV + ",bogus=1"], "unknown key 'bogus'"),
         ([OK_OBJ + ",bogus=1"], [OK_DEV], "unknown key 'bogus'"),
         ([OK_OBJ], [OK_DEV + ",size=1G"], "size= is not accepted: the device's maximum size is its memdev's size"),
-        (["memory-backend-ram,id=mem0,size=1G"], [OK_DEV], "memory-backend-ram is not supported: only memory-backend-memfd"),
-        (["memory-backend-file,id=mem0,size=1G,mem-path=/x"], [OK_DEV], "memory-backend-file is not supported"),
+        (["memory-backend-ram,id=mem0,size=1G"], [OK_DEV], "memory-backend-ram is not possible: QEMU maps the device's memory from the server.*write memory-backend-memfd"),
+        (["memory-backend-file,id=mem0,size=1G,mem-path=/tmp"], [OK_DEV], "share=off \\(memory-backend-file's default\\) is not possible.*write share=on"),
+        (["memory-backend-file,id=mem0,size=1G,share=on"], [OK_DEV], "mem-path= is required"),
+        (["memory-backend-file,id=mem0,size=1G,share=on,mem-path=/nonexistent/dir/f"], [OK_DEV], "mem-path '/nonexistent/dir/f': the directory '/nonexistent/dir' does not exist"),
+        (["memory-backend-file,id=mem0,size=1G,share=on,mem-path=/tmp,readonly=on"], [OK_DEV], "readonly= is not accepted: the guest plugs and writes"),
+        (["memory-backend-file,id=mem0,size=1G,share=on,mem-path=/tmp,pmem=on"], [OK_DEV], "pmem= is not accepted"),
+        (["memory-backend-file,id=mem0,size=1G,share=on,mem-path=/tmp,align=2M"], [OK_DEV], "align= is not accepted"),
+        (["memory-backend-file,id=mem0,size=1G,share=on,mem-path=/tmp,hugetlb=on"], [OK_DEV], "unknown key 'hugetlb'"),
+        (["memory-backend-memfd,id=mem0,size=1G,mem-path=/tmp"], [OK_DEV], "unknown key 'mem-path'"),
+        ([OK_OBJ + ",prealloc=on"], [OK_DEV], "prealloc=on is not accepted: .*specify 'prealloc=on' for the virtio-mem device"),
+        ([OK_OBJ + ",merge=on"], [OK_DEV], "merge=on is not possible: KSM merges private anonymous memory only"),
+        ([OK_OBJ + ",policy=bind"], [OK_DEV], "host-nodes must be set for policy bind"),
+        ([OK_OBJ + ",host-nodes=0"], [OK_DEV], "host-nodes must be empty for policy default"),
+        ([OK_OBJ + ",policy=sometimes,host-nodes=0"], [OK_DEV], "policy 'sometimes' is not one of default, preferred, bind, interleave"),
+        ([OK_OBJ + ",policy=bind,host-nodes=x"], [OK_DEV], "host-nodes: expected node numbers"),
+        ([OK_OBJ + ",policy=bind,host-nodes=200"], [OK_DEV], "Invalid host-nodes value: 200"),
+        ([OK_OBJ + ",policy=bind,host-nodes=0-100"], [OK_DEV], "host-nodes 1,2,.*this host has no such NUMA node \\(it has 0"),
+        ([OK_OBJ + ",seal=perhaps"], [OK_DEV], "seal: expected on or off"),
+        ([OK_OBJ], [OK_DEV + ",prealloc=yes please"], "prealloc: expected on or off"),
         ([OK_OBJ], ["virtio-net,id=vm0,memdev=mem0,socket=/tmp/s"], "driver 'virtio-net' is not supported"),
         ([OK_OBJ], ["id=vm0,socket=/tmp/vm0.sock"], "memdev= is required"),
         ([OK_OBJ], ["id=vm0,memdev=nope,socket=/tmp/vm0.sock"], "memdev 'nope' is not an object id \\(objects: mem0\\)"),
@@ -333,7 +351,7 @@ OK_DEV = "id=vm0,memdev=mem0,socket=/tmp/vm0.sock"
         ([OK_OBJ + ",share=off"], [OK_DEV], "share=off is not possible"),
         ([OK_OBJ + ",share=maybe"], [OK_DEV], "share: expected on or off"),
         ([OK_OBJ + ",hugetlbsize=2M"], [OK_DEV], "hugetlbsize= needs hugetlb=on"),
-        ([OK_OBJ + ",hugetlb=on,hugetlbsize=1K"], [OK_DEV], "hugetlbsize 1K is not supported: only the default huge page size"),
+        ([OK_OBJ + ",hugetlb=on,hugetlbsize=1K"], [OK_DEV], "hugetlbsize 1K is not a huge page size of this host \\(it has 2M, 1G"),
         ([OK_OBJ], ["id=vm0,memdev=mem0,socket=/tmp/" + "x" * 120], "longer than the 107 bytes"),
         ([OK_OBJ], [OK_DEV], "is the QMP socket too"),
     ],
@@ -346,13 +364,15 @@ def test_build_configs_refuses(objects, devices, message):
 
 
 def test_hugetlb_defaults_the_block_size_to_the_huge_page_size():
-    from vfiouser_vmem.cli._config import default_huge_page_size
+    from vfiouser_vmem.util.hostmem import default_huge_page_size, huge_page_sizes
 
     huge = default_huge_page_size()
-    if huge is None:
-        pytest.skip("no huge pages in this kernel")
+    assert huge is not None, "these machines have huge pages (/sys/kernel/mm/hugepages)"
     (config,) = _configs([OK_OBJ + ",hugetlb=on"], [OK_DEV])
-    assert config.hugetlb and config.block_size_bytes == max(huge, 2 << 20)
+    assert config.memory_backend.hugetlb and config.block_size_bytes == max(huge, 2 << 20)
+    # QEMU's virtio_mem_default_block_size: the page size of a huge page backend.
+    (config,) = _configs([OK_OBJ + ",hugetlb=on,hugetlbsize=1G"], [OK_DEV])
+    assert 1 << 30 in huge_page_sizes() and config.block_size_bytes == 1 << 30
 
 
 def run_main(capsys, *args):
@@ -434,6 +454,57 @@ def test_config_file(tmp):
     configs = build_configs(file_config.objects, file_config.devices)
     assert [(c.id, c.memdev, c.size_bytes, c.block_size_bytes, c.requested_size_bytes, c.node) for c in configs] == [
         ("vm0", "mem0", 1 << 30, 2 << 20, 256 << 20, 0), ("vm1", "mem1", 512 << 20, 4 << 20, 0, None)]
+
+
+def test_config_file_backend_keys(tmp):
+    """QEMU's backend keys in TOML: booleans or "on"/"off", host-nodes as a
+    list or QEMU's string, the device's prealloc (docs/backends.md)."""
+    path = tmp / "vmem.toml"
+    path.write_text(f"""
+[[object]]
+qom-type = "memory-backend-file"
+id = "mem0"
+size = "1G"
+mem-path = "/dev/shm"
+share = true
+discard-data = "on"
+policy = "bind"
+host-nodes = [0]
+dump = "on"
+
+[[object]]
+id = "mem1"
+size = "1G"
+seal = false
+reserve = "off"
+policy = "preferred"
+host-nodes = "0"
+
+[[device]]
+id = "vm0"
+memdev = "mem0"
+socket = "{tmp}/vm0.sock"
+prealloc = true
+
+[[device]]
+id = "vm1"
+memdev = "mem1"
+socket = "{tmp}/vm1.sock"
+""")
+    file_config = load_config_file(str(path))
+    vm0, vm1 = build_configs(file_config.objects, file_config.devices, need_directories=True)
+    m0, m1 = vm0.memory_backend, vm1.memory_backend
+    assert (m0.qom_type, m0.mem_path, m0.discard_data, m0.policy, m0.host_nodes, m0.dump) == (
+        "memory-backend-file", "/dev/shm", True, "bind", (0,), True)
+    assert (m1.qom_type, m1.seal, m1.reserve, m1.policy, m1.host_nodes, m1.dump) == (
+        "memory-backend-memfd", False, False, "preferred", (0,), False)
+    assert vm0.prealloc and not vm1.prealloc
+
+
+def test_host_nodes_forms():
+    (config,) = _configs([OK_OBJ + ",policy=interleave,host-nodes=0,host-nodes=0-0"], [OK_DEV])
+    assert config.memory_backend.host_nodes == (0,)
+    assert config.memory_backend.mpol() == (3, [1, 0], 2)  # MPOL_INTERLEAVE, node 0, maxnode one past it + 1
 
 
 @pytest.mark.parametrize(

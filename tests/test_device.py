@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from vfiouser_vmem.errors import ConfigError
 from vfiouser_vmem.vmem import (
     MIB,
     USABLE_EXTENT_BYTES,
@@ -210,14 +211,19 @@ def test_usable_region_rounds_up_to_large_blocks():
     assert dev.usable_region_size == 2 * GIB  # 1G + 256M rounded up to 1G blocks
 
 
-def test_config_change_exactly_when_requested_or_usable_changes():
+def test_config_change_on_every_requested_size_set():
+    # QEMU's virtio_mem_set_requested_size notifies "even if the size didn't
+    # change": the operator's nudge that makes a guest retry a BUSY plug.
     dev, rec = make(size=4 * GIB)
     dev.set_requested_size(1 * GIB)
     assert rec.config_changes == 1
     dev.set_requested_size(1 * GIB)
-    assert rec.config_changes == 1  # nothing changed
+    assert rec.config_changes == 2  # nothing changed: notified all the same
     dev.set_requested_size(512 * MIB)
-    assert rec.config_changes == 2  # requested changed, usable did not
+    assert rec.config_changes == 3  # requested changed, usable did not
+    with pytest.raises(ConfigError):
+        dev.set_requested_size(3 * MIB)
+    assert rec.config_changes == 3  # a refused value changes nothing, notifies nothing
 
 
 @pytest.mark.parametrize(

@@ -171,7 +171,9 @@ async def test_metrics_after_requests(exported) -> None:
         assert 16 * MiB <= s[key("vfiouser_vmem_backend_allocated_bytes", id="d0")] <= 17 * MiB
         assert s[key("vfiouser_vmem_client_connected", id="d0")] == 1
         assert s[key("vfiouser_vmem_client_connections_total", id="d0")] == 1
-        assert s[key("vfiouser_vmem_device_info", id="d0", memdev="m0", socket=d0.config.socket, node="")] == 1
+        assert s[key("vfiouser_vmem_device_info", id="d0", memdev="m0", socket=d0.config.socket, node="",
+                     backend="memory-backend-memfd", page_size="4096", prealloc="off")] == 1
+        assert s[key("vfiouser_vmem_prealloc_failures_total", id="d0")] == 0
         # The other device is untouched.
         assert s[key("vfiouser_vmem_plugged_size_bytes", id="d1")] == 0
         assert s[key("vfiouser_vmem_client_connections_total", id="d1")] == 0

@@ -40,7 +40,8 @@ def test_summary_numa_and_help() -> None:
                                          "\t\t\t-j: the value is specified in json format.\r\n")
     assert m.execute("? info numa") == "info numa  -- show NUMA information\r\n"
     assert m.execute("help qom-get x") == "qom-get path property -- print QOM property\r\n"
-    assert m.run("info").startswith("info memory-devices  -- show memory devices\ninfo memory_size_summary  -- ")
+    assert m.run("info").startswith("info memdev  -- show memory backends\ninfo memory-devices  -- show memory devices\n"
+                                    "info memory_size_summary  -- ")
     assert m.run("help").splitlines()[0] == "help|? [cmd] -- show the help"
 
 
@@ -232,5 +233,44 @@ async def test_monitor_socket_long_line_and_a_client_that_does_not_read() -> Non
             assert out.endswith(b"\r\nqom-list path -- list QOM properties\r\n(qemu) ")
             stuck.close()
             nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_query_memdev_and_info_memdev_show_the_backends() -> None:
+    """QEMU 11.1's shapes (query_memdev, hmp_info_memdev), in the devices'
+    order, each with this server's values (docs/backends.md)."""
+    from vfiouser_vmem.control._client import QmpClient
+    from vfiouser_vmem.vmem import MemoryBackendConfig
+
+    d = tempfile.mkdtemp(dir="/tmp", prefix="hmpt")
+    try:
+        memfd = MemoryBackendConfig(id="mem0", size_bytes=GiB, policy="bind", host_nodes=(0,))
+        file = MemoryBackendConfig(id="file1", size_bytes=GiB // 2, qom_type="memory-backend-file", mem_path=d,
+                                   dump=True)
+        configs = [DeviceConfig(socket=os.path.join(d, "v0.sock"), size_bytes=GiB, id="vm0", memory_backend=memfd),
+                   DeviceConfig(socket=os.path.join(d, "v1.sock"), size_bytes=GiB // 2, id="vm1",
+                                memory_backend=file)]
+        async with open_server(configs, os.path.join(d, "qmp.sock")):
+            def session() -> list[Any]:
+                client = QmpClient(os.path.join(d, "qmp.sock"))
+                try:
+                    return [client.execute("query-memdev"),
+                            client.execute("human-monitor-command", **{"command-line": "info memdev"})]
+                finally:
+                    client.close()
+
+            memdevs, text = await trio.to_thread.run_sync(session)
+        assert memdevs == [
+            {"share": True, "reserve": True, "prealloc": False, "host-nodes": [0], "size": GiB, "merge": False,
+             "dump": False, "policy": "bind", "id": "mem0"},
+            {"share": True, "reserve": True, "prealloc": False, "host-nodes": [], "size": GiB // 2, "merge": False,
+             "dump": True, "policy": "default", "id": "file1"}]
+        assert text == ("memory backend: mem0\r\n  size:  1073741824\r\n  merge: false\r\n  dump: false\r\n"
+                        "  prealloc: false\r\n  share: true\r\n  reserve: true\r\n  policy: bind\r\n"
+                        "  host nodes: 0\r\n"
+                        "memory backend: file1\r\n  size:  536870912\r\n  merge: false\r\n  dump: true\r\n"
+                        "  prealloc: false\r\n  share: true\r\n  reserve: true\r\n  policy: default\r\n"
+                        "  host nodes: \r\n\r\n")
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -98,6 +98,7 @@ from virtio_driver import (
     response,
 )
 from vfiouser_vmem.server import DeviceConfig, DeviceServer
+from vfiouser_vmem.vmem import MemoryBackendConfig
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -168,7 +169,9 @@ class Vmem:
     async def memory_bar(self, map_bytes: int | None = None, client: VfioUserClient | None = None) -> MemoryBar:
         info = await (client or self.client).region_info(BAR2)
         assert info.fd >= 0, "the memory BAR came without an fd"
-        bar = MemoryBar(info.fd, info.size, map_bytes or min(info.size, 256 * MiB))
+        # What QEMU maps: the sparse mmap areas (the device's size), not the whole BAR.
+        mappable = max((a.offset + a.size for a in info.sparse_areas), default=info.size)
+        bar = MemoryBar(info.fd, info.size, map_bytes or min(mappable, 256 * MiB))
         self.factory.stack.callback(bar.close)
         return bar
 
@@ -231,15 +234,19 @@ class VmemFactory:
         initialize: bool = True,
         features: int = DEFAULT_FEATURES,
         record_crash: bool = False,
+        memory_backend: MemoryBackendConfig | None = None,
+        prealloc: bool = False,
     ) -> Vmem:
         self.count += 1
         config = DeviceConfig(
             socket=os.path.join(self.sock_dir, f"vmem{self.count}.sock"),
-            size_bytes=size,
+            size_bytes=size if memory_backend is None else memory_backend.size_bytes,
             block_size_bytes=block_size,
             requested_size_bytes=requested,
             id=f"vmem{self.count}",
             node=node,
+            memory_backend=memory_backend,
+            prealloc=prealloc,
         )
         server = DeviceServer(config)
         crashes: list[BaseException] | None = [] if record_crash else None
@@ -370,9 +377,11 @@ async def test_memory_bar_region_info(vmem_factory: VmemFactory, size: int, bar_
     assert info.size == bar_size
     assert bar_size & (bar_size - 1) == 0 and bar_size >= max(size, 128 * MiB)
     assert info.fd >= 0
-    assert os.fstat(info.fd).st_size == bar_size
+    # The backend holds exactly the device's size, and only that much of the
+    # BAR is mmap-able: the rest traps to the server (docs/backends.md).
+    assert os.fstat(info.fd).st_size == size
     assert os.readlink(f"/proc/self/fd/{info.fd}").startswith("/memfd:")
-    assert [(a.offset, a.size) for a in info.sparse_areas] == [(0, bar_size)]
+    assert [(a.offset, a.size) for a in info.sparse_areas] == [(0, size)]
     assert info.offset == 0
 
     # The trapped BARs come without an fd; config space is 256 bytes.
@@ -693,9 +702,12 @@ async def test_config_interrupt_when_requested_size_changes(vmem_factory: VmemFa
     cfg = await d.read_config()
     assert (cfg.requested_size, cfg.usable_region_size) == (128 * MiB, 768 * MiB)
 
-    # The same value again: nothing changed, no interrupt.
+    # The same value again: an interrupt all the same, as QEMU's
+    # virtio_mem_set_requested_size (the operator's nudge after a BUSY).
     model.set_requested_size(128 * MiB)
-    assert not d.config_irq.pending()
+    await d.config_irq.wait(TIMEOUT)
+    cfg = await d.read_config()
+    assert (cfg.requested_size, cfg.usable_region_size) == (128 * MiB, 768 * MiB)
 
     # Capped at the region size.
     model.set_requested_size(region)
@@ -870,10 +882,18 @@ async def test_bar_slow_path_writes_only_plugged_memory(vmem_factory: VmemFactor
     with pytest.raises(VfioUserError):
         await c.bar_write(BAR2, 4 * BLOCK - 4, b"\xff" * 8)
     assert bar.map[4 * BLOCK - 4:4 * BLOCK] == bytes(4)
-    # Beyond the device's size, inside the BAR: reads as zeros, writes refused.
+    # Beyond the device's size, inside the BAR (not mmap-able, not host
+    # memory): reads as zeros, writes are dropped, the client carries on.
+    before = bar.allocated()
     assert await c.bar_read(BAR2, size + 4096, 16) == bytes(16)
-    with pytest.raises(VfioUserError):
-        await c.bar_write(BAR2, size + 4096, b"\x01")
+    await c.bar_write(BAR2, size + 4096, b"\x01" * 64)
+    assert await c.bar_read(BAR2, size + 4096, 64) == bytes(64)
+    assert os.fstat(bar.fd).st_size == size and bar.allocated() == before
+    # Straddling the end: the part inside is plugged memory and is written.
+    assert await d.plug(BAR_ADDR + size - BLOCK, 1) == ACK
+    await c.bar_write(BAR2, size - 4, b"\x05" * 8)
+    assert bar.map[size - 4:size] == b"\x05" * 4
+    assert await c.bar_read(BAR2, size - 4, 8) == b"\x05" * 4 + bytes(4)
 
 
 async def test_device_reset_unplugs_and_discards(vmem_factory: VmemFactory) -> None:

@@ -37,3 +37,17 @@ def test_no_two_test_modules_share_a_name() -> None:
                 clashes.append(f"{seen[path.name].relative_to(REPO)} and {path.relative_to(REPO)}")
             seen[path.name] = path
     assert clashes == []
+
+
+def test_the_tests_docs_name_exist() -> None:
+    # docs/backends.md's table says which test shows each option: a renamed
+    # or removed test would leave the table pointing at nothing.
+    import re
+
+    defined = set()
+    for folder in ("tests", "integration"):
+        for path in (REPO / folder).glob("*.py"):
+            defined |= set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M))
+    modules = {path.stem for folder in ("tests", "integration") for path in (REPO / folder).glob("test_*.py")}
+    named = set(re.findall(r"`(test_\w+)", (REPO / "docs" / "backends.md").read_text()))
+    assert named and named - defined - modules == set()

@@ -2,7 +2,8 @@
 
 The public API (docs/api.md) is what this module exports: start devices
 in-process with ``open_server`` and hold them (``Server``, ``Device``),
-plug a ``PlugPolicy`` into a device, observe its events, bring a
+plug a ``PlugPolicy`` into a device, observe its events, configure its
+memory backend as QEMU's (``MemoryBackendConfig``) or bring a
 ``MemoryBackend`` of one's own, catch ``VmemError``.
 
 The layers (docs/architecture.md), each importing only the ones before it:
@@ -20,9 +21,11 @@ The layers (docs/architecture.md), each importing only the ones before it:
 __version__ = "0.1.0"
 
 from vfiouser_vmem.errors import (  # noqa: E402  (after __version__, which the layers read)
+    BackendError,
     ConfigError,
     DiscardFailed,
     DriverError,
+    PreallocFailed,
     SocketPathInUse,
     VmemError,
 )
@@ -32,9 +35,11 @@ from vfiouser_vmem.vmem import (  # noqa: E402
     ClientConnected,
     ClientDisconnected,
     DeviceEvent,
+    FileBackend,
     HostMemory,
     MemfdBackend,
     MemoryBackend,
+    MemoryBackendConfig,
     PluggedSizeChanged,
     PlugPolicy,
     Request,
@@ -44,9 +49,11 @@ from vfiouser_vmem.vmem import (  # noqa: E402
     Reset,
     Response,
     VirtioMemDevice,
+    open_backend,
 )
 
 __all__ = [
+    "BackendError",
     "ClientConnected",
     "ClientDisconnected",
     "ConfigError",
@@ -55,11 +62,14 @@ __all__ = [
     "DeviceEvent",
     "DiscardFailed",
     "DriverError",
+    "FileBackend",
     "HostMemory",
     "MemfdBackend",
     "MemoryBackend",
+    "MemoryBackendConfig",
     "PlugPolicy",
     "PluggedSizeChanged",
+    "PreallocFailed",
     "Request",
     "RequestServed",
     "RequestType",
@@ -72,6 +82,7 @@ __all__ = [
     "VmemError",
     "__version__",
     "format_size",
+    "open_backend",
     "open_server",
     "parse_size",
     "serve",

@@ -13,7 +13,9 @@ keeps working.  The modules that raise them re-export them.
      +-- ConfigError (ValueError)          a flag, config-file key or device setting
      |    +-- MetricsAddressError          --metrics HOST:PORT
      +-- SocketPathInUse (FileExistsError) a socket path the server must not take
+     +-- BackendError (OSError)            the host cannot provide a memory backend as configured
      +-- DiscardFailed (OSError)           memory could not be given back to the host
+     +-- PreallocFailed (OSError)          plugged memory could not be allocated (prealloc=on)
      +-- DriverError                       the guest's driver broke the rules
      |    +-- ProtocolViolation            a request no driver may send
      |    +-- QueueError                   the virtqueue rules (virtio spec 2.7)
@@ -36,12 +38,14 @@ from __future__ import annotations
 import errno as _errno
 
 __all__ = [
+    "BackendError",
     "ConfigError",
     "ConnectionLost",
     "DiscardFailed",
     "DriverError",
     "GuestMemoryError",
     "MetricsAddressError",
+    "PreallocFailed",
     "PropertyError",
     "PropertyNotFound",
     "PropertyReadOnly",
@@ -88,6 +92,26 @@ class DiscardFailed(VmemError, OSError):
     def __init__(self, *args: object, offset: int | None = None) -> None:
         super().__init__(*args)
         self.offset = offset
+
+
+class BackendError(VmemError, OSError):
+    """The host cannot provide a memory backend as it is configured: too few
+    huge pages for what must be reserved, a file whose filesystem cannot
+    punch holes, a path that cannot be opened.  The message names the
+    backend, and the device when there is one; the server does not start."""
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror else super().__str__()
+
+
+class PreallocFailed(VmemError, OSError):
+    """The backend could not allocate memory for a PLUG (the device's
+    ``prealloc=on``: no huge page left, a full tmpfs).  The PLUG is answered
+    BUSY, what was allocated for it is given back; ``errno`` is the
+    system's."""
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror else super().__str__()
 
 
 class DriverError(VmemError):

@@ -9,16 +9,21 @@ and table) and the key that is wrong.
 
 Syntax (QEMU's QemuOpts, as ``-object``/``-device`` take it)::
 
-    --object memory-backend-memfd,id=mem0,size=8G[,hugetlb=on][,hugetlbsize=2M][,share=on]
+    --object memory-backend-memfd,id=mem0,size=8G[,hugetlb=on][,hugetlbsize=2M][,seal=on]
+             [,share=on][,reserve=on][,dump=off][,policy=bind,host-nodes=0]
+    --object memory-backend-file,id=mem0,size=8G,mem-path=PATH,share=on[,discard-data=on]
+             [,reserve=on][,dump=off][,policy=bind,host-nodes=0-1]
     --device [virtio-mem,|driver=virtio-mem,]id=vm0,memdev=mem0,socket=PATH
-             [,node=N][,block-size=2M][,requested-size=1G]
+             [,node=N][,block-size=2M][,requested-size=1G][,prealloc=on]
 
 Items are separated by ``,``; a ``,,`` is a literal comma inside a value.
 The first item may be bare: it is the object's ``qom-type`` / the device's
-``driver``.  Both default to the only accepted value
-(``memory-backend-memfd`` / ``virtio-mem``; ``virtio-mem-pci`` is accepted
-too).  A key may be given once.  Sizes take QEMU's forms (``512M``, ``8G``,
-a byte count).
+``driver``.  They default to ``memory-backend-memfd`` / ``virtio-mem``
+(``virtio-mem-pci`` is accepted too).  A key may be given once, except
+``host-nodes`` (``host-nodes=0,host-nodes=2``, or a range ``0-3``).  Sizes
+take QEMU's forms (``512M``, ``8G``, a byte count).  What each property
+means here, and QEMU's properties that are refused and why, is
+docs/backends.md.
 
 The TOML file has the same keys, in ``[[object]]`` and ``[[device]]`` tables
 (integers are byte counts, strings take the size forms, booleans or
@@ -54,30 +59,50 @@ from vfiouser_vmem.errors import ConfigError
 from vfiouser_vmem.server import DeviceConfig, check_id
 from vfiouser_vmem.util.sizes import format_size, parse_size
 from vfiouser_vmem.virtio import memory_bar_size
-from vfiouser_vmem.vmem import CONFIG_NAMES, MAX_DEVICE_SIZE_BYTES, check_device_settings
+from vfiouser_vmem.vmem import (
+    CONFIG_NAMES,
+    MAX_DEVICE_SIZE_BYTES,
+    MemoryBackendConfig,
+    check_device_settings,
+    default_block_size,
+)
 
-#: The largest device the server supports (docs/design.md, "Memory through the BAR": 1 TiB BARs).
-DEFAULT_BLOCK_SIZE_BYTES = 2 << 20
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
-OBJECT_TYPES = ("memory-backend-memfd",)
 DEVICE_DRIVERS = ("virtio-mem", "virtio-mem-pci")
-OBJECT_KEYS = ("qom-type", "id", "size", "share", "hugetlb", "hugetlbsize")
-DEVICE_KEYS = ("driver", "id", "memdev", "socket", "node", "block-size", "requested-size")
+#: QEMU's properties of every memory backend (backends/hostmem.c) that this server takes.
+_COMMON_OBJECT_KEYS = ("qom-type", "id", "size", "share", "reserve", "dump", "merge", "policy", "host-nodes")
+OBJECT_KEYS = {
+    "memory-backend-memfd": _COMMON_OBJECT_KEYS + ("hugetlb", "hugetlbsize", "seal"),
+    "memory-backend-file": _COMMON_OBJECT_KEYS + ("mem-path", "discard-data"),
+}
+DEVICE_KEYS = ("driver", "id", "memdev", "socket", "node", "block-size", "requested-size", "prealloc")
 FILE_TOP_LEVEL_KEYS = ("qmp", "monitor", "qmp-max-clients", "socket-group", "object", "device")
-
-# QEMU's id_wellformed() (util/id.c): a letter, then letters, digits, '-',
-# '.', '_'.  Used with fullmatch: "$" would also match before a final "\n".
+#: Keys that may be given more than once in QEMU's key=value syntax (a list).
+_LIST_KEYS = ("host-nodes",)
 
 #: Why some keys QEMU knows are refused here (the default: "unknown key").
 _REFUSED_KEYS = {
     "size": "the device's maximum size is its memdev's size; use requested-size for what the guest should plug",
     "memaddr": "the guest's firmware places the device's memory BAR; it cannot be chosen here",
-    "prealloc": "not supported: memory is allocated when the guest touches it",
-    "mem-path": "not supported: only memory-backend-memfd is",
-    "prealloc-threads": "not supported",
+    "prealloc-threads": "the device's prealloc=on allocates each PLUG's blocks in the server, on one thread",
+    "prealloc-context": "the device's prealloc=on allocates each PLUG's blocks in the server, on one thread",
+    "readonly": "the guest plugs and writes the device's memory; a read-only file cannot back it",
+    "rom": "the guest plugs and writes the device's memory; it cannot be read-only memory",
+    "pmem": "the server does not persist the device's memory (unplugged memory is punched out of the file)",
+    "align": "the server maps the file at a page boundary of its own; the guest's view starts at offset 0",
+    "offset": "the device's memory starts at offset 0 of the file",
+    "x-use-canonical-path-for-ramblock-id": "there is no RAM block migration here",
+    "dynamic-memslots": "QEMU's memory slots are QEMU's business: it maps the device's BAR as one region",
+    "unplugged-inaccessible": "unplugged memory is always inaccessible here (VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE "
+                              "is QEMU's x86 legacy option)",
 }
+_BACKEND_PREALLOC_REFUSAL = (
+    "the memdev would have all its memory allocated at start; as QEMU refuses it for virtio-mem "
+    "(\"'memdev' property specifies a memdev with preallocation enabled\"), specify 'prealloc=on' for the "
+    "virtio-mem device (--device ...,prealloc=on) instead: each PLUG's blocks are then allocated before "
+    "they are acknowledged")
 
 
 # ---------------------------------------------------------------------------
@@ -123,6 +148,10 @@ def parse_keyval(text: str, implied_key: str | None = None, *, what: str = "opti
             if key == "":
                 raise ConfigError(f"{what}: empty key in {item!r}")
         if key in result:
+            if key in _LIST_KEYS:
+                # QEMU's list properties: host-nodes=0,host-nodes=2 (QemuOpts).
+                result[key] = f"{result[key]},{value}"
+                continue
             raise ConfigError(f"{what}: key {key!r} given twice")
         result[key] = value
     return result
@@ -268,62 +297,72 @@ def _id(spec: Spec) -> str:
     return check_id(value, spec.where)
 
 
-def default_huge_page_size() -> int | None:
-    """The kernel's default huge page size (/proc/meminfo), or None."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("Hugepagesize:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _host_nodes(spec: Spec) -> tuple[int, ...]:
+    """QEMU's host-nodes: ``0``, ``0-3``, ``host-nodes=0,host-nodes=2`` (given
+    twice), or in TOML an integer, a list of integers or such a string."""
+    value = spec.values.get("host-nodes")
+    if value is None:
+        return ()
+    items: list[object]
+    if isinstance(value, list):
+        items = list(value)
+    elif isinstance(value, str):
+        items = [item for item in value.split(",") if item != ""] or [value]
+    else:
+        items = [value]
+    nodes: list[int] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            nodes.append(item)
+            continue
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item) if isinstance(item, str) else None
+        if match is None:
+            raise ConfigError(f"{spec.where}: host-nodes: expected node numbers (0, 0-3, or a list), got {item!r}")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if high < low:
+            raise ConfigError(f"{spec.where}: host-nodes: range {item!r} is empty")
+        nodes.extend(range(low, min(high, 1 << 16) + 1))
+    return tuple(nodes)
 
 
-@dataclass
-class _Backend:
-    id: str
-    size: int
-    hugetlb: bool
-    page_size: int
-    spec: Spec
-
-
-def _backend(spec: Spec) -> _Backend:
+def _backend(spec: Spec, *, check_host: bool) -> MemoryBackendConfig:
     qom_type = _str(spec, "qom-type") or "memory-backend-memfd"
-    if qom_type not in OBJECT_TYPES:
-        raise ConfigError(
-            f"{spec.where}: {qom_type} is not supported: only memory-backend-memfd is "
-            "(the server owns the device's memory and hands its fd to QEMU)"
-        )
-    _check_keys(spec, OBJECT_KEYS)
+    if qom_type not in OBJECT_KEYS:
+        # MemoryBackendConfig says why (memory-backend-ram) or what is known.
+        MemoryBackendConfig(id="x", size_bytes=1, qom_type=qom_type, where=spec.where)
+    if "prealloc" in spec.values and _flag(spec, "prealloc", False):
+        raise ConfigError(f"{spec.where}: prealloc=on is not accepted: {_BACKEND_PREALLOC_REFUSAL}")
+    spec.values.pop("prealloc", None)  # prealloc=off is QEMU's default: nothing to say
+    _check_keys(spec, OBJECT_KEYS[qom_type])
     obj_id = _id(spec)
     size = _size(spec, "size")
     if size is None:
         raise ConfigError(f"{spec.where}: size= is required (the device's maximum size, e.g. 8G)")
-    if size == 0:
-        raise ConfigError(f"{spec.where}: size must be positive")
     if size > MAX_DEVICE_SIZE_BYTES:
-        raise ConfigError(f"{spec.where}: size {format_size(size)} is above the supported maximum of 1T")
-    if not _flag(spec, "share", True):
-        raise ConfigError(
-            f"{spec.where}: share=off is not possible: QEMU maps the server's memory, so it is always shared"
-        )
-    hugetlb = _flag(spec, "hugetlb", False)
-    page_size = 4096
-    hugetlbsize = _size(spec, "hugetlbsize")
-    if hugetlbsize is not None and not hugetlb:
-        raise ConfigError(f"{spec.where}: hugetlbsize= needs hugetlb=on")
-    if hugetlb:
-        default = default_huge_page_size()
-        if default is None:
-            raise ConfigError(f"{spec.where}: hugetlb=on, but this kernel has no huge pages")
-        if hugetlbsize is not None and hugetlbsize != default:
-            raise ConfigError(
-                f"{spec.where}: hugetlbsize {format_size(hugetlbsize)} is not supported: "
-                f"only the default huge page size ({format_size(default)}) is"
-            )
-        page_size = default
-    return _Backend(obj_id, size, hugetlb, page_size, spec)
+        raise ConfigError(f"{spec.where}: size {format_size(size)} is above the supported maximum of "
+                          f"{format_size(MAX_DEVICE_SIZE_BYTES)}")
+    policy = _str(spec, "policy") or "default"
+    backend = MemoryBackendConfig(
+        id=obj_id,
+        size_bytes=size,
+        qom_type=qom_type,
+        # memory-backend-file's default is share=off, which MemoryBackendConfig refuses with the reason.
+        share=_flag(spec, "share", qom_type != "memory-backend-file"),
+        hugetlb=_flag(spec, "hugetlb", False),
+        hugetlbsize_bytes=_size(spec, "hugetlbsize", 0),
+        seal=_flag(spec, "seal", True),
+        reserve=_flag(spec, "reserve", True),
+        dump=_flag(spec, "dump", False),
+        merge=_flag(spec, "merge", False),
+        policy=policy,
+        host_nodes=_host_nodes(spec),
+        mem_path=_str(spec, "mem-path"),
+        discard_data=_flag(spec, "discard-data", False),
+        where=spec.where,
+    )
+    if check_host:
+        backend.check_host()
+    return backend
 
 
 def _node(spec: Spec) -> int | None:
@@ -359,14 +398,14 @@ def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path:
     objects, devices = list(objects), list(devices)
     if not devices:
         raise ConfigError("no device configured: give at least one --device (or a [[device]] table)")
-    backends: dict[str, _Backend] = {}
+    backends: dict[str, MemoryBackendConfig] = {}
     for spec in objects:
         if spec.kind != "object":
             raise ConfigError(f"{spec.where}: not an object")
-        backend = _backend(spec)
+        backend = _backend(spec, check_host=need_directories)
         if backend.id in backends:
             raise ConfigError(
-                f"{spec.where}: duplicate object id {backend.id!r} (also {backends[backend.id].spec.where})"
+                f"{spec.where}: duplicate object id {backend.id!r} (also {backends[backend.id].where})"
             )
         backends[backend.id] = backend
 
@@ -401,24 +440,26 @@ def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path:
             raise ConfigError(f"{spec.where}: socket {socket!r} is the QMP socket too; use different paths")
         sockets[key] = spec.where
         backend = backends[memdev]
-        block_size = _size(spec, "block-size", max(DEFAULT_BLOCK_SIZE_BYTES, backend.page_size))
+        page_size = backend.page_size_bytes()
+        block_size = _size(spec, "block-size", default_block_size(page_size))
         requested = _size(spec, "requested-size", 0)
-        check_device_settings(where=spec.where, size_bytes=backend.size, block_size_bytes=block_size,
-                              requested_size_bytes=requested, page_size_bytes=backend.page_size,
+        check_device_settings(where=spec.where, size_bytes=backend.size_bytes, block_size_bytes=block_size,
+                              requested_size_bytes=requested, page_size_bytes=page_size,
                               names=CONFIG_NAMES)
         configs.append(DeviceConfig(
             socket=socket,
-            size_bytes=backend.size,
+            size_bytes=backend.size_bytes,
             block_size_bytes=block_size,
             requested_size_bytes=requested,
             id=dev_id,
             node=_node(spec),
             memdev=memdev,
-            hugetlb=backend.hugetlb,
+            memory_backend=backend,
+            prealloc=_flag(spec, "prealloc", False),
         ))
     unused = [b for b in backends.values() if b.id not in used_memdevs]
     if unused:
-        raise ConfigError(f"{unused[0].spec.where}: object {unused[0].id!r} is not used by any device (memdev=)")
+        raise ConfigError(f"{unused[0].where}: object {unused[0].id!r} is not used by any device (memdev=)")
     return configs
 
 

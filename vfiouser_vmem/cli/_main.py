@@ -47,9 +47,10 @@ from vfiouser_vmem.cli._exit import (
 from vfiouser_vmem.control import MetricsExporter, parse_metrics_address
 from vfiouser_vmem.errors import MetricsAddressError
 from vfiouser_vmem.server import DeviceConfig, check_id, serve
+from vfiouser_vmem.util.hostmem import base_page_size
 from vfiouser_vmem.util.logtext import printable
 from vfiouser_vmem.util.sizes import format_size, parse_size
-from vfiouser_vmem.vmem import CLI_NAMES, check_device_settings
+from vfiouser_vmem.vmem import CLI_NAMES, check_device_settings, default_block_size
 
 SERVE_EPILOG = """\
 examples:
@@ -64,10 +65,20 @@ examples:
   the same from a TOML file ([[object]] and [[device]] tables, same keys):
     vfiouser-vmem serve --config vmem.toml --qmp /run/vmem.qmp
 
---object keys: memory-backend-memfd (the type, may be omitted), id, size,
-  share=on, hugetlb=on|off, hugetlbsize (the default huge page size only)
+  huge pages, preallocated on each PLUG:
+    --object memory-backend-memfd,id=mem0,size=8G,hugetlb=on,hugetlbsize=2M \\
+    --device id=vm0,memdev=mem0,socket=/run/vm0.sock,prealloc=on
+  a file on tmpfs or hugetlbfs (a directory: an unlinked file is made in it):
+    --object memory-backend-file,id=mem0,size=8G,mem-path=/dev/hugepages,share=on
+
+--object memory-backend-memfd (the type, may be omitted) keys: id, size,
+  share=on, hugetlb, hugetlbsize, seal, reserve, dump, policy, host-nodes
+--object memory-backend-file keys: id, size, mem-path, share=on,
+  discard-data, reserve, dump, policy, host-nodes
 --device keys: virtio-mem (the driver, may be omitted), id, memdev, socket,
-  node, block-size (default 2M), requested-size (default 0)
+  node, block-size (default: 2M, or the huge page size), requested-size
+  (default 0), prealloc
+What each key does, and why some of QEMU's are refused: docs/backends.md.
 Sizes take QEMU's forms: a byte count or a number with K, M, G, T (512M, 8G).
 
 """ + EXIT_CODES_HELP
@@ -247,7 +258,7 @@ def _device_configs(parser: argparse.ArgumentParser, args: argparse.Namespace, *
             missing.append("--qmp")
         parser.error(f"the following arguments are required: {', '.join(missing)} "
                      "(or --object/--device, or --config)")
-    block_size = 2 << 20 if args.block_size is None else args.block_size
+    block_size = default_block_size(base_page_size()) if args.block_size is None else args.block_size
     requested = 0 if args.requested_size is None else args.requested_size
     try:
         _check_single(args.size, block_size, requested)

@@ -51,6 +51,7 @@ COMMAND_ARGS: dict[str, tuple[_Arg, ...]] = {
     "qom-list": (_Arg("path", "str"),),
     "query-memory-devices": (),
     "query-memory-size-summary": (),
+    "query-memdev": (),
     "x-query-numa": (),
     "human-monitor-command": (_Arg("command-line", "str"), _Arg("cpu-index", "int", required=False)),
 }

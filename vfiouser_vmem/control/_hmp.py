@@ -18,7 +18,7 @@ by "Try \\"help X\\" for more information"; a failed command prints
 "Error: " and the error, with its hint lines (hmp_handle_error,
 error_reportf_err).
 
-Commands: ``help``/``?``, ``info`` (``memory-devices``,
+Commands: ``help``/``?``, ``info`` (``memdev``, ``memory-devices``,
 ``memory_size_summary``, ``numa``), ``qom-get``, ``qom-list``, ``qom-set``.
 Their help lines are those of QEMU's hmp-commands.hx and
 hmp-commands-info.hx.
@@ -34,7 +34,7 @@ from typing import Any
 
 from vfiouser_vmem.control._arguments import CommandError
 from vfiouser_vmem.control._protocol import ControlledDevice
-from vfiouser_vmem.control._qom import QomTree
+from vfiouser_vmem.control._qom import QomTree, memdev_info
 
 __all__ = ["HumanMonitor", "numa_text", "parse_size", "to_json_pretty"]
 
@@ -42,6 +42,22 @@ _UINT64_MAX = (1 << 64) - 1
 _UINT32_MAX = (1 << 32) - 1
 #: get_str's buffer (monitor/hmp.c, char buf[1024]): longer words are cut.
 _STR_BUF = 1024
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _node_ranges(nodes: list[int]) -> str:
+    """A list of numbers as QEMU's string output visitor prints it:
+    ranges of consecutive ones joined (qapi/string-output-visitor.c), ``0-2,5``."""
+    runs: list[list[int]] = []
+    for node in sorted(nodes):
+        if runs and runs[-1][1] == node - 1:
+            runs[-1][1] = node
+        else:
+            runs.append([node, node])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in runs)
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,7 @@ class _Command:
 
 # hmp-commands-info.hx, sorted as QEMU sorts its tables (sortcmdlist, strcmp).
 _INFO_COMMANDS = (
+    _Command("memdev", "", "", "show memory backends", "_info_memdev"),
     _Command("memory-devices", "", "", "show memory devices", "_info_memory_devices"),
     _Command("memory_size_summary", "", "",
              "show the amount of initially allocated and present hotpluggable (if enabled) memory in bytes.",
@@ -444,6 +461,21 @@ class HumanMonitor:
         self._dump(_COMMANDS, ["info"], 0, out)
 
     # -- info (hw/core/machine-hmp-cmds.c) --------------------------------------
+
+    def _info_memdev(self, args: dict[str, Any], out: list[str]) -> None:
+        # hmp_info_memdev (hw/core/machine-hmp-cmds.c), over query-memdev's list.
+        for backend in self._tree.backends():  # the devices' order (QEMU's: its hash table's)
+            m = memdev_info(backend)
+            out.append(f"memory backend: {m['id']}\n"
+                       f"  size:  {int(m['size'])}\n"
+                       f"  merge: {_bool(m['merge'])}\n"
+                       f"  dump: {_bool(m['dump'])}\n"
+                       f"  prealloc: {_bool(m['prealloc'])}\n"
+                       f"  share: {_bool(m['share'])}\n"
+                       f"  reserve: {_bool(m['reserve'])}\n"
+                       f"  policy: {m['policy']}\n"
+                       f"  host nodes: {_node_ranges(m['host-nodes'])}\n")
+        out.append("\n")  # after the list, as QEMU 11.1 prints it
 
     def _info_memory_devices(self, args: dict[str, Any], out: list[str]) -> None:
         for device in self._devices():

@@ -22,9 +22,14 @@ Read from the devices at scrape time:
     kind ``device``, ``lost_conn``, ``pci_flr``);
     ``vfiouser_vmem_hook_errors_total{hook}`` (counter: exceptions of the
     plug policy, hook ``policy``, and of observers, ``observer``);
+    ``vfiouser_vmem_prealloc_failures_total`` (counter: PLUGs answered BUSY
+    because the backend had no memory for them, with the device's
+    ``prealloc=on``);
     ``vfiouser_vmem_client_connections_total`` (counter: vfio-user clients
     accepted); ``vfiouser_vmem_client_connected`` (gauge, 0 or 1);
-    ``vfiouser_vmem_device_info{memdev,socket,node}`` (always 1).
+    ``vfiouser_vmem_device_info{memdev,socket,node,backend,page_size,prealloc}``
+    (always 1; ``backend`` is the qom-type, ``page_size`` the backend's page
+    size in bytes, ``prealloc`` ``on`` or ``off``).
 Counted as requests are served (a ``RequestServed`` observer of each device):
     ``vfiouser_vmem_requests_total{type,response}`` (counter; type ``plug``,
     ``unplug``, ``unplug_all``, ``state``; response ``ack``, ``nack``,
@@ -141,12 +146,15 @@ class _DeviceCollector:
         hook_errors = CounterMetricFamily("vfiouser_vmem_hook_errors",
                                           "Exceptions raised by a plug policy or an observer (docs/api.md).",
                                           labels=["id", "hook"])
+        prealloc_failures = CounterMetricFamily(
+            "vfiouser_vmem_prealloc_failures",
+            "PLUGs answered BUSY because the backend had no memory for them (prealloc=on).", labels=labels)
         connections = CounterMetricFamily("vfiouser_vmem_client_connections",
                                           "vfio-user clients (QEMU) accepted.", labels=labels)
         connected = GaugeMetricFamily("vfiouser_vmem_client_connected",
                                       "1 while a vfio-user client (QEMU) is connected.", labels=labels)
         info = GaugeMetricFamily("vfiouser_vmem_device_info", "The device's configuration (always 1).",
-                                 labels=["id", "memdev", "socket", "node"])
+                                 labels=["id", "memdev", "socket", "node", "backend", "page_size", "prealloc"])
         for server in self.servers:
             cid = server.config.id
             model = server.model
@@ -164,12 +172,16 @@ class _DeviceCollector:
                 resets.add_metric([cid, kind.lower()], count)
             for hook in ("policy", "observer"):
                 hook_errors.add_metric([cid, hook], model.hook_errors[hook])
+            prealloc_failures.add_metric([cid], server.prealloc_failures_total)
             connections.add_metric([cid], server.clients_total)
             connected.add_metric([cid], 1 if server.connected else 0)
             node = "" if server.config.node is None else str(server.config.node)
-            info.add_metric([cid, server.config.memdev, server.config.socket, node], 1)
+            backend = server.config.memory_backend
+            info.add_metric([cid, server.config.memdev, server.config.socket, node,
+                             backend.qom_type if backend is not None else type(server.backend).__name__,
+                             str(server.backend.page_size_bytes), "on" if server.config.prealloc else "off"], 1)
         yield from (requested, plugged, maximum, block, usable, allocated, pending, discarded, discard_failures,
-                    resets, hook_errors, connections, connected, info)
+                    resets, hook_errors, prealloc_failures, connections, connected, info)
 
 
 class MetricsExporter:

@@ -29,7 +29,8 @@ Commands (command mode)
     ``query-version``, ``query-commands``, ``query-status`` (always
     ``{"status": "running", "running": true}``), ``qom-get``, ``qom-set``,
     ``qom-list``, ``query-memory-devices``, ``query-memory-size-summary``
-    (``base-memory`` is 0: this process owns no boot memory), ``x-query-numa``
+    (``base-memory`` is 0: this process owns no boot memory), ``query-memdev``
+    (the devices' memory backends, docs/backends.md), ``x-query-numa``
     and ``human-monitor-command`` (the human monitor, control/_hmp.py;
     docs/monitor.md).  There is no
     ``quit``: the server stops on SIGTERM/SIGINT.
@@ -117,7 +118,7 @@ from vfiouser_vmem.control._framing import (
 )
 from vfiouser_vmem.control._hmp import HumanMonitor, numa_text
 from vfiouser_vmem.control._protocol import ControlledDevice
-from vfiouser_vmem.control._qom import QomTree
+from vfiouser_vmem.control._qom import QomTree, memdev_info
 from vfiouser_vmem.util.logtext import printable
 from vfiouser_vmem.util.sockets import remove_socket_if_same
 
@@ -185,6 +186,7 @@ class QmpServer:
             "qom-list": self._qom_list,
             "query-memory-devices": self._query_memory_devices,
             "query-memory-size-summary": self._query_memory_size_summary,
+            "query-memdev": self._query_memdev,
             "x-query-numa": self._x_query_numa,
             "human-monitor-command": self._human_monitor_command,
         }
@@ -419,6 +421,11 @@ class QmpServer:
     def _query_memory_size_summary(self, client: Client, args: dict[str, Any]) -> Any:
         plugged = sum(int(device.memory_device_info()["size"]) for device in self._iter_devices())
         return {"base-memory": 0, "plugged-memory": plugged}
+
+    def _query_memdev(self, client: Client, args: dict[str, Any]) -> Any:
+        # QEMU lists /objects' children in the order of its hash table
+        # (object_child_foreach_recursive); here: the devices' order.
+        return [memdev_info(backend) for backend in self.qom.backends()]
 
     def _qom_list(self, client: Client, args: dict[str, Any]) -> Any:
         return self.qom.qom_list(args["path"])

@@ -31,7 +31,7 @@ from vfiouser_vmem.control._arguments import CommandError
 from vfiouser_vmem.control._protocol import ControlledDevice
 from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
 
-__all__ = ["QomBackend", "QomNode", "QomTree", "property_error"]
+__all__ = ["QomBackend", "QomNode", "QomTree", "memdev_info", "property_error"]
 
 
 class QomBackend(Protocol):
@@ -49,6 +49,16 @@ class QomBackend(Protocol):
 
     def qom_list(self) -> list[dict[str, str]]:
         """The properties but ``type``, in QEMU's order."""
+
+
+def memdev_info(backend: QomBackend) -> dict[str, Any]:
+    """A backend's query-memdev entry (hw/core/machine-qmp-cmds.c, query_memdev:
+    Memdev in qapi/machine.json), read from its QOM properties; the keys in
+    the order QEMU 11.1 sends them."""
+    get = backend.qom_get
+    return {"share": get("share"), "reserve": get("reserve"), "prealloc": get("prealloc"),
+            "host-nodes": list(get("host-nodes")), "size": get("size"), "merge": get("merge"), "dump": get("dump"),
+            "policy": get("policy"), "id": backend.id}
 
 
 class QomNode:
@@ -152,8 +162,9 @@ class QomTree:
         return QomNode("virtio-mem-pci", props=device, children=lambda: [("virtio-backend", backend)],
                        links=self._memdev_link(device), owner=device.id)
 
-    def _backends(self) -> list[tuple[str, QomNode]]:
-        nodes = []
+    def backends(self) -> list[QomBackend]:
+        """The devices' memory backends, once each, in the devices' order."""
+        found: list[QomBackend] = []
         seen: set[str] = set()
         for device in self._devices():
             get_backend = getattr(device, "memory_backend", None)
@@ -161,8 +172,11 @@ class QomTree:
             if backend is None or backend.id in seen:
                 continue
             seen.add(backend.id)
-            nodes.append((backend.id, QomNode(backend.qom_type, props=backend)))
-        return nodes
+            found.append(backend)
+        return found
+
+    def _backends(self) -> list[tuple[str, QomNode]]:
+        return [(backend.id, QomNode(backend.qom_type, props=backend)) for backend in self.backends()]
 
     # -- resolving paths ---------------------------------------------------------
 

@@ -16,7 +16,7 @@ import os
 
 import trio
 
-from vfiouser_vmem.errors import ConfigError, DiscardFailed
+from vfiouser_vmem.errors import ConfigError, DiscardFailed, PreallocFailed
 from vfiouser_vmem.server._config import DeviceConfig
 from vfiouser_vmem.util.sizes import format_size
 from vfiouser_vmem.util.sockets import claim_socket_path
@@ -40,12 +40,14 @@ from vfiouser_vmem.vmem import (
     ClientDisconnected,
     DiscardQueue,
     HostMemory,
-    MemfdBackend,
     MemoryBackend,
+    MemoryBackendConfig,
     PlugPolicy,
     RangeState,
     Reset,
     VirtioMemDevice,
+    open_backend,
+    small_block_size_warning,
 )
 
 log = logging.getLogger("vfiouser_vmem.server")
@@ -69,11 +71,21 @@ class DeviceServer(HostMemory):
         self.backend: MemoryBackend
         if config.backend is not None:
             self.backend = config.backend
-            if self.backend.size_bytes < self.bar_size:
+            if self.backend.size_bytes < config.size_bytes:
                 raise ConfigError(f"{config.id}: the backend holds {format_size(self.backend.size_bytes)}, "
-                                 f"the memory BAR needs {format_size(self.bar_size)}")
+                                  f"the device needs {format_size(config.size_bytes)}")
         else:
-            self.backend = MemfdBackend(self.bar_size, name=f"vfiouser-vmem:{config.id}", hugetlb=config.hugetlb)
+            assert config.memory_backend is not None
+            self._check_backend_settings(config.memory_backend)
+            self.backend = open_backend(config.memory_backend, device=config.id)
+        if (warning := small_block_size_warning(config.block_size_bytes, self.backend.page_size_bytes)):
+            log.warning("%s: %s", config.id, warning)
+        #: prealloc=on: PLUGs answered BUSY because the backend had no memory
+        #: (metrics), and whether that is happening now (one log line per episode).
+        self.prealloc_failures_total = 0
+        self._prealloc_failing = False
+        #: Accesses to the BAR past the device's size (not host-backed): logged once per client.
+        self._tail_access_logged = False
         self.clients_total = 0
         self.connected = False
         #: Fault injection (QOM property x-fail-discards): this many of the
@@ -115,6 +127,16 @@ class DeviceServer(HostMemory):
             self.close()
             raise
 
+    def _check_backend_settings(self, backend: MemoryBackendConfig) -> None:
+        """Rules that need the device and its backend together."""
+        if self.config.prealloc or backend.policy == "default":
+            return
+        if backend.is_hugetlb:
+            raise ConfigError(
+                f"device {self.config.id!r}: policy {backend.policy} on the huge pages of {backend.where} needs "
+                "prealloc=on on the device: hugetlbfs keeps no NUMA policy on the file, so pages QEMU faults "
+                "in would ignore it; with prealloc=on the server allocates every plugged block under it")
+
     def _setup_pci(self) -> None:
         ctx = self.ctx
         ctx.pci_init(PciType.CONVENTIONAL, vp.PCI_REVISION_MODERN)
@@ -129,8 +151,12 @@ class DeviceServer(HostMemory):
         ctx.setup_region(Region.BAR0, vp.BAR0_SIZE, self._bar0_access, RegionFlag.RW | RegionFlag.MEM,
                          fast_notify=(vp.NOTIFY_OFFSET, vp.NOTIFY_OFF_MULTIPLIER * vp.NUM_QUEUES))
         ctx.setup_region(Region.BAR1, vp.BAR1_SIZE, self._bar1_access, RegionFlag.RW | RegionFlag.MEM)
+        # Only the device's size is mmap-able (VFIO_REGION_INFO_CAP_SPARSE_MMAP):
+        # the power-of-two BAR's part past it is not host-backed, and a
+        # guest's access there traps to _bar2_access instead of finding
+        # host memory, or a SIGBUS past the end of the file (docs/backends.md).
         ctx.setup_region(Region.BAR2, self.bar_size, self._bar2_access, RegionFlag.RW | RegionFlag.MEM,
-                         fd=self.backend.fd)
+                         fd=self.backend.fd, mmap_areas=[(0, self.config.size_bytes)])
         msix_at = ctx.add_capability(
             vp.msix_cap(vp.MSIX_VECTORS, Region.BAR1, vp.MSIX_TABLE_OFFSET, Region.BAR1, vp.MSIX_PBA_OFFSET)
         )
@@ -199,9 +225,31 @@ class DeviceServer(HostMemory):
 
     def claim(self, offset_bytes: int, length_bytes: int) -> None:
         self.discards.claim(offset_bytes, length_bytes)
+        if self.config.prealloc:
+            self._populate(offset_bytes, length_bytes)
 
     def claim_due(self) -> bool:
-        return self.discards.claim_due()
+        # prealloc=on: every PLUG allocates, in Python (the C request path
+        # leaves PLUGs alone while this is True).
+        return self.config.prealloc or self.discards.claim_due()
+
+    def _populate(self, offset_bytes: int, length_bytes: int) -> None:
+        """Allocate a PLUG's blocks before its ACK (QEMU's virtio_mem_set_block_state
+        with prealloc): on the trio thread, as QEMU does it under its lock;
+        a failure is BUSY for the guest and one WARNING per episode."""
+        try:
+            self.backend.populate(offset_bytes, length_bytes)  # type: ignore[attr-defined]
+        except PreallocFailed as exc:
+            self.prealloc_failures_total += 1
+            if not self._prealloc_failing:
+                self._prealloc_failing = True
+                self.log.warning("%s: prealloc=on: %s; PLUGs are answered BUSY until the host has the memory "
+                                 "(the guest retries)", self.config.id, exc)
+            raise
+        if self._prealloc_failing:
+            self._prealloc_failing = False
+            self.log.info("%s: prealloc=on: PLUGs are allocated again (%d answered BUSY so far)",
+                          self.config.id, self.prealloc_failures_total)
 
     def _discard_now(self, offset_bytes: int, length_bytes: int) -> None:
         """Punch the hole (a worker thread of the DiscardQueue)."""
@@ -222,10 +270,22 @@ class DeviceServer(HostMemory):
         # reaching into it).  Only plugged memory may be written: a write to
         # unplugged memory would make the host allocate it again.
         end = offset + len(buf)
-        if end > self.config.size_bytes:
-            if is_write:
-                raise ValueError(f"write beyond the device's {format_size(self.config.size_bytes)}")
-            buf[:] = bytes(len(buf))
+        size = self.config.size_bytes
+        if end > size:
+            # The BAR past the device's size: not host memory (not mmap-able,
+            # setup_region): reads are zeros and writes are dropped, as for
+            # memory that is not there, and the client carries on.
+            if not self._tail_access_logged:
+                self._tail_access_logged = True
+                self.log.warning("%s: %s of %d byte(s) at BAR offset %#x, past the device's %s: %s "
+                                 "(logged once per client)", self.config.id, "write" if is_write else "read",
+                                 len(buf), offset, format_size(size),
+                                 "dropped" if is_write else "reads as zeros")
+            inside = max(0, size - offset)
+            if inside:
+                self._bar2_access(offset, buf[:inside], is_write)
+            if not is_write:
+                buf[inside:] = bytes(len(buf) - inside)
             return
         bs = self.model.block_size
         first = offset // bs
@@ -272,7 +332,10 @@ class DeviceServer(HostMemory):
         # process too; reach them through our own mapping of their backend.
         for server in (self, *self.siblings):
             bar_addr = server.transport.memory_bar_addr
-            if bar_addr and bar_addr <= region.iova and region.iova + region.length <= bar_addr + server.bar_size:
+            # The mmap-able part of the BAR, the device's size (setup_region):
+            # what QEMU maps back as guest RAM.
+            mapped_end = bar_addr + server.config.size_bytes
+            if bar_addr and bar_addr <= region.iova and region.iova + region.length <= mapped_end:
                 start = region.iova - bar_addr
                 # Only its plugged blocks are touched (csrc/vmem_guest.h).
                 device = DeviceMemory(server.model.bitmap, server.model.block_size, start)
@@ -295,6 +358,8 @@ class DeviceServer(HostMemory):
     # -- resets ---------------------------------------------------------
     def _reset(self, reset_type: ResetType) -> None:
         self.resets_total[reset_type.name] += 1
+        if reset_type == ResetType.LOST_CONN:
+            self._tail_access_logged = False
         plugged = self.model.plugged_size
         if reset_type == ResetType.LOST_CONN:
             self.transport.memory.clear()

@@ -9,6 +9,7 @@ from typing import Any
 
 from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
 from vfiouser_vmem.server._device_server import DeviceServer
+from vfiouser_vmem.vmem import MemoryBackendConfig
 
 __all__ = ["ControlledBackend", "ControlledVmem"]
 
@@ -137,48 +138,65 @@ class ControlledVmem:
 
 class ControlledBackend:
     """A device's memory backend as QEMU's ``/objects/<memdev>`` shows it:
-    a ``memory-backend-memfd`` (backends/hostmem.c, hostmem-memfd.c), its
-    properties in the order QEMU 11.1's qom-list gives them.  The values are
-    this process's (size, hugetlb) or QEMU's defaults for what it does not
-    have (no preallocation, no NUMA policy: memory is bound nowhere); QEMU's
-    child ``<id>[0]`` (the memory region) is not listed."""
-
-    QOM_TYPE = "memory-backend-memfd"
+    ``memory-backend-memfd`` or ``memory-backend-file`` (backends/hostmem.c,
+    hostmem-memfd.c, hostmem-file.c), its properties in the order QEMU
+    11.1's qom-list gives them, with the values this server uses
+    (``MemoryBackendConfig``).  A backend of one's own (``DeviceConfig.backend``)
+    shows as a memfd with QEMU's defaults.  QEMU's child ``<id>[0]`` (the
+    memory region) is not listed."""
 
     def __init__(self, server: DeviceServer) -> None:
         config = server.config
         self.id = config.memdev
-        self.qom_type = self.QOM_TYPE
-        self._props: dict[str, tuple[str, Callable[[], Any]]] = {
-            "share": ("bool", lambda: True),  # memfd backends default to share=on
-            "size": ("int", lambda: config.size_bytes),
-            "dump": ("bool", lambda: True),
+        mb = config.memory_backend or MemoryBackendConfig(id=config.memdev, size_bytes=config.size_bytes)
+        self.qom_type = mb.qom_type
+        page_size = server.backend.page_size_bytes
+        common: dict[str, tuple[str, Callable[[], Any]]] = {
+            "share": ("bool", lambda: mb.share),
+            "size": ("int", lambda: mb.size_bytes),
+            "dump": ("bool", lambda: mb.dump),
             "prealloc-threads": ("int", lambda: 1),
             "x-use-canonical-path-for-ramblock-id": ("bool", lambda: False),
-            "policy": ("HostMemPolicy", lambda: "default"),
+            "policy": ("HostMemPolicy", lambda: mb.policy),
             "prealloc-context": ("link<thread-context>", lambda: ""),
+            # The backend's own prealloc is refused for virtio-mem (the device has it).
             "prealloc": ("bool", lambda: False),
-            "reserve": ("bool", lambda: True),
-            "host-nodes": ("int", lambda: []),
-            "merge": ("bool", lambda: True),
-            "hugetlb": ("bool", lambda: config.hugetlb),
-            "seal": ("bool", lambda: True),
-            "hugetlbsize": ("int", lambda: 0),
+            "reserve": ("bool", lambda: mb.reserve),
+            "host-nodes": ("int", lambda: list(mb.host_nodes)),
+            "merge": ("bool", lambda: mb.merge),
         }
+        if mb.qom_type == "memory-backend-file":
+            extra: dict[str, tuple[str, Callable[[], Any]]] = {
+                "pmem": ("bool", lambda: False),
+                "align": ("int", lambda: page_size),
+                "offset": ("int", lambda: 0),
+                "mem-path": ("string", lambda: mb.mem_path),
+                "rom": ("OnOffAuto", lambda: "auto"),
+                "discard-data": ("bool", lambda: mb.discard_data),
+                "readonly": ("bool", lambda: False),
+            }
+        else:
+            extra = {
+                "hugetlb": ("bool", lambda: mb.hugetlb),
+                "seal": ("bool", lambda: mb.seal),
+                # QEMU reads back what was set (0: the default huge page size).
+                "hugetlbsize": ("int", lambda: mb.hugetlbsize_bytes),
+            }
+        self._props = {**common, **extra}
 
     def qom_list(self) -> list[dict[str, str]]:
         return [{"name": name, "type": typ} for name, (typ, _) in self._props.items()]
 
     def qom_get(self, prop: str) -> Any:
         if prop not in self._props:
-            raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
+            raise PropertyNotFound(f"Property '{self.qom_type}.{prop}' not found")
         return self._props[prop][1]()
 
     def qom_set(self, prop: str, value: Any) -> None:
         if prop not in self._props:
-            raise PropertyNotFound(f"Property '{self.QOM_TYPE}.{prop}' not found")
+            raise PropertyNotFound(f"Property '{self.qom_type}.{prop}' not found")
         if prop == "size":
             # backends/hostmem.c host_memory_backend_set_size, its trailing space too.
-            raise ValueError(f"cannot change property size of {self.QOM_TYPE} ")
+            raise ValueError(f"cannot change property size of {self.qom_type} ")
         # The other setters of a backend in use (hostmem.c, hostmem-memfd.c).
         raise ValueError("cannot change property value")

@@ -234,9 +234,13 @@ class VfuContext:
         *,
         fd: int = -1,
         fd_offset: int = 0,
+        mmap_areas: list[tuple[int, int]] | None = None,
         fast_notify: tuple[int, int] | None = None,
     ) -> None:
-        """Declare a region; with ``fd`` the whole region is mmap-able by the client.
+        """Declare a region; with ``fd`` the whole region is mmap-able by the
+        client, or only ``mmap_areas`` ((offset, length) pairs within the
+        region, sent as VFIO_REGION_INFO_CAP_SPARSE_MMAP): the client's
+        accesses elsewhere come to ``access``.
 
         ``fast_notify=(offset, length)``: a window of the region (BAR0 only)
         whose writes of 1, 2 or 4 bytes are answered in C and counted for
@@ -267,8 +271,20 @@ class VfuContext:
             cb = getattr(lib, f"vfu_py_region{int(region)}")
             if fast_notify is not None:
                 cb = ffi.addressof(lib, "vmem_region_fast_notify")
+        areas, nr_areas = ffi.NULL, 0
+        if mmap_areas is not None:
+            if fd < 0 or not mmap_areas:
+                raise ValueError("mmap_areas need an fd and at least one area")
+            areas = ffi.new("struct iovec[]", len(mmap_areas))
+            for i, (area_offset, area_length) in enumerate(mmap_areas):
+                if area_offset < 0 or area_length <= 0 or area_offset + area_length > size_bytes:
+                    raise ValueError(f"mmap area {area_offset:#x}+{area_length:#x} is empty or not inside "
+                                     f"{region.name}'s {size_bytes:#x} bytes")
+                areas[i].iov_base = ffi.cast("void *", area_offset)
+                areas[i].iov_len = area_length
+            nr_areas = len(mmap_areas)
         _check(
-            lib.vfu_setup_region(self._ctx, region, size_bytes, cb, int(flags), ffi.NULL, 0, fd, fd_offset),
+            lib.vfu_setup_region(self._ctx, region, size_bytes, cb, int(flags), areas, nr_areas, fd, fd_offset),
             f"vfu_setup_region({region.name}, {size_bytes:#x})",
         )
         if fast_notify is not None:

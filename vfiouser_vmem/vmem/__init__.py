@@ -11,7 +11,15 @@ import the transport, the vfio-user binding and the shared utilities
 """
 
 from vfiouser_vmem.errors import DiscardFailed, ProtocolViolation
-from vfiouser_vmem.vmem._backend import MemfdBackend, MemoryBackend
+from vfiouser_vmem.vmem._backend import (
+    BACKEND_TYPES,
+    HOST_MEM_POLICIES,
+    FileBackend,
+    MemfdBackend,
+    MemoryBackend,
+    MemoryBackendConfig,
+    open_backend,
+)
 from vfiouser_vmem.vmem._bitmap import BlockBitmap, RangeState
 from vfiouser_vmem.vmem._discard import DiscardQueue
 from vfiouser_vmem.vmem._events import (
@@ -36,6 +44,8 @@ from vfiouser_vmem.vmem._settings import (
     check_device_settings,
     check_requested_size,
     check_size,
+    default_block_size,
+    small_block_size_warning,
 )
 from vfiouser_vmem.vmem._spec import (
     CONFIG_SIZE,
@@ -52,6 +62,8 @@ from vfiouser_vmem.vmem._spec import (
 )
 
 __all__ = [
+    "BACKEND_TYPES",
+    "HOST_MEM_POLICIES",
     "CLI_NAMES",
     "CONFIG_NAMES",
     "CONFIG_SIZE",
@@ -70,7 +82,9 @@ __all__ = [
     "DiscardQueue",
     "HookErrors",
     "HostMemory",
+    "FileBackend",
     "MemfdBackend",
+    "MemoryBackendConfig",
     "MemoryBackend",
     "Observers",
     "PlugPolicy",
@@ -90,4 +104,7 @@ __all__ = [
     "check_device_settings",
     "check_requested_size",
     "check_size",
+    "default_block_size",
+    "open_backend",
+    "small_block_size_warning",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vfiouser_vmem._blocks import ffi as _ffi
-from vfiouser_vmem.errors import DiscardFailed, ProtocolViolation
+from vfiouser_vmem.errors import DiscardFailed, PreallocFailed, ProtocolViolation
 from vfiouser_vmem.util.native import CData, CField
 from vfiouser_vmem.util.sizes import format_size
 from vfiouser_vmem.vmem._bitmap import BlockBitmap, RangeState
@@ -56,9 +56,12 @@ class HostMemory:
     ``DiscardFailed`` when it cannot (the UNPLUG is then answered BUSY and
     the blocks stay plugged); ``discard_refused`` says beforehand that it
     would.  ``claim`` runs before blocks are marked plugged, once the PLUG
-    is known to be accepted: a deferred discard of that range must be
-    dropped or finished by then; ``claim_due`` says whether one may be
-    pending at all.  The C request path relies on the two predicates: it
+    is known to be accepted: it makes the range the guest's again (a
+    deferred discard of it is dropped or finished; with the device's
+    ``prealloc=on`` its memory is allocated) and raises ``PreallocFailed``
+    when the host cannot provide it (the PLUG is then answered BUSY and the
+    blocks stay unplugged); ``claim_due`` says whether a claim has anything
+    to do at all.  The C request path relies on the two predicates: it
     serves an UNPLUG only while ``discard_refused()`` is False and a PLUG
     only while ``claim_due()`` is False, and leaves the others to Python.
     """
@@ -222,8 +225,11 @@ class VirtioMemDevice:
         before = (self.requested_size, self.usable_region_size)
         self.requested_size = size_bytes
         self._resize_usable_region(can_shrink=False)
-        if (self.requested_size, self.usable_region_size) != before:
-            self._config_changed()
+        # A configuration change even when nothing changed, as QEMU's
+        # virtio_mem_set_requested_size ("We trigger even if the size didn't
+        # change"): an operator's nudge makes the driver retry a BUSY plug at
+        # once instead of on its retry timer (Linux: 50 s, doubling).
+        self._config_changed()
         if before[0] != size_bytes and self.observers:
             self.observers.emit(RequestedSizeChanged(self.name, before[0], size_bytes))
 
@@ -399,8 +405,16 @@ class VirtioMemDevice:
             return self._refuse(request, Response.ERROR, "some of the blocks are already plugged")
         if self.policy is not None and (refusal := self._policy_refusal(request)) is not None:
             return refusal
-        self.host_memory.claim(first * self.block_size, size)
-        # Plugging is lazy: the host allocates on first guest touch.
+        try:
+            self.host_memory.claim(first * self.block_size, size)
+        except PreallocFailed as exc:
+            # A host-side problem (virtio_mem_set_block_state answers -EBUSY):
+            # the guest retries later.  HostMemory logs the episode, not
+            # every request.
+            log.debug("%s: PLUG of %d block(s) at %#x answered BUSY: %s", self.name, request.nb_blocks,
+                      request.addr, exc)
+            return Response.BUSY
+        # Plugging is lazy (without prealloc): the host allocates on first guest touch.
         self.bitmap.set_range(first, request.nb_blocks)
         self._plugged_blocks += request.nb_blocks
         self._request_changed_size()

@@ -10,12 +10,13 @@ import operator
 from dataclasses import dataclass
 
 from vfiouser_vmem.errors import ConfigError
+from vfiouser_vmem.util import hostmem
 from vfiouser_vmem.util.sizes import format_size
 from vfiouser_vmem.vmem._spec import MIN_BLOCK_SIZE_BYTES
 
 __all__ = [
     "CLI_NAMES", "CONFIG_NAMES", "MODEL_NAMES", "MAX_DEVICE_SIZE_BYTES", "SettingNames", "check_block_size",
-    "check_device_settings", "check_requested_size", "check_size",
+    "check_device_settings", "check_requested_size", "check_size", "default_block_size", "small_block_size_warning",
 ]
 
 #: The largest device served: a 1 TiB device's bitmap is 64 KiB and its BAR
@@ -51,19 +52,44 @@ def _refuse(where: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {message}" if where else message)
 
 
+def default_block_size(page_size_bytes: int) -> int:
+    """QEMU's default block size for a backend of this page size
+    (hw/virtio/virtio-mem.c, virtio_mem_default_block_size): on ordinary
+    memory the THP size, so that unplugging never splits a transparent huge
+    page; on huge pages the page size (at least 1 MiB)."""
+    if page_size_bytes == hostmem.base_page_size():
+        return max(page_size_bytes, hostmem.thp_size())
+    return max(page_size_bytes, MIN_BLOCK_SIZE_BYTES)
+
+
+def small_block_size_warning(block_size_bytes: int, page_size_bytes: int, names: SettingNames = SettingNames()
+                             ) -> str | None:
+    """QEMU's warning for a block size below the default (virtio_mem_device_realize:
+    THPs of plugged blocks would cover unplugged ones, unplugging splits them), or None."""
+    default = default_block_size(page_size_bytes)
+    if block_size_bytes >= default:
+        return None
+    return (f"'{names.block_size}' property is smaller than the default block size ({default >> 20} MiB): "
+            f"{format_size(block_size_bytes)} blocks split transparent huge pages when unplugged")
+
+
 def check_block_size(block_size_bytes: int, *, page_size_bytes: int = 4096, where: str = "",
                      names: SettingNames = SettingNames()) -> None:
     """A power of two, >= 1 MiB, >= the backend's page size (the huge page
     size for hugetlb).  QEMU takes the THP size (2 MiB) as the *default*
-    block size but accepts any block size >= the RAM page size
-    (hw/virtio/virtio-mem.c, virtio_mem_device_realize); so do we, so
-    that 1 MiB blocks work on ordinary memory."""
-    if block_size_bytes <= 0 or block_size_bytes & (block_size_bytes - 1):
-        raise _refuse(where, f"{names.block_size} {block_size_bytes} is not a power of two")
-    minimum = max(MIN_BLOCK_SIZE_BYTES, page_size_bytes)
-    if block_size_bytes < minimum:
+    block size but accepts any block size >= the RAM page size, with a
+    warning (hw/virtio/virtio-mem.c, virtio_mem_device_realize); so do we
+    (``small_block_size_warning``), so that 1 MiB blocks work on ordinary
+    memory."""
+    if block_size_bytes < MIN_BLOCK_SIZE_BYTES:
         raise _refuse(where, f"{names.block_size} {format_size(block_size_bytes)} is below the minimum "
-                             f"{format_size(minimum)} (the backend's page size)")
+                             f"{format_size(MIN_BLOCK_SIZE_BYTES)}")
+    if block_size_bytes & (block_size_bytes - 1):
+        raise _refuse(where, f"{names.block_size} {format_size(block_size_bytes)} is not a power of two "
+                             "(virtio-mem blocks are: 1M, 2M, 4M, ...)")
+    if block_size_bytes < page_size_bytes:
+        raise _refuse(where, f"{names.block_size} {format_size(block_size_bytes)} is below the backend's page "
+                             f"size {format_size(page_size_bytes)}")
 
 
 def check_size(size_bytes: int, block_size_bytes: int, *, where: str = "",

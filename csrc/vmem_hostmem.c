@@ -1,0 +1,64 @@
+/* See vmem_hostmem.h. */
+#include "vmem_hostmem.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* linux/mman.h, since 5.14 */
+#endif
+
+int64_t vmem_fs_magic(int fd)
+{
+    struct statfs st;
+    if (fstatfs(fd, &st) < 0)
+        return -errno;
+    return (int64_t)(uint64_t)(unsigned long)st.f_type;
+}
+
+int vmem_mbind(void *addr, uint64_t length, int mode, const unsigned long *nodemask, uint64_t maxnode,
+               unsigned int flags)
+{
+    /* glibc has no mbind wrapper (libnuma does); the system call is stable. */
+    if (syscall(SYS_mbind, addr, (unsigned long)length, mode, nodemask, (unsigned long)maxnode, flags) < 0)
+        return -errno;
+    return 0;
+}
+
+int vmem_set_mempolicy(int mode, const unsigned long *nodemask, uint64_t maxnode)
+{
+    if (syscall(SYS_set_mempolicy, mode, nodemask, (unsigned long)maxnode) < 0)
+        return -errno;
+    return 0;
+}
+
+int vmem_populate(int fd, void *addr, uint64_t offset, uint64_t length)
+{
+    if (length == 0 || offset > (uint64_t)INT64_MAX || length > (uint64_t)INT64_MAX - offset)
+        return -EINVAL;
+    for (;;) {
+        /* Mode 0 allocates without writing a byte: shmem and hugetlbfs take
+         * the pages (huge pages from the pool) and zero them, and a later
+         * fault through any mapping finds them there. */
+        if (fallocate(fd, 0, (off_t)offset, (off_t)length) == 0)
+            return 0;
+        if (errno != EINTR)
+            break;
+    }
+    if (errno != EOPNOTSUPP || addr == NULL)
+        return -errno;
+    /* A filesystem without fallocate: fault every page in for writing, the
+     * way the guest's first touch would, but here where a failure is an
+     * error code and not a SIGBUS. */
+    for (;;) {
+        if (madvise((char *)addr + offset, (size_t)length, MADV_POPULATE_WRITE) == 0)
+            return 0;
+        if (errno != EINTR)
+            return -errno;
+    }
+}

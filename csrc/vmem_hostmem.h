@@ -1,0 +1,42 @@
+/*
+ * vmem_hostmem: the system calls of the memory backends that Python's os
+ * and mmap modules do not offer (vfiouser_vmem/vmem/_backend.py).
+ *
+ * - statfs(2) f_type, to tell hugetlbfs (its page size is the mount's) from
+ *   other filesystems, as QEMU's qemu_fd_getpagesize does (util/oslib-posix.c);
+ * - mbind(2), without libnuma: one system call, and the kernel's quirk of
+ *   counting maxnode one past the highest node is the caller's business;
+ * - preallocation of a range of the backend for the device's prealloc=on
+ *   (QEMU's qemu_prealloc_mem, util/oslib-posix.c, does the same two steps).
+ *
+ * Every function returns 0 (or a non-negative value) or -errno.
+ */
+#ifndef VMEM_HOSTMEM_H
+#define VMEM_HOSTMEM_H
+
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+/* statfs f_type of the filesystem fd lives on, or -errno. */
+int64_t vmem_fs_magic(int fd);
+
+/* mbind(addr, length, mode, nodemask, maxnode, flags); 0 or -errno. */
+int vmem_mbind(void *addr, uint64_t length, int mode, const unsigned long *nodemask, uint64_t maxnode,
+               unsigned int flags);
+
+/* set_mempolicy(mode, nodemask, maxnode) for the calling thread; 0 or
+ * -errno.  hugetlbfs keeps no shared policy of mbind's (it has no
+ * set_policy operation), so the server allocates a hugetlb backend's blocks
+ * under a thread policy instead. */
+int vmem_set_mempolicy(int mode, const unsigned long *nodemask, uint64_t maxnode);
+
+/* Allocate [offset, offset + length) of fd: fallocate(mode 0), or, where
+ * the filesystem cannot (EOPNOTSUPP), MADV_POPULATE_WRITE on addr + offset
+ * (the caller's shared mapping of fd from offset 0; NULL: no fallback).
+ * 0, or -errno (ENOSPC, ENOMEM, EFAULT for a huge page pool that ran out
+ * under MADV_POPULATE_WRITE).  On failure part of the range may be
+ * allocated: the caller punches it again. */
+int vmem_populate(int fd, void *addr, uint64_t offset, uint64_t length);
+/* CDEF-END */
+
+#endif /* VMEM_HOSTMEM_H */
