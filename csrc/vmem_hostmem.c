@@ -62,3 +62,30 @@ int vmem_populate(int fd, void *addr, uint64_t offset, uint64_t length)
             return -errno;
     }
 }
+
+int64_t vmem_data_extents(int fd, uint64_t start, uint64_t end, uint64_t *out, uint64_t max_extents)
+{
+    uint64_t count = 0;
+    uint64_t pos = start;
+    if (start > (uint64_t)INT64_MAX || end > (uint64_t)INT64_MAX)
+        return -EINVAL;
+    while (pos < end && count < max_extents) {
+        off_t data = lseek(fd, (off_t)pos, SEEK_DATA);
+        if (data < 0) {
+            if (errno == ENXIO)  /* no data at or after pos */
+                break;
+            return -errno;
+        }
+        if ((uint64_t)data >= end)
+            break;
+        off_t hole = lseek(fd, data, SEEK_HOLE);
+        if (hole < 0)
+            return -errno;
+        uint64_t extent_end = (uint64_t)hole < end ? (uint64_t)hole : end;
+        out[2 * count] = (uint64_t)data;
+        out[2 * count + 1] = extent_end;
+        count++;
+        pos = extent_end;
+    }
+    return (int64_t)count;
+}

@@ -37,6 +37,15 @@ int vmem_set_mempolicy(int mode, const unsigned long *nodemask, uint64_t maxnode
  * under MADV_POPULATE_WRITE).  On failure part of the range may be
  * allocated: the caller punches it again. */
 int vmem_populate(int fd, void *addr, uint64_t offset, uint64_t length);
+/* The allocated extents of fd within [start, end), found with
+ * lseek(SEEK_DATA) / lseek(SEEK_HOLE): at most max_extents [start, end)
+ * pairs into out (2 * max_extents words), clipped to the range; the cost is
+ * one pair of lseek calls per extent, whatever the size of the holes.
+ * Returns the number of extents (max_extents: there may be more, from
+ * out[2 * max_extents - 1] on), or -errno.  A filesystem without SEEK_DATA
+ * reports the whole range as one extent (generic_file_llseek). */
+int64_t vmem_data_extents(int fd, uint64_t start, uint64_t end, uint64_t *out, uint64_t max_extents);
+
 /* CDEF-END */
 
 #endif /* VMEM_HOSTMEM_H */

@@ -250,8 +250,9 @@ COMMANDS: list[tuple[str, bool, tuple[Differs, ...]]] = [
      (Differs(r"(?!(type|size|requested-size|block-size|memaddr|node|memdev) ).*",
               "the PCI proxy's and virtio transport's properties and memory regions (a VM's device model)",
               "qemu-only"),
-      Differs(r"(max-size|discard-pending|x-fail-discards|x-hold-requests|x-requests-pending) \(.*\)",
-              "the server's own properties (README: discard-pending, testing aids; max-size is "
+      Differs(r"(max-size|discard-pending|unplugged-found|unplugged-reclaimed|unplugged-episodes|unplugged-access"
+              r"|scrub-interval|scrub-passes|x-fail-discards|x-hold-requests|x-requests-pending) \(.*\)",
+              "the server's own properties (README: discard-pending, docs/scrub.md, testing aids; max-size is "
               "query-memory-devices' field, not a QOM property in QEMU)", "ours-only"))),
     ("qom-get vm0 requested-size", True, ()),
     ("qom-get /machine/peripheral/vm0 requested-size", True, ()),

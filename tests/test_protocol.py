@@ -236,6 +236,8 @@ class VmemFactory:
         record_crash: bool = False,
         memory_backend: MemoryBackendConfig | None = None,
         prealloc: bool = False,
+        scrub_interval_s: float = 10.0,
+        unplugged_access: str = "reclaim",
     ) -> Vmem:
         self.count += 1
         config = DeviceConfig(
@@ -247,6 +249,8 @@ class VmemFactory:
             node=node,
             memory_backend=memory_backend,
             prealloc=prealloc,
+            scrub_interval_s=scrub_interval_s,
+            unplugged_access=unplugged_access,
         )
         server = DeviceServer(config)
         crashes: list[BaseException] | None = [] if record_crash else None

@@ -15,6 +15,7 @@ Syntax (QEMU's QemuOpts, as ``-object``/``-device`` take it)::
              [,reserve=on][,dump=off][,policy=bind,host-nodes=0-1]
     --device [virtio-mem,|driver=virtio-mem,]id=vm0,memdev=mem0,socket=PATH
              [,node=N][,block-size=2M][,requested-size=1G][,prealloc=on]
+             [,scrub-interval=10][,unplugged-access=reclaim|report|disconnect]
 
 Items are separated by ``,``; a ``,,`` is a literal comma inside a value.
 The first item may be bare: it is the object's ``qom-type`` / the device's
@@ -77,7 +78,8 @@ OBJECT_KEYS = {
     "memory-backend-memfd": _COMMON_OBJECT_KEYS + ("hugetlb", "hugetlbsize", "seal"),
     "memory-backend-file": _COMMON_OBJECT_KEYS + ("mem-path", "discard-data"),
 }
-DEVICE_KEYS = ("driver", "id", "memdev", "socket", "node", "block-size", "requested-size", "prealloc")
+DEVICE_KEYS = ("driver", "id", "memdev", "socket", "node", "block-size", "requested-size", "prealloc",
+               "scrub-interval", "unplugged-access")
 FILE_TOP_LEVEL_KEYS = ("qmp", "monitor", "qmp-max-clients", "socket-group", "object", "device")
 #: Keys that may be given more than once in QEMU's key=value syntax (a list).
 _LIST_KEYS = ("host-nodes",)
@@ -291,6 +293,19 @@ def _flag(spec: Spec, key: str, default: bool) -> bool:
     raise ConfigError(f"{spec.where}: {key}: expected on or off, got {value!r}")
 
 
+def _seconds(spec: Spec, key: str, default: float) -> float:
+    value = spec.values.get(key)
+    if value is None:
+        return default
+    try:
+        seconds = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{spec.where}: {key}: expected a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
 def _id(spec: Spec) -> str:
     value = _required_str(spec, "id",
                           "the name used over QMP" if spec.kind == "device" else "the name memdev= refers to")
@@ -456,6 +471,8 @@ def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path:
             memdev=memdev,
             memory_backend=backend,
             prealloc=_flag(spec, "prealloc", False),
+            scrub_interval_s=_seconds(spec, "scrub-interval", 10.0),
+            unplugged_access=_str(spec, "unplugged-access") or "reclaim",
         ))
     unused = [b for b in backends.values() if b.id not in used_memdevs]
     if unused:

@@ -77,7 +77,8 @@ examples:
   discard-data, reserve, dump, policy, host-nodes
 --device keys: virtio-mem (the driver, may be omitted), id, memdev, socket,
   node, block-size (default: 2M, or the huge page size), requested-size
-  (default 0), prealloc
+  (default 0), prealloc, scrub-interval (seconds, default 10; 0: no periodic
+  scrub), unplugged-access (reclaim, report or disconnect; docs/scrub.md)
 What each key does, and why some of QEMU's are refused: docs/backends.md.
 Sizes take QEMU's forms: a byte count or a number with K, M, G, T (512M, 8G).
 

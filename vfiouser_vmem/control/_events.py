@@ -1,11 +1,20 @@
-"""QMP events: ``MEMORY_DEVICE_SIZE_CHANGE``, rate limited per device.
+"""QMP events: ``MEMORY_DEVICE_SIZE_CHANGE`` and the server's own
+``__org.vfiouser-vmem_UNPLUGGED_MEMORY_FOUND``, rate limited per device.
 
 Events
     ``MEMORY_DEVICE_SIZE_CHANGE`` ``{"id", "size", "qom-path"}`` with a
     ``{"seconds", "microseconds"}`` timestamp (the time of the change), sent
     to every client in command mode.  The server subscribes to each device's
     ``add_size_listener`` when ``serve`` starts, and to devices given to
-    ``QmpServer.add_device`` later.  A listener call may come from the trio
+    ``QmpServer.add_device`` later.
+
+    ``__org.vfiouser-vmem_UNPLUGGED_MEMORY_FOUND`` ``{"id", "qom-path",
+    "size", "ranges": [{"addr", "size"}, ...] (at most 64), "action",
+    "total-found"}``: a scrub pass found host memory in the device's
+    unplugged blocks (docs/scrub.md).  The name follows QEMU's rule for
+    downstream extensions (docs/devel/qapi-code-gen.rst: ``__RFQDN_`` and
+    the name), so no client mistakes it for one of QEMU's.  From devices
+    with ``add_unplugged_listener``.  A listener call may come from the trio
     thread running ``serve`` or from any other thread (it is then handed to
     the trio thread with ``TrioToken.run_sync_soon``); it never blocks.
     Changes reported while ``serve`` is not running are dropped (there is no
@@ -36,11 +45,12 @@ import trio
 
 from vfiouser_vmem.control._protocol import ControlledDevice
 
-__all__ = ["SIZE_CHANGE_EVENT", "SizeChangeEvents"]
+__all__ = ["SIZE_CHANGE_EVENT", "UNPLUGGED_MEMORY_EVENT", "SizeChangeEvents"]
 
 log = logging.getLogger("vfiouser_vmem.qmp")
 
 SIZE_CHANGE_EVENT = "MEMORY_DEVICE_SIZE_CHANGE"
+UNPLUGGED_MEMORY_EVENT = "__org.vfiouser-vmem_UNPLUGGED_MEMORY_FOUND"
 
 
 @dataclass
@@ -69,7 +79,7 @@ class SizeChangeEvents:
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._trio_thread: int | None = None
         self._unsubscribe: dict[str, Callable[[], None]] = {}
-        self._throttles: dict[str, _Throttle] = {}
+        self._throttles: dict[tuple[str, str], _Throttle] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         """Send events from now on; the rate-limit windows run in ``nursery``."""
@@ -98,42 +108,56 @@ class SizeChangeEvents:
         def listener(size: int) -> None:
             self._size_changed_from_any_thread(device, size)
 
-        self._unsubscribe[device.id] = device.add_size_listener(listener)
+        removers = [device.add_size_listener(listener)]
+        add_unplugged = getattr(device, "add_unplugged_listener", None)
+        if add_unplugged is not None:
+            def unplugged(data: dict[str, Any]) -> None:
+                self._event_from_any_thread(device, UNPLUGGED_MEMORY_EVENT, data)
+
+            removers.append(add_unplugged(unplugged))
+
+        def remove_all() -> None:
+            for remove in removers:
+                remove()
+
+        self._unsubscribe[device.id] = remove_all
 
     def _size_changed_from_any_thread(self, device: ControlledDevice, size: int) -> None:
+        self._event_from_any_thread(device, SIZE_CHANGE_EVENT,
+                                    {"id": device.id, "size": size, "qom-path": device.qom_path})
+
+    def _event_from_any_thread(self, device: ControlledDevice, name: str, data: dict[str, Any]) -> None:
         if not self._active or self._trio_token is None:
             return
         if threading.get_ident() == self._trio_thread:
             # The transport calls size listeners after the guest has its
             # interrupt (VirtioMemDevice.defer_size_events): send now.
-            self._size_changed(device, size, _timestamp())
+            self._emit(device, name, data, _timestamp())
             return
         try:
-            self._trio_token.run_sync_soon(self._size_changed, device, size, _timestamp())
+            self._trio_token.run_sync_soon(self._emit, device, name, data, _timestamp())
         except trio.RunFinishedError:
             pass
 
-    def _size_changed(self, device: ControlledDevice, size: int, timestamp: dict[str, int]) -> None:
+    def _emit(self, device: ControlledDevice, name: str, data: dict[str, Any], timestamp: dict[str, int]) -> None:
         if not self._active or self._nursery is None:
             return
-        event = {
-            "event": SIZE_CHANGE_EVENT,
-            "data": {"id": device.id, "size": size, "qom-path": device.qom_path},
-            "timestamp": timestamp,
-        }
+        event = {"event": name, "data": data, "timestamp": timestamp}
         if self.interval_s <= 0:
             self._broadcast(event)
             return
-        throttle = self._throttles.get(device.id)
+        # One window per event and device, as QEMU's per-event rate limit.
+        key = (name, device.id)
+        throttle = self._throttles.get(key)
         if throttle is not None:
             throttle.pending = event  # coalesce: only the latest survives
             return
         self._broadcast(event)
         throttle = _Throttle(deadline=trio.current_time() + self.interval_s)
-        self._throttles[device.id] = throttle
-        self._nursery.start_soon(self._throttle_window, device.id, throttle)
+        self._throttles[key] = throttle
+        self._nursery.start_soon(self._throttle_window, key, throttle)
 
-    async def _throttle_window(self, dev_id: str, throttle: _Throttle) -> None:
+    async def _throttle_window(self, key: tuple[str, str], throttle: _Throttle) -> None:
         """End of a rate-limit window: send the pending event and open a new
         window, or close the window when nothing is pending."""
         try:
@@ -145,5 +169,5 @@ class SizeChangeEvents:
                 self._broadcast(event)
                 throttle.deadline = trio.current_time() + self.interval_s
         finally:
-            if self._throttles.get(dev_id) is throttle:
-                del self._throttles[dev_id]
+            if self._throttles.get(key) is throttle:
+                del self._throttles[key]

@@ -22,6 +22,13 @@ Read from the devices at scrape time:
     kind ``device``, ``lost_conn``, ``pci_flr``);
     ``vfiouser_vmem_hook_errors_total{hook}`` (counter: exceptions of the
     plug policy, hook ``policy``, and of observers, ``observer``);
+    ``vfiouser_vmem_unplugged_found_bytes_total``,
+    ``vfiouser_vmem_unplugged_reclaimed_bytes_total``,
+    ``vfiouser_vmem_unplugged_episodes_total`` (counters: host memory the
+    scrubber found in unplugged blocks, what of it was given back, and the
+    passes that found some; docs/scrub.md);
+    ``vfiouser_vmem_scrub_passes_total`` (counter) and
+    ``vfiouser_vmem_scrub_last_pass_seconds`` (gauge);
     ``vfiouser_vmem_prealloc_failures_total`` (counter: PLUGs answered BUSY
     because the backend had no memory for them, with the device's
     ``prealloc=on``);
@@ -146,6 +153,18 @@ class _DeviceCollector:
         hook_errors = CounterMetricFamily("vfiouser_vmem_hook_errors",
                                           "Exceptions raised by a plug policy or an observer (docs/api.md).",
                                           labels=["id", "hook"])
+        unplugged_found = CounterMetricFamily(
+            "vfiouser_vmem_unplugged_found_bytes",
+            "Host memory found in unplugged blocks by the scrubber (docs/scrub.md).", labels=labels)
+        unplugged_reclaimed = CounterMetricFamily(
+            "vfiouser_vmem_unplugged_reclaimed_bytes",
+            "Host memory found in unplugged blocks and given back.", labels=labels)
+        unplugged_episodes = CounterMetricFamily(
+            "vfiouser_vmem_unplugged_episodes", "Scrub passes that found memory in unplugged blocks.",
+            labels=labels)
+        scrub_passes = CounterMetricFamily("vfiouser_vmem_scrub_passes", "Scrub passes done.", labels=labels)
+        scrub_seconds = GaugeMetricFamily("vfiouser_vmem_scrub_last_pass_seconds",
+                                          "Wall time of the last scrub pass.", labels=labels)
         prealloc_failures = CounterMetricFamily(
             "vfiouser_vmem_prealloc_failures",
             "PLUGs answered BUSY because the backend had no memory for them (prealloc=on).", labels=labels)
@@ -173,6 +192,11 @@ class _DeviceCollector:
             for hook in ("policy", "observer"):
                 hook_errors.add_metric([cid, hook], model.hook_errors[hook])
             prealloc_failures.add_metric([cid], server.prealloc_failures_total)
+            unplugged_found.add_metric([cid], server.unplugged_found_bytes_total)
+            unplugged_reclaimed.add_metric([cid], server.unplugged_reclaimed_bytes_total)
+            unplugged_episodes.add_metric([cid], server.unplugged_episodes_total)
+            scrub_passes.add_metric([cid], server.scrubber.passes_total)
+            scrub_seconds.add_metric([cid], server.scrubber.last_pass_s)
             connections.add_metric([cid], server.clients_total)
             connected.add_metric([cid], 1 if server.connected else 0)
             node = "" if server.config.node is None else str(server.config.node)
@@ -181,7 +205,8 @@ class _DeviceCollector:
                              backend.qom_type if backend is not None else type(server.backend).__name__,
                              str(server.backend.page_size_bytes), "on" if server.config.prealloc else "off"], 1)
         yield from (requested, plugged, maximum, block, usable, allocated, pending, discarded, discard_failures,
-                    resets, hook_errors, prealloc_failures, connections, connected, info)
+                    resets, hook_errors, prealloc_failures, unplugged_found, unplugged_reclaimed, unplugged_episodes,
+                    scrub_passes, scrub_seconds, connections, connected, info)
 
 
 class MetricsExporter:

@@ -15,7 +15,10 @@ from vfiouser_vmem.vmem import (
     default_block_size,
 )
 
-__all__ = ["DeviceConfig", "check_id"]
+__all__ = ["UNPLUGGED_ACCESS_ACTIONS", "DeviceConfig", "check_id"]
+
+#: What a device does when a scrub finds memory in unplugged blocks (docs/scrub.md).
+UNPLUGGED_ACCESS_ACTIONS = ("reclaim", "report", "disconnect")
 
 # QEMU's id_wellformed() (util/id.c).
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
@@ -56,6 +59,13 @@ class DeviceConfig:
     #: Allocate the blocks of every PLUG before acknowledging it (QEMU's
     #: virtio-mem ``prealloc=on``): BUSY when the host has no memory.
     prealloc: bool = False
+    #: Seconds between periodic scrub passes (docs/scrub.md); 0: none (the
+    #: passes after each resize and reset still run).
+    scrub_interval_s: float = 10.0
+    #: What a scrub pass that finds host memory in unplugged blocks does:
+    #: ``reclaim`` it, only ``report`` it, or ``disconnect`` the vfio-user
+    #: client (and reclaim it).
+    unplugged_access: str = "reclaim"
     #: A backend of one's own (``vfiouser_vmem.MemoryBackend``), used instead
     #: of a memfd; the device server closes it when it stops.
     backend: MemoryBackend | None = None
@@ -88,6 +98,12 @@ class DeviceConfig:
                               f"({type(self.backend).__name__} has no populate())")
         if self.node is not None and not 0 <= self.node <= 0xFFFF:
             raise ConfigError(f"{where}: node {self.node} is out of range (0-65535)")
+        if not 0 <= self.scrub_interval_s < float("inf"):
+            raise ConfigError(f"{where}: scrub-interval {self.scrub_interval_s} is not a number of seconds >= 0 "
+                              "(0: no periodic scrub)")
+        if self.unplugged_access not in UNPLUGGED_ACCESS_ACTIONS:
+            raise ConfigError(f"{where}: unplugged-access {self.unplugged_access!r} is not one of "
+                              f"{', '.join(UNPLUGGED_ACCESS_ACTIONS)}")
 
     def page_size_bytes(self) -> int:
         """The backend's page size: the unit block sizes are checked against."""

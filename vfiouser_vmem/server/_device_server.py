@@ -45,7 +45,11 @@ from vfiouser_vmem.vmem import (
     PlugPolicy,
     RangeState,
     Reset,
+    Scrubber,
+    ScrubFinding,
+    UnpluggedMemoryFound,
     VirtioMemDevice,
+    allocated_extents,
     open_backend,
     small_block_size_warning,
 )
@@ -104,6 +108,16 @@ class DeviceServer(HostMemory):
             chunk_bytes=max(DISCARD_CHUNK_BYTES, self.backend.page_size_bytes),
             name=config.id,
         )
+        #: Moves whenever the host side changes the backend on the trio
+        #: thread (a PLUG's claim, an UNPLUG's discard, a preallocation): a
+        #: scrub scan that ran across a change is not trusted (vmem/_scrub.py).
+        self._host_epoch = 0
+        #: Host memory found in unplugged blocks (docs/scrub.md): bytes, episodes.
+        self.unplugged_found_bytes_total = 0
+        self.unplugged_reclaimed_bytes_total = 0
+        self.unplugged_episodes_total = 0
+        self._reported: tuple[tuple[int, int], ...] = ()
+        self._disconnect_reason: str | None = None
         try:
             self.model = VirtioMemDevice(
                 region_size_bytes=config.size_bytes,
@@ -115,6 +129,17 @@ class DeviceServer(HostMemory):
                 host_memory=self,
                 policy=config.policy,
             )
+            self.scrubber = Scrubber(
+                name=config.id,
+                scan=lambda: allocated_extents(self.backend.fd, 0, config.size_bytes),
+                bitmap=self.model.bitmap,
+                block_size_bytes=self.model.block_size,
+                idle=self.discards.wait_idle,
+                epoch=lambda: self._host_epoch,
+                found=self._unplugged_memory_found,
+                interval_s=config.scrub_interval_s,
+            )
+            self.model.size_listeners.append(lambda _size: self.scrubber.size_changed())
             claim_socket_path(config.socket)
             self.ctx = VfuContext(config.socket, logger=logging.getLogger(f"vfiouser_vmem.vfu.{config.id}"))
         except BaseException:
@@ -218,12 +243,14 @@ class DeviceServer(HostMemory):
 
     def discard(self, offset_bytes: int, length_bytes: int) -> None:
         """Queued, done after the answer (vmem/_discard.py)."""
+        self._host_epoch += 1
         if self.discard_refused():
             raise DiscardFailed(f"an earlier discard failed and is being retried ({self.discards.failure})")
         # The worker is woken after the answer: serve_requests().
         self.discards.submit(offset_bytes, length_bytes, wake=False)
 
     def claim(self, offset_bytes: int, length_bytes: int) -> None:
+        self._host_epoch += 1
         self.discards.claim(offset_bytes, length_bytes)
         if self.config.prealloc:
             self._populate(offset_bytes, length_bytes)
@@ -257,6 +284,47 @@ class DeviceServer(HostMemory):
             self.fail_discards -= 1
             raise DiscardFailed(f"injected discard failure (x-fail-discards, {self.fail_discards} left)")
         self.backend.discard(offset_bytes, length_bytes)
+
+    # -- scrubbing (docs/scrub.md) ---------------------------------------
+    def _unplugged_memory_found(self, finding: ScrubFinding) -> None:
+        """A scrub pass found host memory in unplugged blocks: one episode,
+        handled as ``unplugged-access`` says."""
+        action = self.config.unplugged_access
+        if action == "report" and finding.ranges == self._reported:
+            return  # the same memory, already reported: not a new episode
+        self._reported = finding.ranges
+        self.unplugged_episodes_total += 1
+        self.unplugged_found_bytes_total += finding.bytes
+        bar = self.transport.memory_bar_addr
+        ranges = tuple((bar + offset, length) for offset, length in finding.ranges)
+        shown = ", ".join(f"{format_size(n)} at {gpa:#x}-{gpa + n:#x}" for gpa, n in ranges[:8])
+        more = f" and {len(ranges) - 8} more range(s)" if len(ranges) > 8 else ""
+        where = "guest physical" if bar else "BAR offsets (no BAR address yet)"
+        then = {"reclaim": "given back to the host",
+                "report": "left as it is (unplugged-access=report)",
+                "disconnect": "given back to the host; the vfio-user client is disconnected "
+                              "(unplugged-access=disconnect)"}[action]
+        self.log.warning("%s: host memory in unplugged blocks: %s in %d range(s) (%s: %s%s); %s",
+                         self.config.id, format_size(finding.bytes), len(ranges), where, shown, more, then)
+        if action in ("reclaim", "disconnect"):
+            for offset, length in finding.ranges:
+                self.discards.submit(offset, length)
+            self.unplugged_reclaimed_bytes_total += finding.bytes
+            # Discards are queued now: the C request path must leave PLUGs
+            # to Python (claim) until they are done, or a PLUG of these
+            # blocks would be answered and then punched under the guest.
+            self.update_notify_serve()
+        if self.model.observers:
+            self.model.observers.emit(UnpluggedMemoryFound(self.config.id, ranges, finding.bytes, action))
+        if action == "disconnect" and self.connected:
+            self._disconnect("it put memory into unplugged blocks (unplugged-access=disconnect)")
+
+    def _disconnect(self, why: str) -> None:
+        """End the client's connection from another task of this device (the
+        scrubber): the task serving it is woken (notify_closing) and drops it
+        (_drop_stuck_client), with the lost-connection reset."""
+        self._disconnect_reason = why
+        trio.lowlevel.notify_closing(self._conn_fd)
 
     # -- region callbacks (quick: the vCPU waits for the reply) -------------
     def _bar0_access(self, offset: int, buf: memoryview, is_write: bool) -> None:
@@ -370,6 +438,10 @@ class DeviceServer(HostMemory):
             self._resetting = False
         self.log.info("%s: %s reset: unplugged and discarded %s", self.config.id, reset_type.name,
                       format_size(plugged) if plugged else "nothing")
+        # Reset means empty: what the bitmap did not know of (memory the
+        # guest put into unplugged blocks) goes too, once the reset's own
+        # discards are done.
+        self.scrubber.request()
         if self.model.observers:
             self.model.observers.emit(Reset(self.config.id, reset_type.name, plugged))
 
@@ -458,8 +530,14 @@ class DeviceServer(HostMemory):
         # take longer than the deadline (it is not expected to block at all).
         self.ctx.bound_io(self.MESSAGE_DEADLINE_S)
         conn_fd = self._conn_fd = self.ctx.poll_fd
+        self._disconnect_reason = None
         while True:
-            await trio.lowlevel.wait_readable(conn_fd)
+            try:
+                await trio.lowlevel.wait_readable(conn_fd)
+            except trio.ClosedResourceError:
+                pass  # _disconnect(): another task of this device ends the client
+            if self._disconnect_reason is not None:
+                self._drop_stuck_client(self._disconnect_reason)
             # libvfio-user reads a message and sends its reply with blocking
             # calls on this thread, which serves every device and QMP: it
             # gets a message only when all of it has arrived and the reply
@@ -533,6 +611,7 @@ class DeviceServer(HostMemory):
         meanwhile, until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.discards.run)
+            nursery.start_soon(self.scrubber.run)
             await self._serve_clients()
 
     async def _serve_clients(self) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from vfiouser_vmem.errors import PropertyNotFound, PropertyReadOnly
 from vfiouser_vmem.server._device_server import DeviceServer
-from vfiouser_vmem.vmem import MemoryBackendConfig
+from vfiouser_vmem.vmem import MemoryBackendConfig, UnpluggedMemoryFound
 
 __all__ = ["ControlledBackend", "ControlledVmem"]
 
@@ -53,6 +53,13 @@ class ControlledVmem:
             "memdev": ("link<memory-backend>", lambda: f"/objects/{self.server.config.memdev}"),
             # Unplugged but not yet given back to the host (docs/discard.md).
             "discard-pending": ("size", lambda: self.server.discards.pending_bytes),
+            # Host memory found in unplugged blocks (docs/scrub.md).
+            "unplugged-found": ("size", lambda: self.server.unplugged_found_bytes_total),
+            "unplugged-reclaimed": ("size", lambda: self.server.unplugged_reclaimed_bytes_total),
+            "unplugged-episodes": ("uint64", lambda: self.server.unplugged_episodes_total),
+            "unplugged-access": ("string", lambda: self.server.config.unplugged_access),
+            "scrub-interval": ("number", lambda: self.server.scrubber.interval_s),
+            "scrub-passes": ("uint64", lambda: self.server.scrubber.passes_total),
             "x-fail-discards": ("uint32", lambda: self.server.fail_discards),
             "x-hold-requests": ("bool", lambda: self.server.transport.hold_requests),
             # True while a held kick waits (read-only): requests are in the queue.
@@ -129,6 +136,21 @@ class ControlledVmem:
     def memory_backend(self) -> ControlledBackend:
         """``/objects/<memdev>`` in the QOM tree (control/_qom.py)."""
         return self._backend
+
+    #: At most this many ranges in one event (the total size covers all).
+    MAX_EVENT_RANGES = 64
+
+    def add_unplugged_listener(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """``listener(data)`` for each scrub finding: the QMP event's data
+        (control/_events.py, UNPLUGGED_MEMORY_EVENT)."""
+        server = self.server
+
+        def on_found(event: UnpluggedMemoryFound) -> None:
+            listener({"id": self.id, "qom-path": self.qom_path, "size": event.size_bytes,
+                      "ranges": [{"addr": addr, "size": size} for addr, size in event.ranges[:self.MAX_EVENT_RANGES]],
+                      "action": event.action, "total-found": server.unplugged_found_bytes_total})
+
+        return server.model.observers.subscribe(on_found, UnpluggedMemoryFound)
 
     def add_size_listener(self, listener: Callable[[int], None]) -> Callable[[], None]:
         listeners = self.server.model.size_listeners

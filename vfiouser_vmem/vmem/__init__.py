@@ -32,9 +32,11 @@ from vfiouser_vmem.vmem._events import (
     RequestedSizeChanged,
     RequestServed,
     Reset,
+    UnpluggedMemoryFound,
 )
 from vfiouser_vmem.vmem._model import HostMemory, VirtioMemDevice
 from vfiouser_vmem.vmem._policy import PlugPolicy
+from vfiouser_vmem.vmem._scrub import Scrubber, ScrubFinding, allocated_extents, unplugged_parts
 from vfiouser_vmem.vmem._settings import (
     CLI_NAMES,
     CONFIG_NAMES,
@@ -97,14 +99,19 @@ __all__ = [
     "RequestedSizeChanged",
     "Reset",
     "Response",
+    "ScrubFinding",
+    "Scrubber",
+    "UnpluggedMemoryFound",
     "VirtioMemDevice",
     "pack_response",
     "unpack_response",
     "check_block_size",
     "check_device_settings",
     "check_requested_size",
+    "allocated_extents",
     "check_size",
     "default_block_size",
     "open_backend",
     "small_block_size_warning",
+    "unplugged_parts",
 ]

@@ -122,20 +122,24 @@ class BlockBitmap:
         if self.nb_blocks:
             lib.vmem_bitmap_clear(self.words, self.nb_blocks, 0, self.nb_blocks)
 
-    def runs(self, plugged: bool = True) -> Iterator[tuple[int, int]]:
-        """Yield (first_block, nb_blocks) of every maximal run of plugged (or unplugged) blocks, in order.
+    def runs(self, plugged: bool = True, first_block: int = 0, end_block: int | None = None
+             ) -> Iterator[tuple[int, int]]:
+        """Yield (first_block, nb_blocks) of every maximal run of plugged (or
+        unplugged) blocks within [first_block, end_block) (default: all), in
+        order, clipped to that range.
 
         The bitmap is read as the iteration goes: change it between steps only
         if the iteration need not see a consistent snapshot.
         """
         find_start = lib.vmem_bitmap_find_next_set if plugged else lib.vmem_bitmap_find_next_clear
         find_end = lib.vmem_bitmap_find_next_clear if plugged else lib.vmem_bitmap_find_next_set
-        pos = 0
-        while pos < self.nb_blocks:
+        limit = self.nb_blocks if end_block is None else min(end_block, self.nb_blocks)
+        pos = first_block
+        while pos < limit:
             start = find_start(self.words, self.nb_blocks, pos)
-            if start >= self.nb_blocks:
+            if start >= limit:
                 return
-            end = find_end(self.words, self.nb_blocks, start)
+            end = min(find_end(self.words, self.nb_blocks, start), limit)
             yield start, end - start
             pos = end
 

@@ -29,6 +29,7 @@ __all__ = [
     "RequestServed",
     "RequestedSizeChanged",
     "Reset",
+    "UnpluggedMemoryFound",
 ]
 
 log = logging.getLogger("vfiouser_vmem.events")
@@ -67,6 +68,18 @@ class RequestedSizeChanged(DeviceEvent):
 
     old_bytes: int
     new_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnpluggedMemoryFound(DeviceEvent):
+    """A scrub pass found host memory in unplugged blocks (docs/scrub.md):
+    ``ranges`` are (guest physical address, length) pairs (the BAR offset
+    when the BAR has no address yet), ``size_bytes`` their total, ``action``
+    what the device did (``reclaim``, ``report``, ``disconnect``)."""
+
+    ranges: tuple[tuple[int, int], ...]
+    size_bytes: int
+    action: str
 
 
 @dataclass(frozen=True, slots=True)
