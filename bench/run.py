@@ -878,6 +878,8 @@ def micro_tables(results: dict) -> str:
                      f"device, {format_size(bm['block_bytes'])} blocks; every other block plugged = "
                      f"{bm['ops'].get('_alternating_runs')} runs), time per call\n\n"
                      + report.markdown_table(["operation", "per call"], rows))
+    if m.get("scrub"):
+        parts.append(micro.scrub_tables(m["scrub"]))
     pc = m.get("policy_cost")
     if pc:
         parts.append(policy_cost.table(pc))
@@ -1067,6 +1069,8 @@ def run_micro(args: argparse.Namespace) -> dict:
     say("micro: block bitmap")
     nb = args.micro_device // (2 * MIB)
     out["bitmap"] = {"nb_blocks": nb, "block_bytes": 2 * MIB, "ops": micro.bench_bitmap(nb)}
+    say("micro: scrub passes and resets")
+    out["scrub"] = micro.bench_scrub(args.micro_device, reps=args.reps, reset_reps=args.reps)
     say("micro: the per-request cost of a Python plug policy")
     out["policy_cost"] = policy_cost.bench_policy_cost(rounds=args.reps)
     say("micro: server start-up")

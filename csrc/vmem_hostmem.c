@@ -1,5 +1,6 @@
 /* See vmem_hostmem.h. */
 #include "vmem_hostmem.h"
+#include "vmem_blocks.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -86,6 +87,47 @@ int64_t vmem_data_extents(int fd, uint64_t start, uint64_t end, uint64_t *out, u
         out[2 * count + 1] = extent_end;
         count++;
         pos = extent_end;
+    }
+    return (int64_t)count;
+}
+
+int64_t vmem_unplugged_parts(const uint64_t *words, uint64_t nbits, uint64_t block_size, const uint64_t *extents,
+                             uint64_t n, uint64_t *out, uint64_t max_parts)
+{
+    uint64_t count = 0;
+    if (block_size == 0)
+        return -EINVAL;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t start = extents[2 * i], end = extents[2 * i + 1];
+        uint64_t block = start / block_size;
+        uint64_t last = (end + block_size - 1) / block_size;
+        if (last > nbits)
+            last = nbits;
+        while (block < last) {
+            int64_t run = vmem_bitmap_find_next_clear(words, nbits, block);
+            if (run < 0 || (uint64_t)run >= last)
+                break;
+            int64_t run_end = vmem_bitmap_find_next_set(words, nbits, (uint64_t)run);
+            if (run_end < 0)
+                break;
+            uint64_t lo = (uint64_t)run * block_size, hi = (uint64_t)run_end * block_size;
+            if (lo < start)
+                lo = start;
+            if (hi > end)
+                hi = end;
+            if (lo < hi) {
+                if (count > 0 && out[2 * count - 1] == lo) {
+                    out[2 * count - 1] = hi;
+                } else {
+                    if (count == max_parts)
+                        return (int64_t)count;
+                    out[2 * count] = lo;
+                    out[2 * count + 1] = hi;
+                    count++;
+                }
+            }
+            block = (uint64_t)run_end;
+        }
     }
     return (int64_t)count;
 }

@@ -46,6 +46,13 @@ int vmem_populate(int fd, void *addr, uint64_t offset, uint64_t length);
  * reports the whole range as one extent (generic_file_llseek). */
 int64_t vmem_data_extents(int fd, uint64_t start, uint64_t end, uint64_t *out, uint64_t max_extents);
 
+/* The parts of the extents (n [start, end) pairs, in order) that lie in
+ * clear bits (unplugged blocks) of the block bitmap (vmem_blocks.h): at most
+ * max_parts [offset, end) pairs into out, adjacent parts merged.  Returns
+ * the number of parts (max_parts: there may be more; call again from the
+ * last part's end), or -EINVAL for block_size 0. */
+int64_t vmem_unplugged_parts(const uint64_t *words, uint64_t nbits, uint64_t block_size, const uint64_t *extents,
+                             uint64_t n, uint64_t *out, uint64_t max_parts);
 /* CDEF-END */
 
 #endif /* VMEM_HOSTMEM_H */

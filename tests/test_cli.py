@@ -326,6 +326,9 @@ OK_DEV = "id=vm0,memdev=mem0,socket=/tmp/vm0.sock"
         ([OK_OBJ + ",policy=bind,host-nodes=0-100"], [OK_DEV], "host-nodes 1,2,.*this host has no such NUMA node \\(it has 0"),
         ([OK_OBJ + ",seal=perhaps"], [OK_DEV], "seal: expected on or off"),
         ([OK_OBJ], [OK_DEV + ",prealloc=yes please"], "prealloc: expected on or off"),
+        ([OK_OBJ], [OK_DEV + ",unplugged-access=kill"], "unplugged-access 'kill' is not one of reclaim, report, disconnect"),
+        ([OK_OBJ], [OK_DEV + ",scrub-interval=-1"], "scrub-interval: expected a number of seconds >= 0, got '-1'"),
+        ([OK_OBJ], [OK_DEV + ",scrub-interval=soon"], "scrub-interval: expected a number of seconds"),
         ([OK_OBJ], ["virtio-net,id=vm0,memdev=mem0,socket=/tmp/s"], "driver 'virtio-net' is not supported"),
         ([OK_OBJ], ["id=vm0,socket=/tmp/vm0.sock"], "memdev= is required"),
         ([OK_OBJ], ["id=vm0,memdev=nope,socket=/tmp/vm0.sock"], "memdev 'nope' is not an object id \\(objects: mem0\\)"),
@@ -499,6 +502,12 @@ socket = "{tmp}/vm1.sock"
     assert (m1.qom_type, m1.seal, m1.reserve, m1.policy, m1.host_nodes, m1.dump) == (
         "memory-backend-memfd", False, False, "preferred", (0,), False)
     assert vm0.prealloc and not vm1.prealloc
+    assert (vm0.scrub_interval_s, vm0.unplugged_access) == (10.0, "reclaim")
+
+
+def test_scrub_keys():
+    (config,) = _configs([OK_OBJ], [OK_DEV + ",scrub-interval=0.5,unplugged-access=disconnect"])
+    assert (config.scrub_interval_s, config.unplugged_access) == (0.5, "disconnect")
 
 
 def test_host_nodes_forms():

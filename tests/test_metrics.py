@@ -188,8 +188,9 @@ async def test_metrics_after_requests(exported) -> None:
         assert s[key("vfiouser_vmem_plugged_size_bytes", id="d0")] == 0
         assert s[key("vfiouser_vmem_backend_allocated_bytes", id="d0")] == 0
         assert s[key("vfiouser_vmem_discard_pending_bytes", id="d0")] == 0
-        # The UNPLUG of 8 MiB, then the reset's discard of the 128 MiB left.
-        assert s[key("vfiouser_vmem_discarded_bytes_total", id="d0")] == 136 * MiB
+        # The UNPLUG of 8 MiB, then the reset's discard of the whole 1 GiB
+        # device (reset means empty: docs/scrub.md).
+        assert s[key("vfiouser_vmem_discarded_bytes_total", id="d0")] == 8 * MiB + d0.config.size_bytes
         assert s[key("vfiouser_vmem_discard_failures_total", id="d0")] == 0
 
 

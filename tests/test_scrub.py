@@ -13,6 +13,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 from test_protocol import BAR_ADDR, BLOCK, TIMEOUT, Vmem, VmemFactory, vmem_factory  # noqa: F401 (fixtures)
 from virtio_driver import ACK
@@ -159,12 +160,18 @@ async def test_unplug_all_and_resets_leave_the_backend_empty(vmem_factory: VmemF
     else:
         v.driver.close()
         v.client.close()
-    # The pass after the reset (after the resize settles, for UNPLUG_ALL).
-    with trio.fail_after(TIMEOUT):
-        await v.server.scrubber.wait_for_pass(passes)
+        with trio.fail_after(TIMEOUT):
+            while not v.server.resets_total["LOST_CONN"]:  # the server reads the end of the connection
+                await trio.testing.wait_all_tasks_blocked()
+    # The whole device is discarded, the stray memory with the plugged:
+    # the reset is the remedy, and no episode (the scrubber reports what it
+    # finds between resets).
     assert await settled(v) == 0
     assert v.server.model.plugged_size == 0
-    assert v.server.unplugged_reclaimed_bytes_total == 32 * MiB
+    assert bar.pread(600 * MiB, 4096) == bytes(4096)
+    with trio.fail_after(TIMEOUT):
+        await v.server.scrubber.wait_for_pass(passes)  # the pass after the reset finds nothing left
+    assert v.server.unplugged_episodes_total == 0
 
 
 async def test_plugged_patterns_survive_scrub_passes_racing_plugs_and_unplugs(vmem_factory: VmemFactory) -> None:
@@ -229,3 +236,94 @@ async def test_a_plug_takes_back_the_reclaim_of_its_blocks(vmem_factory: VmemFac
     bar.fill(5 * BLOCK, BLOCK, 0x77)
     await settled(v)
     assert bar.map[5 * BLOCK:6 * BLOCK] == b"\x77" * BLOCK
+
+
+async def test_huge_pages_without_exact_extents(vmem_factory: VmemFactory) -> None:
+    """hugetlbfs reports the whole file as data (SEEK_DATA): the scrubber
+    goes by the allocated size instead, and punches every unplugged run
+    when the backend holds more than the plugged size (docs/scrub.md)."""
+    from host_setup import huge_pages
+    from vfiouser_vmem.vmem import MemoryBackendConfig
+
+    with huge_pages(32):
+        backend = MemoryBackendConfig(id="h", size_bytes=32 * BLOCK, hugetlb=True)
+        v = await vmem_factory.start(memory_backend=backend, requested=32 * BLOCK, scrub_interval_s=0)
+        assert v.server.backend.extents_exact is False
+        seen: list[UnpluggedMemoryFound] = []
+        v.server.model.observers.subscribe(seen.append, UnpluggedMemoryFound)
+        bar = await v.memory_bar()
+        assert await v.driver.plug(BAR_ADDR, 2) == ACK
+        bar.fill(0, 2 * BLOCK, 0x66)
+        await scrub(v)
+        assert seen == []  # the plugged size is all it holds: nothing to say
+        bar.fill(20 * BLOCK, 4096, 0x99)  # one huge page in unplugged block 20
+        await scrub(v)
+        assert await settled(v) == 2 * BLOCK
+        assert bar.map[0:2 * BLOCK] == b"\x66" * (2 * BLOCK)
+        (event,) = seen
+        assert (event.size_bytes, event.located, event.action) == (BLOCK, False, "reclaim")
+        assert event.ranges == ((BAR_ADDR + 2 * BLOCK, 30 * BLOCK),)
+        v.driver.close()
+        v.client.close()
+        await v.server.discards.wait_idle()
+
+
+async def test_the_finding_reaches_qmp_qom_and_metrics(vmem_factory: VmemFactory) -> None:
+    """qemu.qmp's client sees the event; qom-get and the metrics the counters."""
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    from vfiouser_vmem.control._metrics import _DeviceCollector
+    from vfiouser_vmem.control._qmp import QmpServer
+    from vfiouser_vmem.server import ControlledVmem
+
+    v = await vmem_factory.start(size=256 * MiB, requested=0, scrub_interval_s=0)
+    bar = await v.memory_bar()
+    dev = v.server.config.id
+    path = os.path.join(vmem_factory.sock_dir, "qmp")
+    qmp_server = QmpServer({dev: ControlledVmem(v.server)}, event_interval_s=0.3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(qmp_server.serve, path)
+
+        async def session() -> tuple[dict, list]:
+            qmp = QMPClient("scrub-test")
+            await qmp.connect(path)
+            try:
+                with qmp.listener("__org.vfiouser-vmem_UNPLUGGED_MEMORY_FOUND") as listener:
+                    trio.from_thread.run(lambda: bar.fill(32 * MiB, 3 * MiB, 0x12) or scrub(v))
+                    event = await asyncio.wait_for(listener.get(), TIMEOUT)
+                props = [await qmp.execute("qom-get", {"path": dev, "property": p})
+                         for p in ("unplugged-found", "unplugged-reclaimed", "unplugged-episodes",
+                                   "unplugged-access", "scrub-passes")]
+                return dict(event), props
+            finally:
+                await qmp.disconnect()
+
+        with trio.fail_after(60):
+            event, props = await trio.to_thread.run_sync(lambda: asyncio.run(session()))
+        nursery.cancel_scope.cancel()
+    data = event["data"]
+    assert data == {"id": dev, "qom-path": f"/machine/peripheral/{dev}/virtio-backend", "size": 3 * MiB,
+                    "ranges": [{"addr": BAR_ADDR + 32 * MiB, "size": 3 * MiB}], "located": True,
+                    "action": "reclaim", "total-found": 3 * MiB}
+    assert props[:4] == [3 * MiB, 3 * MiB, 1, "reclaim"] and props[4] >= 1
+    samples = {m.name: m.samples[0].value for m in _DeviceCollector([v.server]).collect()}
+    assert samples["vfiouser_vmem_unplugged_found_bytes"] == 3 * MiB
+    assert samples["vfiouser_vmem_unplugged_episodes"] == 1
+    assert samples["vfiouser_vmem_scrub_passes"] >= 1
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4096])
+def test_unplugged_parts_in_batches(monkeypatch, batch):
+    """The C helper fills a bounded buffer; a call resumes where it stopped."""
+    from vfiouser_vmem.vmem import _scrub
+
+    monkeypatch.setattr(_scrub, "_BATCH", batch)
+    bs = MiB
+    bitmap = BlockBitmap(20)
+    for block in range(0, 20, 2):
+        bitmap.set_range(block, 1)  # even blocks plugged
+    extents = [(0, 10 * MiB), (12 * MiB + 5, 13 * MiB), (15 * MiB, 20 * MiB)]
+    expected = [(b * MiB, MiB) for b in (1, 3, 5, 7, 9)] + [(15 * MiB, MiB), (17 * MiB, MiB), (19 * MiB, MiB)]
+    assert unplugged_parts(extents, bitmap, bs) == expected

@@ -48,6 +48,7 @@ from vfiouser_vmem.vmem import (  # noqa: E402
     RequestType,
     Reset,
     Response,
+    UnpluggedMemoryFound,
     VirtioMemDevice,
     open_backend,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "Response",
     "Server",
     "SocketPathInUse",
+    "UnpluggedMemoryFound",
     "VirtioMemDevice",
     "VmemError",
     "__version__",

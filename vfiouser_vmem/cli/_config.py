@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Any, overload
 
 from vfiouser_vmem.errors import ConfigError
-from vfiouser_vmem.server import DeviceConfig, check_id
+from vfiouser_vmem.server import UNPLUGGED_ACCESS_ACTIONS, DeviceConfig, check_id
 from vfiouser_vmem.util.sizes import format_size, parse_size
 from vfiouser_vmem.virtio import memory_bar_size
 from vfiouser_vmem.vmem import (
@@ -293,6 +293,15 @@ def _flag(spec: Spec, key: str, default: bool) -> bool:
     raise ConfigError(f"{spec.where}: {key}: expected on or off, got {value!r}")
 
 
+def _choice(spec: Spec, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = _str(spec, key)
+    if value is None:
+        return default
+    if value not in choices:
+        raise ConfigError(f"{spec.where}: {key} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 def _seconds(spec: Spec, key: str, default: float) -> float:
     value = spec.values.get(key)
     if value is None:
@@ -472,7 +481,7 @@ def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path:
             memory_backend=backend,
             prealloc=_flag(spec, "prealloc", False),
             scrub_interval_s=_seconds(spec, "scrub-interval", 10.0),
-            unplugged_access=_str(spec, "unplugged-access") or "reclaim",
+            unplugged_access=_choice(spec, "unplugged-access", UNPLUGGED_ACCESS_ACTIONS, "reclaim"),
         ))
     unused = [b for b in backends.values() if b.id not in used_memdevs]
     if unused:

@@ -9,8 +9,8 @@ Events
     ``QmpServer.add_device`` later.
 
     ``__org.vfiouser-vmem_UNPLUGGED_MEMORY_FOUND`` ``{"id", "qom-path",
-    "size", "ranges": [{"addr", "size"}, ...] (at most 64), "action",
-    "total-found"}``: a scrub pass found host memory in the device's
+    "size", "ranges": [{"addr", "size"}, ...] (at most 64), "located",
+    "action", "total-found"}``: a scrub pass found host memory in the device's
     unplugged blocks (docs/scrub.md).  The name follows QEMU's rule for
     downstream extensions (docs/devel/qapi-code-gen.rst: ``__RFQDN_`` and
     the name), so no client mistakes it for one of QEMU's.  From devices

@@ -17,8 +17,9 @@ Read from the devices at scrape time:
     holds, ``st_blocks * 512``); ``vfiouser_vmem_discard_pending_bytes``
     (gauge: unplugged, not yet given back, docs/discard.md);
     ``vfiouser_vmem_discarded_bytes_total`` and
-    ``vfiouser_vmem_discard_failures_total`` (counters: deferred discards done
-    and failed); ``vfiouser_vmem_resets_total{kind}`` (counter;
+    ``vfiouser_vmem_discard_failures_total`` (counters: the bytes of the
+    deferred discards done, a reset's being the whole device, and the
+    discards that failed); ``vfiouser_vmem_resets_total{kind}`` (counter;
     kind ``device``, ``lost_conn``, ``pci_flr``);
     ``vfiouser_vmem_hook_errors_total{hook}`` (counter: exceptions of the
     plug policy, hook ``policy``, and of observers, ``observer``);
@@ -145,7 +146,8 @@ class _DeviceCollector:
         pending = GaugeMetricFamily("vfiouser_vmem_discard_pending_bytes",
                                     "Unplugged memory not yet given back to the host.", labels=labels)
         discarded = CounterMetricFamily("vfiouser_vmem_discarded_bytes",
-                                        "Unplugged memory given back to the host after the UNPLUG was answered.",
+                                        "Backend ranges discarded after the UNPLUG was answered (a reset "
+                                        "discards the whole device).",
                                         labels=labels)
         discard_failures = CounterMetricFamily("vfiouser_vmem_discard_failures",
                                                "Discards that failed (and are retried).", labels=labels)

@@ -6,12 +6,13 @@ device, the transport, the binding) and nothing above (docs/architecture.md).
 """
 
 from vfiouser_vmem.server._app import Device, Server, open_server, serve, share_socket_with_group
-from vfiouser_vmem.server._config import DeviceConfig, check_id
+from vfiouser_vmem.server._config import UNPLUGGED_ACCESS_ACTIONS, DeviceConfig, check_id
 from vfiouser_vmem.server._device_server import DISCARD_CHUNK_BYTES, DeviceServer
 from vfiouser_vmem.server._qom import ControlledVmem
 
 __all__ = [
     "DISCARD_CHUNK_BYTES",
+    "UNPLUGGED_ACCESS_ACTIONS",
     "ControlledVmem",
     "Device",
     "DeviceConfig",

@@ -116,7 +116,7 @@ class DeviceServer(HostMemory):
         self.unplugged_found_bytes_total = 0
         self.unplugged_reclaimed_bytes_total = 0
         self.unplugged_episodes_total = 0
-        self._reported: tuple[tuple[int, int], ...] = ()
+        self._reported: tuple[tuple[tuple[int, int], ...], int] = ((), 0)
         self._disconnect_reason: str | None = None
         try:
             self.model = VirtioMemDevice(
@@ -138,6 +138,7 @@ class DeviceServer(HostMemory):
                 epoch=lambda: self._host_epoch,
                 found=self._unplugged_memory_found,
                 interval_s=config.scrub_interval_s,
+                allocated=None if getattr(self.backend, "extents_exact", True) else self.backend.allocated_bytes,
             )
             self.model.size_listeners.append(lambda _size: self.scrubber.size_changed())
             claim_socket_path(config.socket)
@@ -290,9 +291,9 @@ class DeviceServer(HostMemory):
         """A scrub pass found host memory in unplugged blocks: one episode,
         handled as ``unplugged-access`` says."""
         action = self.config.unplugged_access
-        if action == "report" and finding.ranges == self._reported:
+        if action == "report" and (finding.ranges, finding.bytes) == self._reported:
             return  # the same memory, already reported: not a new episode
-        self._reported = finding.ranges
+        self._reported = (finding.ranges, finding.bytes)
         self.unplugged_episodes_total += 1
         self.unplugged_found_bytes_total += finding.bytes
         bar = self.transport.memory_bar_addr
@@ -304,8 +305,14 @@ class DeviceServer(HostMemory):
                 "report": "left as it is (unplugged-access=report)",
                 "disconnect": "given back to the host; the vfio-user client is disconnected "
                               "(unplugged-access=disconnect)"}[action]
-        self.log.warning("%s: host memory in unplugged blocks: %s in %d range(s) (%s: %s%s); %s",
-                         self.config.id, format_size(finding.bytes), len(ranges), where, shown, more, then)
+        if finding.located:
+            self.log.warning("%s: host memory in unplugged blocks: %s in %d range(s) (%s: %s%s); %s",
+                             self.config.id, format_size(finding.bytes), len(ranges), where, shown, more, then)
+        else:
+            self.log.warning("%s: host memory in unplugged blocks: %s more than the plugged size, somewhere in "
+                             "the %d unplugged range(s) (%s: %s%s; this backend cannot say where: "
+                             "docs/scrub.md); %s", self.config.id, format_size(finding.bytes), len(ranges), where,
+                             shown, more, then)
         if action in ("reclaim", "disconnect"):
             for offset, length in finding.ranges:
                 self.discards.submit(offset, length)
@@ -315,7 +322,8 @@ class DeviceServer(HostMemory):
             # blocks would be answered and then punched under the guest.
             self.update_notify_serve()
         if self.model.observers:
-            self.model.observers.emit(UnpluggedMemoryFound(self.config.id, ranges, finding.bytes, action))
+            self.model.observers.emit(UnpluggedMemoryFound(self.config.id, ranges, finding.bytes, action,
+                                                           finding.located))
         if action == "disconnect" and self.connected:
             self._disconnect("it put memory into unplugged blocks (unplugged-access=disconnect)")
 

@@ -148,7 +148,8 @@ class ControlledVmem:
         def on_found(event: UnpluggedMemoryFound) -> None:
             listener({"id": self.id, "qom-path": self.qom_path, "size": event.size_bytes,
                       "ranges": [{"addr": addr, "size": size} for addr, size in event.ranges[:self.MAX_EVENT_RANGES]],
-                      "action": event.action, "total-found": server.unplugged_found_bytes_total})
+                      "located": event.located, "action": event.action,
+                      "total-found": server.unplugged_found_bytes_total})
 
         return server.model.observers.subscribe(on_found, UnpluggedMemoryFound)
 

@@ -322,6 +322,10 @@ class _FileBackedMemory:
                                               "memory could never be given back; use tmpfs, hugetlbfs or a "
                                               "filesystem that punches holes (ext4, xfs, btrfs)") from None
             raise BackendError(exc.errno or _errno.EIO, f"{self._name()}: cannot discard: {exc}") from None
+        #: Whether lseek(SEEK_DATA) tells holes from memory here (shmem and
+        #: disk filesystems do; hugetlbfs does not: it reports the whole file
+        #: as data).  The scrubber needs it to locate memory (docs/scrub.md).
+        self.extents_exact = _seek_data_works(fd)
 
     # -- naming -----------------------------------------------------------
     def _name(self) -> str:
@@ -434,6 +438,15 @@ class _FileBackedMemory:
 
     def _close_file(self) -> None:
         os.close(self.fd)
+
+
+def _seek_data_works(fd: int) -> bool:
+    """On a file known to be all holes: SEEK_DATA says so (ENXIO)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as exc:
+        return exc.errno == _errno.ENXIO
+    return False
 
 
 class MemfdBackend(_FileBackedMemory):

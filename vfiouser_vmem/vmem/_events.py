@@ -80,6 +80,9 @@ class UnpluggedMemoryFound(DeviceEvent):
     ranges: tuple[tuple[int, int], ...]
     size_bytes: int
     action: str
+    #: False: the backend cannot say where (hugetlbfs); ``ranges`` are then
+    #: every unplugged range, somewhere in which ``size_bytes`` are.
+    located: bool = True
 
 
 @dataclass(frozen=True, slots=True)

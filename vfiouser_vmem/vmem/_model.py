@@ -462,24 +462,23 @@ class VirtioMemDevice:
 
     # -- host side -----------------------------------------------------
     def unplug_all(self) -> None:
-        """Discard every plugged run and mark everything unplugged.
+        """Discard the whole device and mark everything unplugged.
 
-        On a discard failure the blocks discarded so far are unplugged and
-        the rest stay plugged, so the state always matches the host.
+        The whole region, not only the plugged runs: memory a guest put into
+        unplugged blocks goes too (as QEMU's virtio_mem_unplug_all discards
+        the whole RAM block), and one range costs the host one hole to punch
+        (holes cost nothing to punch again) where a fragmented device would
+        cost one call per run (docs/scrub.md, "Reset means empty").  On a
+        discard failure nothing changes, so the state always matches the host.
         """
         self._unplug_all_blocks(self._size_changed)
 
     def _unplug_all_blocks(self, size_changed: Callable[[], None]) -> None:
-        changed = False
-        try:
-            for first, count in list(self.bitmap.runs(plugged=True)):
-                self.host_memory.discard(first * self.block_size, count * self.block_size)
-                self.bitmap.clear_range(first, count)
-                self._plugged_blocks -= count
-                changed = True
-        finally:
-            if changed:
-                size_changed()
+        self.host_memory.discard(0, self.region_size)
+        if self._plugged_blocks:
+            self.bitmap.clear_all()
+            self._plugged_blocks = 0
+            size_changed()
 
     def system_reset(self) -> None:
         """System reset (vfio-user DEVICE_RESET, lost connection): QEMU
