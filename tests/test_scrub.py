@@ -128,10 +128,29 @@ async def test_disconnect_ends_the_client_and_the_next_one_is_served(vmem_factor
             await trio.sleep(0.01)
     assert v.server.model.plugged_size == 0
     assert await settled(v) == 0
-    # The next client (a new QEMU) is served as usual.
     from vfio_user_client import VfioUserClient
     from virtio_driver import VirtioMemDriver
 
+    from vfiouser_vmem.server import ControlledVmem
+
+    # The disconnected client (this process, as a QEMU that lives on) still
+    # maps the backend: a new client is refused while it runs ...
+    props = ControlledVmem(v.server)
+    assert props.qom_get("unplugged-quarantine") == os.getpid()
+    refused = v.server.clients_total
+    with trio.fail_after(TIMEOUT):
+        client = await VfioUserClient.connect(v.server.config.socket)
+        lost = v.server.resets_total["LOST_CONN"]
+        while v.server.resets_total["LOST_CONN"] == lost:  # refused: dropped at once
+            await trio.testing.wait_all_tasks_blocked()
+    client.close()
+    assert v.server.clients_total == refused and not v.server.connected
+    # ... until the operator lifts the quarantine (or the process exits):
+    # the next client (a new QEMU) is served as usual.
+    with pytest.raises(TypeError):
+        props.qom_set("unplugged-quarantine", 5)
+    props.qom_set("unplugged-quarantine", 0)
+    assert props.qom_get("unplugged-quarantine") == 0
     with trio.fail_after(TIMEOUT):
         client = await VfioUserClient.connect(v.server.config.socket)
     try:

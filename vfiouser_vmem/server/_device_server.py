@@ -62,6 +62,20 @@ log = logging.getLogger("vfiouser_vmem.server")
 DISCARD_CHUNK_BYTES = 32 << 20
 
 
+def _process_identity(pid: int | None) -> tuple[int, str] | None:
+    """(pid, start time from /proc/PID/stat): a process, not just a pid that
+    may be reused; None when it does not exist."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 22 (starttime), counted after the parenthesised command name.
+    return pid, stat.rsplit(")", 1)[1].split()[19]
+
+
 class DeviceServer(HostMemory):
     """One virtio-mem PCI function on one vfio-user socket.
 
@@ -118,6 +132,10 @@ class DeviceServer(HostMemory):
         self.unplugged_episodes_total = 0
         self._reported: tuple[tuple[tuple[int, int], ...], int] = ((), 0)
         self._disconnect_reason: str | None = None
+        #: (pid, start time) of a client disconnected for unplugged access
+        #: while it may still run and map the backend; None: no quarantine.
+        #: QOM ``unplugged-quarantine`` shows the pid; setting it to 0 lifts it.
+        self.quarantine: tuple[int, str] | None = None
         try:
             self.model = VirtioMemDevice(
                 region_size_bytes=config.size_bytes,
@@ -304,7 +322,8 @@ class DeviceServer(HostMemory):
         then = {"reclaim": "given back to the host",
                 "report": "left as it is (unplugged-access=report)",
                 "disconnect": "given back to the host; the vfio-user client is disconnected "
-                              "(unplugged-access=disconnect)"}[action]
+                              "(unplugged-access=disconnect)" if self.connected else
+                              "given back to the host (unplugged-access=disconnect; no client connected)"}[action]
         if finding.located:
             self.log.warning("%s: host memory in unplugged blocks: %s in %d range(s) (%s: %s%s); %s",
                              self.config.id, format_size(finding.bytes), len(ranges), where, shown, more, then)
@@ -325,6 +344,11 @@ class DeviceServer(HostMemory):
             self.model.observers.emit(UnpluggedMemoryFound(self.config.id, ranges, finding.bytes, action,
                                                            finding.located))
         if action == "disconnect" and self.connected:
+            # The server cannot take QEMU's mapping of the BAR away: a QEMU
+            # that lives on after the disconnect still maps this backend.
+            # Until it exits, no new client is served, or the old guest could
+            # reach the next guest's memory (docs/scrub.md).
+            self.quarantine = _process_identity(self.ctx.client_pid())
             self._disconnect("it put memory into unplugged blocks (unplugged-access=disconnect)")
 
     def _disconnect(self, why: str) -> None:
@@ -444,8 +468,9 @@ class DeviceServer(HostMemory):
             self.transport.system_reset()
         finally:
             self._resetting = False
-        self.log.info("%s: %s reset: unplugged and discarded %s", self.config.id, reset_type.name,
-                      format_size(plugged) if plugged else "nothing")
+        self.log.info("%s: %s reset: unplugged and discarded %s (the whole %s device is discarded)", self.config.id,
+                      reset_type.name, format_size(plugged) if plugged else "nothing",
+                      format_size(self.config.size_bytes))
         # Reset means empty: what the bitmap did not know of (memory the
         # guest put into unplugged blocks) goes too, once the reset's own
         # discards are done.
@@ -622,10 +647,31 @@ class DeviceServer(HostMemory):
             nursery.start_soon(self.scrubber.run)
             await self._serve_clients()
 
+    def quarantined(self) -> bool:
+        """Whether the client disconnected for unplugged access still runs
+        (the same process: its pid and start time)."""
+        if self.quarantine is None:
+            return False
+        if _process_identity(self.quarantine[0]) == self.quarantine:
+            return True
+        self.log.info("%s: the disconnected vfio-user client (pid %d) has exited: new clients are served again",
+                      self.config.id, self.quarantine[0])
+        self.quarantine = None
+        return False
+
     async def _serve_clients(self) -> None:
         cid = self.config.id
         while True:
             await self._accept()
+            if self.quarantined():
+                self.log.warning("%s: refusing a vfio-user client: the client disconnected for unplugged access "
+                                 "(pid %d) still runs and maps this device's memory; stop it, or qom-set "
+                                 "unplugged-quarantine 0 (docs/scrub.md)", cid, self.quarantine[0])
+                try:
+                    self._drop_stuck_client("the device is quarantined")
+                except ConnectionLost:
+                    pass
+                continue
             self.clients_total += 1
             self.connected = True
             pid = self.ctx.client_pid()

@@ -60,6 +60,9 @@ class ControlledVmem:
             "unplugged-access": ("string", lambda: self.server.config.unplugged_access),
             "scrub-interval": ("number", lambda: self.server.scrubber.interval_s),
             "scrub-passes": ("uint64", lambda: self.server.scrubber.passes_total),
+            # The pid of a client disconnected for unplugged access that still runs (0: none).
+            "unplugged-quarantine": ("uint32", lambda: self.server.quarantine[0]
+                                     if self.server.quarantined() and self.server.quarantine else 0),
             "x-fail-discards": ("uint32", lambda: self.server.fail_discards),
             "x-hold-requests": ("bool", lambda: self.server.transport.hold_requests),
             # True while a held kick waits (read-only): requests are in the queue.
@@ -80,6 +83,15 @@ class ControlledVmem:
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= self._UINT64_MAX:
                 raise TypeError(f"Parameter 'requested-size' expects uint64 (a byte count), got {value!r}")
             self.server.resize(value)
+            return
+        if prop == "unplugged-quarantine":
+            # Only 0: the operator lifts the quarantine (docs/scrub.md).
+            if value != 0 or isinstance(value, bool):
+                raise TypeError(f"Parameter 'unplugged-quarantine' can only be set to 0 (lift it), got {value!r}")
+            if self.server.quarantine is not None:
+                log.warning("%s: quarantine of the disconnected client (pid %d) lifted (unplugged-quarantine)",
+                            self.id, self.server.quarantine[0])
+            self.server.quarantine = None
             return
         if prop == "x-hold-requests":
             # Testing aid: requests wait in the queue until released, so that
