@@ -251,7 +251,8 @@ COMMANDS: list[tuple[str, bool, tuple[Differs, ...]]] = [
               "the PCI proxy's and virtio transport's properties and memory regions (a VM's device model)",
               "qemu-only"),
       Differs(r"(max-size|discard-pending|unplugged-found|unplugged-reclaimed|unplugged-episodes|unplugged-access"
-              r"|scrub-interval|scrub-passes|x-fail-discards|x-hold-requests|x-requests-pending) \(.*\)",
+              r"|unplugged-quarantine|scrub-interval|scrub-passes|x-fail-discards|x-hold-requests"
+              r"|x-requests-pending) \(.*\)",
               "the server's own properties (README: discard-pending, docs/scrub.md, testing aids; max-size is "
               "query-memory-devices' field, not a QOM property in QEMU)", "ours-only"))),
     ("qom-get vm0 requested-size", True, ()),

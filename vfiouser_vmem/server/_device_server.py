@@ -663,10 +663,10 @@ class DeviceServer(HostMemory):
         cid = self.config.id
         while True:
             await self._accept()
-            if self.quarantined():
+            if self.quarantined() and (quarantine := self.quarantine) is not None:
                 self.log.warning("%s: refusing a vfio-user client: the client disconnected for unplugged access "
                                  "(pid %d) still runs and maps this device's memory; stop it, or qom-set "
-                                 "unplugged-quarantine 0 (docs/scrub.md)", cid, self.quarantine[0])
+                                 "unplugged-quarantine 0 (docs/scrub.md)", cid, quarantine[0])
                 try:
                     self._drop_stuck_client("the device is quarantined")
                 except ConnectionLost:
