@@ -138,9 +138,9 @@ async def test_disconnect_ends_the_client_and_the_next_one_is_served(vmem_factor
     props = ControlledVmem(v.server)
     assert props.qom_get("unplugged-quarantine") == os.getpid()
     refused = v.server.clients_total
+    lost = v.server.resets_total["LOST_CONN"]
     with trio.fail_after(TIMEOUT):
         client = await VfioUserClient.connect(v.server.config.socket)
-        lost = v.server.resets_total["LOST_CONN"]
         while v.server.resets_total["LOST_CONN"] == lost:  # refused: dropped at once
             await trio.testing.wait_all_tasks_blocked()
     client.close()
