@@ -32,6 +32,7 @@ from pathlib import Path
 
 import hugepages
 import pytest
+from vfiouser_vmem.util.hostmem import default_huge_page_size
 from harness import (
     GIB,
     MIB,
@@ -259,8 +260,8 @@ class Host:
         short, under the lock every user of the pool takes, and gets its old
         size back at cleanup (integration/hugepages.py); returns the pool as
         it then is."""
-        if hugepages_default_size() != HUGE_PAGE:
-            pytest.skip(f"the default huge page size is {hugepages_default_size()} bytes, not 2 MiB")
+        if (default_huge_page_size() or 0) != HUGE_PAGE:
+            pytest.skip(f"the default huge page size is {default_huge_page_size()} bytes, not 2 MiB")
         assert self.pool is None, "need_huge_pages once per test"
         pool = hugepages_meminfo()
         short = max(0, pages - (pool["Free"] - pool["Rsvd"]))
@@ -295,13 +296,6 @@ class Host:
                 errors.append(f"restoring nr_hugepages: {exc!r}")
         if errors:
             raise RuntimeError("cleanup: " + "; ".join(errors))
-
-
-def hugepages_default_size() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Hugepagesize:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 @pytest.fixture

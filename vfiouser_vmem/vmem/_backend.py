@@ -186,9 +186,7 @@ class MemoryBackendConfig:
         """The page size the backend will allocate in; ConfigError if the
         host cannot say (hugetlb=on on a kernel without huge pages)."""
         if self.qom_type == "memory-backend-file":
-            assert self.mem_path is not None
-            probe = self.mem_path if os.path.exists(self.mem_path) else os.path.dirname(
-                os.path.abspath(self.mem_path))
+            probe = self._mem_path_probe()
             try:
                 if hostmem.filesystem_type(probe) == hostmem.HUGETLBFS_MAGIC:
                     # hugetlbfs: the mount's page size (QEMU's qemu_fd_getpagesize).
@@ -204,6 +202,12 @@ class MemoryBackendConfig:
         if default is None:
             raise ConfigError(f"{self.where}: hugetlb=on, but this kernel has no huge pages")
         return default
+
+    def _mem_path_probe(self) -> str:
+        """What to statfs for mem-path: the file, or the directory it will be made in."""
+        assert self.mem_path is not None
+        path = self.mem_path
+        return path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
 
     @property
     def is_hugetlb(self) -> bool:
@@ -241,9 +245,7 @@ class MemoryBackendConfig:
             raise ConfigError(f"{where}: size {format_size(self.size_bytes)} is not a multiple of the page size "
                               f"{format_size(page)}")
         if self.policy != "default" and self.qom_type == "memory-backend-file" and not self.is_hugetlb:
-            assert self.mem_path is not None
-            probe = self.mem_path if os.path.exists(self.mem_path) else os.path.dirname(
-                os.path.abspath(self.mem_path))
+            probe = self._mem_path_probe()
             if hostmem.filesystem_type(probe) != hostmem.TMPFS_MAGIC:
                 raise ConfigError(
                     f"{where}: policy {self.policy} needs a mem-path on tmpfs or hugetlbfs: the page cache of "
