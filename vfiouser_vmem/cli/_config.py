@@ -31,7 +31,8 @@ The TOML file has the same keys, in ``[[object]]`` and ``[[device]]`` tables
 ``"on"``/``"off"`` for flags), plus optional top-level ``qmp`` (the QMP
 socket path), ``monitor`` (the human monitor's socket path, as
 ``--monitor``), ``qmp-max-clients`` (a positive integer, as
-``--qmp-max-clients``) and ``socket-group``::
+``--qmp-max-clients``), ``socket-group``, ``log-level`` and ``log-format``
+(as the flags; ``log-level`` is reread on SIGHUP, docs/operating.md)::
 
     qmp = "/run/vmem.qmp"
 
@@ -56,6 +57,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, overload
 
+from vfiouser_vmem.cli._logging import LOG_FORMATS, LOG_LEVELS
 from vfiouser_vmem.errors import ConfigError
 from vfiouser_vmem.server import UNPLUGGED_ACCESS_ACTIONS, DeviceConfig, check_id
 from vfiouser_vmem.util.sizes import format_size, parse_size
@@ -80,7 +82,8 @@ OBJECT_KEYS = {
 }
 DEVICE_KEYS = ("driver", "id", "memdev", "socket", "node", "block-size", "requested-size", "prealloc",
                "scrub-interval", "unplugged-access")
-FILE_TOP_LEVEL_KEYS = ("qmp", "monitor", "qmp-max-clients", "socket-group", "object", "device")
+FILE_TOP_LEVEL_KEYS = ("qmp", "monitor", "qmp-max-clients", "socket-group", "log-level", "log-format", "object",
+                       "device")
 #: Keys that may be given more than once in QEMU's key=value syntax (a list).
 _LIST_KEYS = ("host-nodes",)
 
@@ -191,6 +194,8 @@ class FileConfig:
     qmp_max_clients: int | None = None
     #: The human monitor's socket (``--monitor``).
     monitor: str | None = None
+    log_level: str | None = None
+    log_format: str | None = None
 
 
 def load_config_file(path: str) -> FileConfig:
@@ -227,8 +232,13 @@ def load_config_file(path: str) -> FileConfig:
     monitor = data.get("monitor")
     if monitor is not None and not isinstance(monitor, str):
         raise ConfigError(f"{path}: monitor must be a string (a socket path)")
+    choices = {"log-level": LOG_LEVELS, "log-format": LOG_FORMATS}
+    for key, allowed in choices.items():
+        value = data.get(key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{path}: {key} must be one of {', '.join(allowed)}, got {value!r}")
     return FileConfig(specs["object"], specs["device"], qmp, None if group is None else str(group), max_clients,
-                      monitor)
+                      monitor, data.get("log-level"), data.get("log-format"))
 
 
 # ---------------------------------------------------------------------------

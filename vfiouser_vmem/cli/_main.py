@@ -1,9 +1,10 @@
 """The ``vfiouser-vmem`` command line (docs/design.md, "The interface contract").
 
 Commands:
-    serve      run virtio-mem devices on vfio-user sockets, with a QMP socket
-    ctl        resize / info / watch the devices over QMP (see cli/_ctl.py)
-    qemu-args  print the QEMU options for the devices of a configuration
+    serve         run virtio-mem devices on vfio-user sockets, with a QMP socket
+    ctl           resize / info / watch the devices over QMP (see cli/_ctl.py)
+    qemu-args     print the QEMU options for the devices of a configuration
+    install-unit  write the systemd template unit (cli/_unit.py)
 
 Devices are given to ``serve`` and ``qemu-args`` in one of three ways (not
 mixed): the single-device flags (``--socket --size [--block-size]
@@ -23,6 +24,7 @@ import grp
 import json
 import logging
 import os
+import signal
 import sys
 
 from vfiouser_vmem import __version__
@@ -44,6 +46,8 @@ from vfiouser_vmem.cli._exit import (
     EXIT_USAGE,
     exit_code,
 )
+from vfiouser_vmem.cli._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
+from vfiouser_vmem.cli._unit import DEFAULT_CONFIG_DIR, DEFAULT_UNIT_DIR, install_unit, render_unit, this_command
 from vfiouser_vmem.control import MetricsExporter, parse_metrics_address
 from vfiouser_vmem.errors import MetricsAddressError
 from vfiouser_vmem.server import DeviceConfig, check_id, serve
@@ -174,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
     serve.add_argument("--metrics-allow-remote", action="store_true",
                        help="allow a --metrics host that is not a loopback address")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                       help="default info")
+    serve.add_argument("--log-level", choices=LOG_LEVELS,
+                       help="default info, or log-level= in --config (reread on SIGHUP)")
+    serve.add_argument("--log-format", choices=LOG_FORMATS,
+                       help="auto (the default, or log-format= in --config): journal under systemd's journald, "
+                       "text elsewhere; text: with a time stamp; journal: syslog priority prefixes (<3>...), no "
+                       "time stamp; json: one object per line (time, level, logger, device, client, message)")
 
     ctl = sub.add_parser(
         "ctl",
@@ -224,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
         + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    unit = sub.add_parser(
+        "install-unit",
+        help="install the systemd template unit vfiouser-vmem@.service",
+        description="Write the systemd template unit vfiouser-vmem@.service, which runs this installation's\n"
+        "command on CONFIG_DIR/INSTANCE.toml as a Type=notify service, and make CONFIG_DIR.\n"
+        "Then: systemctl daemon-reload; systemctl enable --now vfiouser-vmem@INSTANCE (docs/operating.md).",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    unit.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, metavar="DIR",
+                      help=f"where the unit goes (default {DEFAULT_UNIT_DIR})")
+    unit.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, metavar="DIR",
+                      help=f"where INSTANCE.toml is read from (default {DEFAULT_CONFIG_DIR})")
+    unit.add_argument("--exec", metavar="PATH", help="the vfiouser-vmem command the unit runs (default: this one)")
+    unit.add_argument("--print", action="store_true", help="print the unit instead of installing it")
+
     _add_device_flags(qargs)
     qargs.add_argument("--ram", type=_size, default=1 << 30, metavar="SIZE", help="the guest's boot RAM (default 1G)")
     qargs.add_argument("--format", choices=["shell", "json"], default="shell",
@@ -368,9 +390,19 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             line += f", metrics on {exporter.url}"
         print(line, flush=True)
 
+    log_format = args.log_format or (file_config.log_format if file_config else None) or "auto"
+    configure_logging(_log_level(args, file_config), log_format, device_ids=[c.id for c in configs])
+    on_hangup = None if file_config is None else functools.partial(_reread_config, args, file_config)
+    # serve() handles the signals while it runs.  Before (trio starting) and
+    # after (trio ending, the sockets already gone) a stop signal ends the
+    # process with 0 rather than killing it, and SIGHUP does not kill it.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_at_once)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        trio.run(functools.partial(serve, configs, qmp_path, ready=ready, metrics=exporter, socket_group=gid,
-                                   qmp_max_clients=max_clients, monitor_path=monitor_path))
+        trio.run(_serve_then_ignore_signals, functools.partial(
+            serve, configs, qmp_path, ready=ready, metrics=exporter, socket_group=gid, qmp_max_clients=max_clients,
+            monitor_path=monitor_path, on_hangup=on_hangup))
     except BaseException as exc:
         # Failures to start (a path or port in use, a permission), possibly
         # wrapped in exception groups by trio's nurseries: a message, exit 1.
@@ -384,10 +416,65 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _exit_at_once(signum: int, _frame: object) -> None:
+    raise SystemExit(EXIT_OK)
+
+
+async def _serve_then_ignore_signals(run_server) -> None:
+    """``run_server()``, then ignore the stop signals and SIGHUP: the
+    process only exits from here on, and the interpreter's finalisation
+    puts SIG_DFL back for Python handlers (not for SIG_IGN), so a late
+    SIGTERM would kill it (status 143) after a clean stop."""
+    try:
+        await run_server()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _log_level(args: argparse.Namespace, file_config: FileConfig | None) -> str:
+    """The flag, else the file's ``log-level``, else info."""
+    return args.log_level or (file_config.log_level if file_config else None) or "info"
+
+
+def _reread_config(args: argparse.Namespace, running: FileConfig) -> None:
+    """SIGHUP: apply the configuration file's ``log-level`` (the one setting
+    that changes without a restart: devices, sockets and backends are the
+    guest's hardware); say which other changes wait for a restart.  A file
+    that no longer loads changes nothing."""
+    log = logging.getLogger("vfiouser_vmem")
+    try:
+        new = load_config_file(args.config)
+    except ConfigError as exc:
+        log.error("SIGHUP: %s; the running configuration is kept", printable(exc))
+        return
+    level = new.log_level or args.log_level or "info"
+    logging.getLogger().setLevel(getattr(logging, level.upper()))
+    log.warning("SIGHUP: %s reread: log level %s", args.config, level)
+    changed = [f.replace("_", "-") for f in ("objects", "devices", "qmp", "socket_group", "qmp_max_clients",
+                                             "monitor", "log_format") if getattr(new, f) != getattr(running, f)]
+    if changed:
+        log.warning("SIGHUP: %s: changes to %s take effect at the next start (only log-level is reread)",
+                    args.config, ", ".join(changed))
+
+
 def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaf_exceptions(sub)]
     return [exc]
+
+
+def _install_unit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        if args.print:
+            print(render_unit(args.exec or this_command(), args.config_dir), end="")
+            return EXIT_OK
+        path, changed = install_unit(args.unit_dir, exec_path=args.exec, config_dir=args.config_dir)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    print(f"{'wrote' if changed else 'unchanged:'} {path}; configurations go to {args.config_dir}/INSTANCE.toml\n"
+          "next: systemctl daemon-reload && systemctl enable --now vfiouser-vmem@INSTANCE")
+    return EXIT_OK
 
 
 def _qemu_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -408,11 +495,8 @@ def _qemu_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO) if hasattr(args, "log_level") else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # serve sets its own level and format once its configuration is read.
+    configure_logging("warning", "text")
     # For errors that name the command: build_parser added one group of subcommands.
     assert parser._subparsers is not None
     commands = parser._subparsers._group_actions[0]
@@ -422,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(subparser, args)
     if args.command == "qemu-args":
         return _qemu_args(subparser, args)
+    if args.command == "install-unit":
+        return _install_unit(subparser, args)
     if args.command == "ctl":
 
         return ctl.run(args)

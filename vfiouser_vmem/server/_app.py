@@ -21,9 +21,10 @@ from vfiouser_vmem.control import QEMU_VERSION, MetricsExporter, MonitorServer, 
 from vfiouser_vmem.server._config import DeviceConfig
 from vfiouser_vmem.server._device_server import DeviceServer
 from vfiouser_vmem.server._qom import ControlledVmem
-from vfiouser_vmem.vmem import DeviceEvent, PlugPolicy, VirtioMemDevice
+from vfiouser_vmem.util.sdnotify import Notifier
+from vfiouser_vmem.vmem import ClientConnected, ClientDisconnected, DeviceEvent, PlugPolicy, VirtioMemDevice
 
-__all__ = ["Device", "Server", "open_server", "serve", "share_socket_with_group"]
+__all__ = ["STOP_SIGNALS", "Device", "Server", "open_server", "serve", "service_status", "share_socket_with_group"]
 
 log = logging.getLogger("vfiouser_vmem.server")
 
@@ -221,16 +222,82 @@ async def open_server(configs: list[DeviceConfig], qmp_path: str | None = None, 
             s.close()
 
 
+#: The signals that stop ``serve``; a second one while it stops makes it stop at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def service_status(server: Server) -> str:
+    """The one-line state ``serve`` reports to the service manager
+    (``STATUS=``, what ``systemctl status`` shows)."""
+    parts = []
+    for ds in server._servers:
+        parts.append(f"{ds.config.id} client {ds.clients_total} connected" if ds.connected
+                     else f"{ds.config.id} waiting for a client")
+    n = len(parts)
+    return f"serving {n} device{'s' if n != 1 else ''}: " + ", ".join(parts)
+
+
 async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[], None] | None = None,
                 metrics: Any = None, socket_group: int | None = None,
-                qmp_max_clients: int | None = None, monitor_path: str | None = None) -> None:
+                qmp_max_clients: int | None = None, monitor_path: str | None = None,
+                on_hangup: Callable[[], None] | None = None, notifier: Notifier | None = None) -> None:
     """Run the devices, the QMP server and the monitor (if ``monitor_path``)
-    until SIGTERM/SIGINT; ``ready()`` once every socket listens."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    until SIGTERM/SIGINT; ``ready()`` once every socket listens.
+
+    Under a service manager (``$NOTIFY_SOCKET``, or ``notifier``): READY=1
+    then, a STATUS= line whenever a client comes or goes, STOPPING=1 at the
+    stop signal, and WATCHDOG=1 at half the ``WatchdogSec=`` period from the
+    trio thread (a loop that hangs stops sending it).  SIGHUP calls
+    ``on_hangup`` (the CLI rereads its configuration file's log level),
+    and is logged and ignored without one.  A second stop signal while the
+    devices close skips the discards still queued (DeviceServer.close)."""
+    notifier = Notifier() if notifier is None else notifier
+    # The receiver first: a stop signal during start-up stops the server
+    # right after it started.  It restores the handlers it replaced when it
+    # closes, after the devices have closed.
+    with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
         async with open_server(configs, qmp_path, metrics=metrics, socket_group=socket_group,
-                               qmp_max_clients=qmp_max_clients, monitor_path=monitor_path):
+                               qmp_max_clients=qmp_max_clients, monitor_path=monitor_path) as server:
             if ready is not None:
                 ready()
-            async for signum in signals:
-                log.info("%s: stopping", signal.Signals(signum).name)
-                break
+            notifier.ready(service_status(server))
+
+            def report_clients(_event: DeviceEvent) -> None:
+                notifier.status(service_status(server))
+
+            unsubscribe = [d.subscribe(report_clients, ClientConnected, ClientDisconnected)
+                           for d in server.devices.values()] if notifier.enabled else []
+            async with trio.open_nursery() as nursery:
+                if notifier.watchdog_usec is not None:
+                    nursery.start_soon(_watchdog, notifier, notifier.watchdog_usec / 2e6)
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        if on_hangup is None:
+                            log.info("SIGHUP: no configuration file to reread; ignored")
+                        else:
+                            on_hangup()
+                        continue
+                    log.info("%s: stopping (send it again to stop at once)", name)
+                    notifier.stopping(f"stopping ({name})")
+                    break
+                nursery.cancel_scope.cancel()
+            for undo in unsubscribe:
+                undo()
+            # While the devices close (open_server's exit), a second stop
+            # signal hurries them: a plain handler, since no task reads the
+            # receiver any more.
+            servers = server._servers
+
+            def stop_at_once(signum: int, _frame: object) -> None:
+                for s in servers:
+                    s.hurry = True
+
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, stop_at_once)
+
+
+async def _watchdog(notifier: Notifier, period_s: float) -> None:
+    while True:
+        notifier.watchdog()
+        await trio.sleep(period_s)

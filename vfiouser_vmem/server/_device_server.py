@@ -76,6 +76,22 @@ def _process_identity(pid: int | None) -> tuple[int, str] | None:
     return pid, stat.rsplit(")", 1)[1].split()[19]
 
 
+class DeviceLog(logging.LoggerAdapter):
+    """A device's log: every record carries ``device`` (its id) and
+    ``client`` (the number of the vfio-user client it serves, or None), for
+    the structured log formats (cli/_logging.py)."""
+
+    def __init__(self, logger: logging.Logger, server: DeviceServer) -> None:
+        super().__init__(logger, {})
+        self._server = server
+
+    def process(self, msg, kwargs):
+        server = self._server
+        fields = {"device": server.config.id, "client": server.clients_total if server.connected else None}
+        kwargs["extra"] = {**fields, **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
 class DeviceServer(HostMemory):
     """One virtio-mem PCI function on one vfio-user socket.
 
@@ -84,7 +100,15 @@ class DeviceServer(HostMemory):
 
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
-        self.log = logging.LoggerAdapter(log, {})
+        self.clients_total = 0
+        self.connected = False
+        #: Set by close(): the resets libvfio-user does while closing are not news.
+        self.closing = False
+        self.client_at_stop = False
+        #: Set when the operator asks a stopping server to stop at once (a
+        #: second SIGTERM/SIGINT): close() then skips the discards left.
+        self.hurry = False
+        self.log = DeviceLog(log, self)
         self.bar_size = vp.memory_bar_size(config.size_bytes)
         self.backend: MemoryBackend
         if config.backend is not None:
@@ -97,15 +121,13 @@ class DeviceServer(HostMemory):
             self._check_backend_settings(config.memory_backend)
             self.backend = open_backend(config.memory_backend, device=config.id)
         if (warning := small_block_size_warning(config.block_size_bytes, self.backend.page_size_bytes)):
-            log.warning("%s: %s", config.id, warning)
+            self.log.warning("%s: %s", config.id, warning)
         #: prealloc=on: PLUGs answered BUSY because the backend had no memory
         #: (metrics), and whether that is happening now (one log line per episode).
         self.prealloc_failures_total = 0
         self._prealloc_failing = False
         #: Accesses to the BAR past the device's size (not host-backed): logged once per client.
         self._tail_access_logged = False
-        self.clients_total = 0
-        self.connected = False
         #: Fault injection (QOM property x-fail-discards): this many of the
         #: next discards fail, so that the guest's BUSY path can be tested.
         self.fail_discards = 0
@@ -160,7 +182,8 @@ class DeviceServer(HostMemory):
             )
             self.model.size_listeners.append(lambda _size: self.scrubber.size_changed())
             claim_socket_path(config.socket)
-            self.ctx = VfuContext(config.socket, logger=logging.getLogger(f"vfiouser_vmem.vfu.{config.id}"))
+            vfu_log = DeviceLog(logging.getLogger(f"vfiouser_vmem.vfu.{config.id}"), self)
+            self.ctx = VfuContext(config.socket, logger=vfu_log)
         except BaseException:
             self.backend.close()
             raise
@@ -245,7 +268,8 @@ class DeviceServer(HostMemory):
         would, else the guest gets a config interrupt."""
         old = self.model.requested_size
         self.model.set_requested_size(requested_size_bytes)
-        log.info("%s: requested-size %s -> %s", self.config.id, format_size(old), format_size(requested_size_bytes))
+        self.log.info("%s: requested-size %s -> %s", self.config.id, format_size(old),
+                      format_size(requested_size_bytes))
 
     def set_policy(self, policy: PlugPolicy | None) -> None:
         """Install (or, with None, remove) the device's plug policy; the C
@@ -468,9 +492,13 @@ class DeviceServer(HostMemory):
             self.transport.system_reset()
         finally:
             self._resetting = False
-        self.log.info("%s: %s reset: unplugged and discarded %s (the whole %s device is discarded)", self.config.id,
-                      reset_type.name, format_size(plugged) if plugged else "nothing",
-                      format_size(self.config.size_bytes))
+        # libvfio-user's vfu_destroy_ctx resets the device as a lost
+        # connection whether or not a client is there: at stop, only a reset
+        # that took a connected client's memory is news.
+        if not self.closing or self.client_at_stop:
+            self.log.info("%s: %s reset%s: unplugged and discarded %s (the whole %s device is discarded)",
+                          self.config.id, reset_type.name, " at stop" if self.closing else "",
+                          format_size(plugged) if plugged else "nothing", format_size(self.config.size_bytes))
         # Reset means empty: what the bitmap did not know of (memory the
         # guest put into unplugged blocks) goes too, once the reset's own
         # discards are done.
@@ -697,15 +725,30 @@ class DeviceServer(HostMemory):
                 self._end_client()
             finally:
                 self.connected = False
+                # Cancelled (the server stops) with the client still there:
+                # close()'s reset is the one that takes its memory.
+                self.client_at_stop = reason == "the server stopped"
                 if observers:
                     observers.emit(ClientDisconnected(cid, self.clients_total, reason))
 
     def close(self) -> None:
         ctx = getattr(self, "ctx", None)
+        self.closing = True
         if ctx is not None:
             ctx.close()
         if self.discards.pending_bytes:
             # QEMU may still map the BAR: give the memory back now rather than
             # when the last mapping goes.
-            self.discards.drain_now()
+            self.discards.drain_now(stop=lambda: self.hurry)
+            if self.discards.pending_bytes:
+                # Most of a reset's whole-device discard is holes already:
+                # what matters is what the backend still holds.
+                held = self.backend.allocated_bytes()
+                if held:
+                    self.log.warning("%s: stopping at once: %s of the backend not given back to the host; it "
+                                     "is freed when the last mapping of it goes (QEMU's, when it exits)",
+                                     self.config.id, format_size(held))
+                else:
+                    self.log.info("%s: stopping at once: the discards left were skipped (the backend holds "
+                                  "nothing)", self.config.id)
         self.backend.close()

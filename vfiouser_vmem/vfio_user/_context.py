@@ -165,9 +165,11 @@ RegionAccess = Callable[[int, memoryview, bool], None]
 class VfuContext:
     """A libvfio-user context: one socket, one PCI function."""
 
-    def __init__(self, socket_path: str, *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, socket_path: str, *, logger: logging.Logger | logging.LoggerAdapter | None = None) -> None:
         self.socket_path = socket_path
         self.log = logger or log
+        #: Set by close(): libvfio-user's lines from then on are expected noise.
+        self.closing = False
         self._handle = ffi.new_handle(self)
         # The context's private pointer: the handle (for the Python
         # callbacks) and the notify fast path's window and kick count (for
@@ -482,6 +484,11 @@ class VfuContext:
                 pass
             self._config_view = None
         if self._ctx is not None:
+            # vfu_destroy_ctx resets the device (VFU_RESET_LOST_CONN) and tries
+            # to tell a client that is gone or never came ("vfu_reset_ctx:
+            # Cannot send after transport endpoint shutdown"): expected at
+            # close, so its lines go to debug.
+            self.closing = True
             lib.vfu_destroy_ctx(self._ctx)
             self._ctx = None
             # libvfio-user (0b28d20) leaves its socket file behind.
@@ -508,7 +515,9 @@ def vfu_py_log(vfu_ctx, level, msg):
         # libvfio-user quotes what the client sent (version strings, JSON):
         # escaped, so that no client can forge or colour a log line.
         text = printable(ffi.string(msg).decode(errors="replace").rstrip())
-        _context(vfu_ctx).log.log(_SYSLOG_TO_LOGGING.get(level, logging.INFO), "libvfio-user: %s", text)
+        ctx = _context(vfu_ctx)
+        ctx.log.log(logging.DEBUG if ctx.closing else _SYSLOG_TO_LOGGING.get(level, logging.INFO),
+                    "libvfio-user: %s", text)
     except Exception:  # never let a log line take the server down
         log.exception("libvfio-user log callback failed")
 

@@ -321,14 +321,16 @@ class DiscardQueue:
         )
         self._retry_delay_s = min(self._retry_delay_s * 2, self.retry_max_s)
 
-    def _drain(self, *, give_up_on_failure: bool = False) -> DiscardFailed | None:
+    def _drain(self, *, give_up_on_failure: bool = False,
+               stop: Callable[[], bool] | None = None) -> DiscardFailed | None:
         """Discard chunk after chunk until the queue is empty (the worker
         thread; also drain_now).  Stops at the first failure: the chunk goes
         back to the queue, minus what was plugged again meanwhile; or, with
-        ``give_up_on_failure``, is logged and dropped and the rest goes on."""
+        ``give_up_on_failure``, is logged and dropped and the rest goes on.
+        Stops also before a chunk when ``stop()`` is true, leaving the rest queued."""
         while True:
             with self._lock:
-                if not self._pending:
+                if not self._pending or (stop is not None and stop()):
                     return None
                 # Order matters for claim()'s unlocked check: in flight first,
                 # then out of the queue.
@@ -363,8 +365,10 @@ class DiscardQueue:
                 log.warning("%s: could not give back %s at offset %#x at shutdown: %s",
                             self.name, format_size(n), start, error)
 
-    def drain_now(self) -> None:
+    def drain_now(self, stop: Callable[[], bool] | None = None) -> None:
         """Discard everything still queued, in this thread, each chunk once
-        (shutdown: the backend is about to be closed; failures are logged)."""
-        self._drain(give_up_on_failure=True)
+        (shutdown: the backend is about to be closed; failures are logged);
+        before each chunk, give up if ``stop()`` is true (a second signal:
+        the operator wants the process gone now)."""
+        self._drain(give_up_on_failure=True, stop=stop)
         self._update_idle()
