@@ -394,3 +394,15 @@ async def test_a_stop_with_a_client_connected_logs_that_reset(tmp):
     assert rc == 0, err
     assert "vmem0: LOST_CONN reset at stop: unplugged and discarded nothing" in err
     assert "libvfio-user: vfu_reset_ctx" not in err
+
+
+def test_a_failure_to_start_names_the_device_and_the_path_without_errno_noise(tmp):
+    # /proc takes no socket: libvfio-user's bind fails after every check passed.
+    result = subprocess.run([*EXE, "serve", "--socket", "/proc/vmem-x.sock", "--size", "64M", "--id", "vm3",
+                             "--qmp", str(tmp / "q.qmp")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith("ERROR vfiouser_vmem: vm3: cannot create a vfio-user context on /proc/vmem-x.sock: "
+                         "No such file or directory"), result.stderr
+    assert "[Errno" not in result.stderr
+    assert not (tmp / "q.qmp").exists()

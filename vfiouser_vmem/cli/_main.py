@@ -411,7 +411,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if None in codes:
             raise
         for e in leaves:
-            logging.getLogger("vfiouser_vmem").error("%s", printable(e))
+            logging.getLogger("vfiouser_vmem").error("%s", printable(_error_text(e)))
         return max(code for code in codes if code is not None)
     return EXIT_OK
 
@@ -456,6 +456,17 @@ def _reread_config(args: argparse.Namespace, running: FileConfig) -> None:
     if changed:
         log.warning("SIGHUP: %s: changes to %s take effect at the next start (only log-level is reread)",
                     args.config, ", ".join(changed))
+
+
+def _error_text(exc: BaseException) -> str:
+    """What a failure to start says: an OSError's own text without its
+    ``[Errno N]`` prefix, with the path it is about when it has one."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename is not None and str(exc.filename) not in text:
+            text = f"{exc.filename}: {text}"
+        return text
+    return str(exc)
 
 
 def _leaf_exceptions(exc: BaseException) -> list[BaseException]:

@@ -183,7 +183,10 @@ class DeviceServer(HostMemory):
             self.model.size_listeners.append(lambda _size: self.scrubber.size_changed())
             claim_socket_path(config.socket)
             vfu_log = DeviceLog(logging.getLogger(f"vfiouser_vmem.vfu.{config.id}"), self)
-            self.ctx = VfuContext(config.socket, logger=vfu_log)
+            try:
+                self.ctx = VfuContext(config.socket, logger=vfu_log)
+            except VfuError as exc:
+                raise VfuError(exc.errno, f"{config.id}: {exc.strerror}") from None
         except BaseException:
             self.backend.close()
             raise
