@@ -129,20 +129,18 @@ def _status(pid: int) -> dict[str, str]:
                 if ":\t" in line)
 
 
-def test_the_unit_runs_hardened_as_type_notify_and_a_guest_grows_on_it(manager, env, workdir):
+def _serve_a_guest_under_the_unit(manager: UserManager, env, workdir: Path, exe: str, service_extra: str) -> None:
+    """install-unit with ``exe``, a drop-in with ``service_extra`` and the
+    test's log file, then: start (Type=notify), the hardening in force, a
+    guest attaches and grows, reload, stop (exit 0, runtime dir gone)."""
     config_dir = manager.config_dir
-    subprocess.run([EXE, "install-unit", "--unit-dir", str(manager.unit_dir), "--config-dir", str(config_dir)],
+    subprocess.run([exe, "install-unit", "--unit-dir", str(manager.unit_dir), "--config-dir", str(config_dir)],
                    check=True, capture_output=True)
     dropin = manager.unit_dir / "vfiouser-vmem@.service.d"
     dropin.mkdir()
     log_path = manager.runtime / "server.log"
-    binds = " ".join(_hidden_paths_the_dev_install_needs())
     # No journald here: the log goes to a file the test reads (text format).
-    # Bind mounts beneath ProtectHome=yes's inaccessible /root are not
-    # reachable without CAP_DAC_READ_SEARCH, which the unit drops: "tmpfs"
-    # (an empty /root, /home) is how a checkout there runs under the unit.
-    (dropin / "test.conf").write_text("[Service]\n" + (f"BindReadOnlyPaths={binds}\nProtectHome=tmpfs\n" if binds
-                                                       else "")
+    (dropin / "test.conf").write_text("[Service]\n" + service_extra
                                       + f"StandardOutput=append:{log_path}\nStandardError=append:{log_path}\n"
                                       "Restart=no\n")
     # Relative socket paths: made in the runtime directory, the working directory.
@@ -152,11 +150,14 @@ def test_the_unit_runs_hardened_as_type_notify_and_a_guest_grows_on_it(manager, 
     unit = "vfiouser-vmem@t1.service"
     # Type=notify: start returns once the server sent READY=1.
     started = manager.systemctl("start", unit, check=False)
-    assert started.returncode == 0, (started.stderr, log_path.read_text(errors="replace") if log_path.exists() else "")
+    assert started.returncode == 0, (started.stderr, manager.systemctl("status", unit, check=False).stdout,
+                                     log_path.read_text(errors="replace") if log_path.exists() else "")
     state = manager.show(unit, "ActiveState", "SubState", "StatusText", "MainPID", "Type")
     assert (state["ActiveState"], state["SubState"], state["Type"]) == ("active", "running", "notify")
     assert state["StatusText"] == "serving 1 device: vm0 waiting for a client"
     pid = int(state["MainPID"])
+    # The installation install-unit was run from (its script is the interpreter's first argument).
+    assert exe in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     rundir = manager.runtime / "vfiouser-vmem" / "t1"
     assert (rundir / "vm0.sock").exists() and (rundir / "qmp.sock").exists()
 
@@ -196,3 +197,32 @@ def test_the_unit_runs_hardened_as_type_notify_and_a_guest_grows_on_it(manager, 
     assert not rundir.exists()
     log = log_path.read_text()
     assert "SIGTERM: stopping" in log and "Traceback" not in log, log
+
+
+def test_the_unit_as_shipped_runs_the_installed_wheel_and_a_guest_grows_on_it(manager, env, workdir):
+    """The operator's path: the self-contained wheel in a venv of the
+    distribution's Python, install-unit, the unit exactly as shipped
+    (ProtectHome=yes: the build cache in /root/.cache is out of reach)."""
+    from test_wheel import build_wheel
+
+    python = "/usr/bin/python3"
+    assert os.access(python, os.X_OK), "the distribution's python3 is needed (Debian package python3-venv)"
+    wheel = build_wheel()
+    venv = manager.runtime / "venv"  # under /run: neither /tmp nor /root, which the unit hides
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr
+    _serve_a_guest_under_the_unit(manager, env, workdir, str(venv / "bin" / "vfiouser-vmem"), "")
+
+
+def test_the_unit_runs_a_checkout_with_its_documented_drop_in(manager, env, workdir):
+    """A development install (this checkout's venv): its interpreter, sources
+    and libvfio-user build may live where the unit hides (/root, /tmp); the
+    drop-in of docs/operating.md binds them back."""
+    binds = " ".join(_hidden_paths_the_dev_install_needs())
+    # Bind mounts beneath ProtectHome=yes's inaccessible /root are not
+    # reachable without CAP_DAC_READ_SEARCH, which the unit drops: "tmpfs"
+    # (an empty /root, /home) is how a checkout there runs under the unit.
+    extra = f"BindReadOnlyPaths={binds}\nProtectHome=tmpfs\n" if binds else ""
+    _serve_a_guest_under_the_unit(manager, env, workdir, EXE, extra)
