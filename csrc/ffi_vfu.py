@@ -5,6 +5,11 @@ install prefix holding ``include/vfio-user/libvfio-user.h`` and
 ``lib/libvfio-user.so``), or ``pkg-config libvfio-user``.  The project's own
 build (scripts/build-libvfio-user.sh) installs a patched copy and a
 pkg-config file; see docs/libvfio-user.md for the patches and why.
+
+It is looked up only when the module is compiled (``find_libvfio_user``,
+called by setup.py's ``build_ext`` just before cffi writes the C source),
+not when this file is executed: setuptools executes it for every command
+(``sdist``, ``egg_info``), and those need no libvfio-user.
 """
 
 from __future__ import annotations
@@ -329,7 +334,9 @@ def _pkg_config(*args: str) -> list[str]:
     return shlex.split(out)
 
 
-def _find_libvfio_user() -> dict[str, list[str]]:
+def find_libvfio_user() -> dict[str, list[str]]:
+    """The compiler's and linker's options for libvfio-user (Extension
+    keywords); exits naming what to do when it is not found."""
     prefix = os.environ.get("LIBVFIO_USER_PREFIX")
     if prefix:
         header = os.path.join(prefix, "include", "vfio-user", "libvfio-user.h")
@@ -357,15 +364,24 @@ def _find_libvfio_user() -> dict[str, list[str]]:
     }
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "vfiouser_vmem._vfu",
-    SOURCE,
-    libraries=["vfio-user"],
-    extra_compile_args=["-D_GNU_SOURCE"],
-    **_find_libvfio_user(),
-)
+def make_builder(**library: list[str]) -> FFI:
+    """The module's builder; ``library``: where libvfio-user is
+    (``find_libvfio_user``), added to the compiler's and linker's options."""
+    builder = FFI()
+    builder.cdef(CDEF)
+    builder.set_source(
+        "vfiouser_vmem._vfu",
+        SOURCE,
+        libraries=["vfio-user"],
+        extra_compile_args=["-D_GNU_SOURCE"],
+        **library,
+    )
+    return builder
+
+
+# setup.py's cffi_modules: without libvfio-user's location, which setup.py's
+# build_ext adds to the extension when it builds it.
+ffibuilder = make_builder()
 
 if __name__ == "__main__":
-    ffibuilder.compile(verbose=True)
+    make_builder(**find_libvfio_user()).compile(verbose=True)

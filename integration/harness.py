@@ -84,6 +84,28 @@ class Kit:
         return str(d / "vmlinuz"), str(d / "initrd.img"), (d / "kernel-version").read_text().strip()
 
 
+@dataclass(frozen=True)
+class ProjectSettings:
+    """What the set-up scripts choose (scripts/lib.sh)."""
+
+    #: VMEM_CACHE_DIR: libvfio-user's build, the kit, the wheel tools.
+    cache_dir: Path
+    #: The install prefix of the libvfio-user the package is built against.
+    libvfio_user_prefix: Path
+    #: PKG_CONFIG_PATH as use_libvfio_user leaves it, for a build of the package.
+    pkg_config_path: str
+
+
+def project_settings() -> ProjectSettings:
+    """Asks scripts/lib.sh itself (``use_libvfio_user`` builds libvfio-user
+    when it is missing), so that the tests follow the scripts."""
+    script = ('set -euo pipefail; source "$1/scripts/lib.sh"; use_libvfio_user; '
+              'printf "%s\\0" "$VMEM_CACHE_DIR" "$LVU_PREFIX" "${PKG_CONFIG_PATH:-}"')
+    out = subprocess.run(["bash", "-c", script, "bash", str(REPO)], check=True, stdout=subprocess.PIPE).stdout
+    cache_dir, prefix, pkg_config_path = out.decode().split("\0")[:3]
+    return ProjectSettings(Path(cache_dir), Path(prefix), pkg_config_path)
+
+
 def kvm_works() -> bool:
     """True only for a KVM that runs a stock kernel.  The paravirtual
     kvm-pvm hosts of the CI machines expose /dev/kvm but fail with

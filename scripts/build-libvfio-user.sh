@@ -2,7 +2,7 @@
 # Builds libvfio-user from the copy carried by Debian's QEMU source package
 # (docs/design.md, "Where the parts come from"), applies the project's patches
 # (scripts/libvfio-user-patches, see docs/libvfio-user.md), and installs it
-# into a prefix together with a pkg-config file.  Idempotent: the prefix is
+# into a prefix together with a pkg-config file and its LICENSE.  Idempotent: the prefix is
 # named after the hash of this script and the patches.  Prints the prefix.
 #
 # Users with their own libvfio-user skip this: set LIBVFIO_USER_PREFIX, or
@@ -76,6 +76,10 @@ meson setup "$WORK/build" "$SRC" --prefix "$PREFIX" --libdir lib \
     -Dbuildtype=release -Ddebug=false >&2
 ninja -C "$WORK/build" lib/libvfio-user.so.0.0.1 >&2
 meson install -C "$WORK/build" --no-rebuild --quiet >&2 || ninja -C "$WORK/build" install >&2
+
+# Its licence goes with it: scripts/build-wheel puts the library into the wheel,
+# and a BSD-licensed library travels in binary form with its notice.
+install -D -m 0644 "$SRC/LICENSE" "$PREFIX/share/doc/libvfio-user/LICENSE"
 
 mkdir -p "$PREFIX/lib/pkgconfig"
 cat >"$PREFIX/lib/pkgconfig/libvfio-user.pc" <<PC

@@ -21,22 +21,14 @@ source "$ROOT/scripts/lib.sh"
 # -- system packages --------------------------------------------------------
 PKGS=(gcc pkg-config libffi-dev meson ninja-build libjson-c-dev libcmocka-dev patch xz-utils
       python3 python3-venv python3-dev ca-certificates)
-# netcat-openbsd: the monitor test runs the guide's `echo ... | nc -U MONITOR` (integration/test_hmp.py).
-((WITH_KIT)) && PKGS+=(debootstrap cpio gzip netcat-openbsd)
+# netcat-openbsd: the monitor test runs the guide's `echo ... | nc -U MONITOR` (integration/test_hmp.py);
+# systemd: systemd-analyze verify of the unit (tests/test_unit_file.py) and a `systemd --user` manager that
+# runs it (integration/test_systemd.py), also where PID 1 is not systemd; util-linux: unshare, nsenter.
+((WITH_KIT)) && PKGS+=(debootstrap cpio gzip netcat-openbsd systemd util-linux)
 ensure_debian_packages "${PKGS[@]}"
 
 # -- libvfio-user -----------------------------------------------------------
-if [[ -n ${LIBVFIO_USER_PREFIX:-} ]]; then
-    log "using libvfio-user from LIBVFIO_USER_PREFIX=$LIBVFIO_USER_PREFIX"
-    LVU_ID=$LIBVFIO_USER_PREFIX
-elif [[ ${VMEM_SYSTEM_LIBVFIO_USER:-0} == 1 ]] && pkg-config --exists libvfio-user; then
-    log "using libvfio-user from pkg-config ($(pkg-config --variable=prefix libvfio-user))"
-    LVU_ID=pkg-config
-else
-    LVU_PREFIX=$(bash "$ROOT/scripts/build-libvfio-user.sh")
-    export PKG_CONFIG_PATH=$LVU_PREFIX/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
-    LVU_ID=$LVU_PREFIX
-fi
+use_libvfio_user
 
 # -- the virtualenv and the package -------------------------------------------
 PYTHON=${PYTHON:-python3}

@@ -55,7 +55,7 @@ COMPILED = ("_blocks", "_vfu")
 #: Subpackages that are a layer of their own (the name is the layer's).
 SUBPACKAGE_LAYERS = ("vfio_user", "virtio", "vmem", "control", "server", "cli")
 #: The only name a lower layer may import from the top package itself.  The
-#: top package sets ``__version__`` in its first statement, before it imports
+#: top package sets ``__version__`` (from its metadata) before it imports
 #: any layer, so reading it from a lower layer runs nothing of the layers
 #: above (while the package is being imported, the name is already there);
 #: every other name of the top package is a re-export of some layer, and

@@ -18,7 +18,16 @@ The layers (docs/architecture.md), each importing only the ones before it:
 - ``cli``: the command line.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError, version as _version
+
+# The version is written once, in pyproject.toml; an installed package (a
+# wheel, or the editable install of scripts/setup.sh) has it in its metadata.
+__version__: str
+try:
+    __version__ = _version("vfiouser-vmem")
+except _PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
+del _PackageNotFoundError, _version
 
 from vfiouser_vmem.errors import (  # noqa: E402  (after __version__, which the layers read)
     BackendError,
