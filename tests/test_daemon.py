@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 import trio
 
 from proc_util import EXE, terminate
+from test_cli import tmp  # noqa: F401 (fixture: a short directory for socket paths)
 from vfio_user_client import VfioUserClient
 from vfiouser_vmem.cli._logging import JournalFormatter, JsonFormatter, TextFormatter, journald_stream
 from vfiouser_vmem.server import DeviceConfig, serve
@@ -29,15 +29,6 @@ from vfiouser_vmem.util.sdnotify import Notifier
 from vfiouser_vmem.vmem import MemfdBackend
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def tmp():
-    path = Path(tempfile.mkdtemp(prefix="vmem-d-", dir="/tmp"))
-    yield path
-    for p in path.iterdir():
-        p.unlink()
-    path.rmdir()
 
 
 class ServiceManager:
