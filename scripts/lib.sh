@@ -3,6 +3,13 @@
 
 # ensure_debian_packages PKG...: install the packages that are missing
 # (apt-get update only when something is); refuse clearly without root.
+debian_packages_installed() {
+    local p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || return 1
+    done
+}
+
 ensure_debian_packages() {
     local missing=() p
     for p in "$@"; do

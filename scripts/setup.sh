@@ -27,6 +27,25 @@ PKGS=(gcc pkg-config libffi-dev meson ninja-build libjson-c-dev libcmocka-dev pa
 ((WITH_KIT)) && PKGS+=(debootstrap cpio gzip netcat-openbsd systemd util-linux)
 ensure_debian_packages "${PKGS[@]}"
 
+# libvirt, for integration/test_libvirt.py (docs/libvirt.md), which starts and stops its own
+# daemons: the packages' maintainer scripts would start libvirtd at install time (the -sysv
+# package keeps systemd-sysv out, so they use /etc/init.d), which a policy-rc.d that refuses
+# every start prevents (invoke-rc.d(8)).
+LIBVIRT_PKGS=(libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients libvirt-daemon-driver-qemu)
+if ((WITH_KIT)) && ! debian_packages_installed "${LIBVIRT_PKGS[@]}"; then
+    POLICY_RC=/usr/sbin/policy-rc.d
+    if [[ ! -e $POLICY_RC && $(id -u) == 0 ]]; then
+        printf '#!/bin/sh\n# scripts/setup.sh: no daemon starts while libvirt is installed\nexit 101\n' >"$POLICY_RC"
+        chmod 755 "$POLICY_RC"
+        trap 'rm -f "$POLICY_RC"' EXIT
+        ensure_debian_packages "${LIBVIRT_PKGS[@]}"
+        rm -f "$POLICY_RC"
+        trap - EXIT
+    else
+        ensure_debian_packages "${LIBVIRT_PKGS[@]}"
+    fi
+fi
+
 # -- libvfio-user -----------------------------------------------------------
 use_libvfio_user
 

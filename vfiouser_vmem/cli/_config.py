@@ -509,6 +509,56 @@ PHYS_BITS = 46
 NUMA_RAM_ALIGN_BYTES = 2 << 20
 
 
+@dataclass
+class GuestLayout:
+    """What a guest of these devices needs, whatever writes its options
+    (``qemu_args``; cli/_libvirt.py for a libvirt domain)."""
+
+    #: (node, bytes) of guest RAM per NUMA node, or None: one RAM backend, no -numa.
+    numa_ram: list[tuple[int, int]] | None
+    #: Guest physical address bits the memory BARs need, or None: QEMU's default does.
+    phys_bits: int | None
+    #: The memory BARs of all devices together.
+    bar_bytes: int
+
+
+def guest_layout(configs: list, ram_bytes: int) -> GuestLayout:
+    """The rules ``qemu_args`` documents, decided once."""
+    nodes = sorted({c.node for c in configs if c.node is not None})
+    numa_ram = None
+    if nodes:
+        # Every node up to the highest one used gets a share of the guest
+        # RAM, so that it exists for the guest (an ACPI node without memory
+        # or CPUs is unknown to Linux, which then puts the device's memory
+        # on node 0).  Node 0 takes the remainder.
+        count = nodes[-1] + 1
+        share = ram_bytes // count // NUMA_RAM_ALIGN_BYTES * NUMA_RAM_ALIGN_BYTES
+        if share == 0:
+            raise ConfigError(f"--ram {format_size(ram_bytes)} is too small to give each of {count} NUMA nodes "
+                              f"{format_size(NUMA_RAM_ALIGN_BYTES)}")
+        numa_ram = [(node, ram_bytes - share * (count - 1) if node == 0 else share) for node in range(count)]
+    phys_bits = None
+    bars = [memory_bar_size(c.size_bytes) for c in configs]
+    if max(bars, default=0) > DEFAULT_PHYS_BITS_MAX_BAR_BYTES or sum(bars) > DEFAULT_PHYS_BITS_MAX_BAR_BYTES:
+        phys_bits = PHYS_BITS
+    return GuestLayout(numa_ram, phys_bits, sum(bars))
+
+
+def phys_bits_note(layout: GuestLayout, how: str) -> str:
+    """The advice that goes with ``layout.phys_bits``; ``how``: the option
+    that sets them in the output's own terms."""
+    return (f"memory BARs of {format_size(layout.bar_bytes)} in total need more than 40 guest physical address "
+            f"bits: {how}")
+
+
+def vfio_user_device(config) -> str:
+    """The ``-device`` value that attaches one device (QEMU's JSON form)."""
+    import json
+
+    return json.dumps({"driver": "vfio-user-pci", "socket": {"type": "unix", "path": config.socket}},
+                      separators=(",", ":"))
+
+
 def qemu_args(configs: list, ram_bytes: int) -> tuple[list[str], list[str]]:
     """The QEMU options for guests of these devices: (argv, notes).
 
@@ -529,45 +579,27 @@ def qemu_args(configs: list, ram_bytes: int) -> tuple[list[str], list[str]]:
       unknown to the guest.
     ``notes`` are advice for people (printed on stderr).
     """
-    import json
-
-
+    layout = guest_layout(configs, ram_bytes)
     ram = format_size(ram_bytes)
-    nodes = sorted({c.node for c in configs if c.node is not None})
-    notes: list[str] = []
-    if nodes:
-        # Every node up to the highest one used gets a share of the guest
-        # RAM, so that it exists for the guest (an ACPI node without memory
-        # or CPUs is unknown to Linux, which then puts the device's memory
-        # on node 0).  Node 0 takes the remainder.
-        count = nodes[-1] + 1
-        share = ram_bytes // count // NUMA_RAM_ALIGN_BYTES * NUMA_RAM_ALIGN_BYTES
-        if share == 0:
-            raise ConfigError(f"--ram {ram} is too small to give each of {count} NUMA nodes "
-                              f"{format_size(NUMA_RAM_ALIGN_BYTES)}")
+    if layout.numa_ram is not None:
         argv = ["-machine", "q35", "-m", ram]
-        for node in range(count):
-            part = ram_bytes - share * (count - 1) if node == 0 else share
+        for node, part in layout.numa_ram:
             argv += ["-object", f"memory-backend-memfd,id=ram{node},size={format_size(part)},share=on",
                      "-numa", f"node,nodeid={node},memdev=ram{node}"]
-        if count > 1:
-            notes.append(
-                f"guest RAM is split over NUMA nodes 0-{nodes[-1]} so that the guest knows them; "
-                "QEMU assigns the vCPUs to the nodes round robin unless -numa node,...,cpus= says otherwise"
-            )
     else:
         argv = ["-machine", "q35,memory-backend=ram0", "-m", ram,
                 "-object", f"memory-backend-memfd,id=ram0,size={ram},share=on"]
-    bars = [memory_bar_size(c.size_bytes) for c in configs]
-    if max(bars, default=0) > DEFAULT_PHYS_BITS_MAX_BAR_BYTES or sum(bars) > DEFAULT_PHYS_BITS_MAX_BAR_BYTES:
-        argv += ["-cpu", f"qemu64,phys-bits={PHYS_BITS}"]
-        notes.append(
-            f"memory BARs of {format_size(sum(bars))} in total need more than 40 guest physical address bits: "
-            f"-cpu qemu64,phys-bits={PHYS_BITS} (with KVM: -cpu host,host-phys-bits=on)"
-        )
+    notes = []
+    if layout.numa_ram is not None and len(layout.numa_ram) > 1:
+        notes.append(f"guest RAM is split over NUMA nodes 0-{len(layout.numa_ram) - 1} so that the guest knows "
+                     "them; QEMU assigns the vCPUs to the nodes round robin unless -numa node,...,cpus= says "
+                     "otherwise")
+    if layout.phys_bits is not None:
+        argv += ["-cpu", f"qemu64,phys-bits={layout.phys_bits}"]
+        notes.append(phys_bits_note(layout, f"-cpu qemu64,phys-bits={layout.phys_bits} (with KVM: -cpu "
+                                            "host,host-phys-bits=on)"))
     for c in configs:
-        device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": c.socket}}
-        argv += ["-device", json.dumps(device, separators=(",", ":"))]
+        argv += ["-device", vfio_user_device(c)]
     return argv, notes
 
 

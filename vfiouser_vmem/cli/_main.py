@@ -46,6 +46,7 @@ from vfiouser_vmem.cli._exit import (
     EXIT_USAGE,
     exit_code,
 )
+from vfiouser_vmem.cli._libvirt import libvirt_domain
 from vfiouser_vmem.cli._logging import LOG_FORMATS, LOG_LEVELS, configure_logging
 from vfiouser_vmem.cli._unit import DEFAULT_CONFIG_DIR, DEFAULT_UNIT_DIR, install_unit, render_unit, this_command
 from vfiouser_vmem.control import MetricsExporter, parse_metrics_address
@@ -248,8 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_device_flags(qargs)
     qargs.add_argument("--ram", type=_size, default=1 << 30, metavar="SIZE", help="the guest's boot RAM (default 1G)")
-    qargs.add_argument("--format", choices=["shell", "json"], default="shell",
-                       help="shell: quoted for sh (default); json: a JSON list of argv strings")
+    qargs.add_argument("--format", choices=["shell", "json", "libvirt"], default="shell",
+                       help="shell: quoted for sh (default); json: a JSON list of argv strings; libvirt: a domain "
+                       "XML (docs/libvirt.md)")
+    qargs.add_argument("--name", default="vmem-guest", help="libvirt: the domain's name (default vmem-guest)")
+    qargs.add_argument("--vcpus", type=_positive_int, default=2, metavar="N",
+                       help="libvirt: the domain's vCPUs, spread over its NUMA cells (default 2)")
     qargs.add_argument("--qmp", metavar="PATH", help=argparse.SUPPRESS)  # accepted, so serve's flags can be reused
     qargs.add_argument("--monitor", metavar="PATH", help=argparse.SUPPRESS)  # likewise
     return parser
@@ -494,12 +499,16 @@ def _qemu_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if args.ram == 0:
         parser.error("--ram must be positive")
     try:
-        argv, notes = qemu_args(configs, args.ram)
+        if args.format == "libvirt":
+            text, notes = libvirt_domain(configs, args.ram, name=args.name, vcpus=args.vcpus)
+        else:
+            argv, notes = qemu_args(configs, args.ram)
+            text = (json.dumps(argv) if args.format == "json" else format_shell(argv)) + "\n"
     except ConfigError as exc:
         parser.error(str(exc))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    print(json.dumps(argv) if args.format == "json" else format_shell(argv))
+    print(text, end="")
     return EXIT_OK
 
 
