@@ -1,4 +1,5 @@
-"""One QMP client connection: its outgoing queue and its share of the log.
+"""One QMP or monitor client connection: its outgoing queue and its share of
+the log; and ConnectionServer, the clients of one UNIX socket.
 
 Queue
     Each client has a bounded queue of outgoing messages
@@ -24,12 +25,13 @@ import os
 import socket
 import time
 from collections import deque
+from typing import Any
 
 import trio
 
 from vfiouser_vmem.util.sockets import SocketPathInUse, claim_socket_path, remove_socket_if_same
 
-__all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_MESSAGES", "Client"]
+__all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_MESSAGES", "DRAIN_TIMEOUT_S", "Client", "ConnectionServer"]
 
 log = logging.getLogger("vfiouser_vmem.qmp")
 
@@ -188,6 +190,21 @@ class Client:
                 out.popleft()
             self._room_lot.unpark_all()
 
+    async def receive(self, size: int) -> bytes:
+        """The client's next bytes, at most ``size``; b"" once it closed its
+        side or its socket failed.  Input counts for ``last_input``."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data = self.sock.recv(size)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return b""
+            if data:
+                self.last_input = trio.current_time()
+            return data
+
 
 async def listen_unix(path: str, what: str) -> tuple[trio.SocketListener, tuple[int, int]]:
     """Listen on the UNIX socket ``path`` for the ``what`` server (QMP, the
@@ -230,3 +247,109 @@ def adopt_connection(stream: trio.SocketStream, what: str) -> socket.socket | No
         os.close(fd)
         log.exception("%s: could not take a new connection", what)
         return None
+
+
+#: A client that closed its side may take this long to read what is still
+#: queued for it (replies, the monitor's last output) before it is dropped.
+DRAIN_TIMEOUT_S = 5.0
+
+
+class ConnectionServer:
+    """The clients of one UNIX socket, for the QMP server and the human
+    monitor: listening and the socket file's removal, each connection's
+    setup, the client limit and the teardown.  A subclass sets ``kind``
+    (its name in log lines) and ``log``, and says what a session is
+    (``_session``) and whom the limit disconnects (``_evict``)."""
+
+    kind = "connection"
+    log = log
+
+    def __init__(self, *, max_clients: int, max_queued_messages: int) -> None:
+        self.max_clients = max_clients
+        self.max_queued_messages = max_queued_messages
+        self._connections: set[Client] = set()  # every client, at most max_clients
+        self._next_client = 1
+        self._serving = False
+
+    async def serve(self, path: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``path`` (mode 0600; a stale socket is removed, one in
+        use refused: util/sockets.py) and serve clients until cancelled;
+        ``task_status.started()`` once connections are accepted.  The socket
+        file is removed on exit."""
+        if self._serving:
+            raise RuntimeError(f"this {type(self).__name__} is already serving")
+        path = os.fspath(path)
+        listener, identity = await listen_unix(path, self.kind)
+        sock = listener.socket
+        self._serving = True
+        self.log.info("%s listening on %s", self.kind, path)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._serving_started(nursery)
+                task_status.started()
+                await trio.serve_listeners(self._handle_client, [listener], handler_nursery=nursery)
+        finally:
+            self._serving = False
+            self._serving_stopped()
+            self._connections.clear()
+            sock.close()
+            remove_socket_if_same(path, identity)
+            self.log.info("%s stopped listening on %s", self.kind, path)
+
+    async def _handle_client(self, stream: trio.SocketStream) -> None:
+        sock = adopt_connection(stream, self.kind)
+        if sock is None:
+            return
+        client = Client(self._next_client, sock, self.max_queued_messages)
+        client.last_input = trio.current_time()
+        self._next_client += 1
+        self._client_connected(client)
+        if len(self._connections) >= self.max_clients:
+            self._evict()
+        self._connections.add(client)
+        try:
+            sock.setblocking(False)
+            with client.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.write_queued)
+                    await self._session(client)
+                    # The client closed its side: give what is still queued
+                    # for it a chance to go out.
+                    client.close_queue()
+                    nursery.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT_S
+        except Exception:
+            # A bug must not take the server down with it (serve_listeners
+            # would propagate it): log it and drop this client only.
+            self.log.exception("%s client %d: internal error, closing the connection", self.kind, client.number)
+        finally:
+            self._connections.discard(client)
+            self._client_gone(client)
+            client.closed = True
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            self._client_closed(client)
+
+    # -- what a subclass says ---------------------------------------------------
+
+    async def _session(self, client: Client) -> None:
+        """Serve ``client`` until it closes its side."""
+        raise NotImplementedError
+
+    def _evict(self) -> None:
+        """Make room for a new client (the limit is reached)."""
+        raise NotImplementedError
+
+    def _serving_started(self, nursery: trio.Nursery) -> None:
+        """``serve`` listens: start what runs beside the clients."""
+
+    def _serving_stopped(self) -> None:
+        """``serve`` stops."""
+
+    def _client_connected(self, client: Client) -> None:
+        """A new client, before the limit is applied."""
+
+    def _client_gone(self, client: Client) -> None:
+        """``client`` is no longer served (before its socket closes)."""
+
+    def _client_closed(self, client: Client) -> None:
+        """``client``'s socket is closed."""

@@ -26,14 +26,11 @@ thread.
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any
 
 import trio
 
-from vfiouser_vmem.control._connection import DEFAULT_MAX_QUEUED_MESSAGES, Client, adopt_connection, listen_unix
+from vfiouser_vmem.control._connection import DEFAULT_MAX_QUEUED_MESSAGES, Client, ConnectionServer
 from vfiouser_vmem.control._hmp import HumanMonitor
-from vfiouser_vmem.util.sockets import remove_socket_if_same
 
 __all__ = ["DEFAULT_MAX_MONITOR_CLIENTS", "MonitorServer", "Readline", "banner"]
 
@@ -48,7 +45,6 @@ _READ_SIZE = 4096
 #: Output is handed to the socket in pieces of about this size (a long line's
 #: echo grows with the square of its length).
 _FLUSH_BYTES = 65536
-_DRAIN_TIMEOUT_S = 5.0
 
 _NORM, _ESC, _CSI, _SS3 = range(4)
 
@@ -224,91 +220,41 @@ def _wire(text: str) -> bytes:
     return text.replace("\n", "\r\n").encode("latin-1", errors="replace")
 
 
-class MonitorServer:
-    """The HMP on a UNIX socket; run it with :meth:`serve`."""
+class MonitorServer(ConnectionServer):
+    """The HMP on a UNIX socket; run it with :meth:`serve` (listening and
+    the connections: ConnectionServer)."""
+
+    kind = "monitor"
+    log = log
 
     def __init__(self, monitor: HumanMonitor, *, qemu_version: tuple[int, int, int],
                  max_clients: int = DEFAULT_MAX_MONITOR_CLIENTS,
                  max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES) -> None:
         if max_clients < 1:
             raise ValueError("max_clients must be >= 1")
+        super().__init__(max_clients=max_clients, max_queued_messages=max_queued_messages)
         self.monitor = monitor
         self.qemu_version = qemu_version
-        self.max_clients = max_clients
-        self.max_queued_messages = max_queued_messages
-        self._connections: set[Client] = set()
-        self._next_client = 1
-        self._serving = False
 
-    async def serve(self, path: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on ``path`` (mode 0600; a stale socket is removed, one in
-        use refused: util/sockets.py) until cancelled; the socket file is
-        removed on exit."""
-        if self._serving:
-            raise RuntimeError("this MonitorServer is already serving")
-        path = os.fspath(path)
-        listener, identity = await listen_unix(path, "monitor")
-        sock = listener.socket
-        self._serving = True
-        log.info("monitor listening on %s", path)
-        try:
-            async with trio.open_nursery() as nursery:
-                task_status.started()
-                await trio.serve_listeners(self._handle_client, [listener], handler_nursery=nursery)
-        finally:
-            self._serving = False
-            self._connections.clear()
-            sock.close()
-            remove_socket_if_same(path, identity)
-            log.info("monitor stopped listening on %s", path)
-
-    async def _handle_client(self, stream: trio.SocketStream) -> None:
-        sock = adopt_connection(stream, "monitor")
-        if sock is None:
-            return
-        client = Client(self._next_client, sock, self.max_queued_messages)
-        client.last_input = trio.current_time()
+    def _client_connected(self, client: Client) -> None:
+        # No capabilities negotiation: a monitor client is in command mode at once.
         client.command_mode = True
-        self._next_client += 1
-        if len(self._connections) >= self.max_clients:
-            victim = min(self._connections, key=lambda c: (c.last_input, c.number))
-            log.warning("monitor: %d clients connected, the limit: disconnecting client %d (idle %.1f s) "
-                        "to serve a new one", len(self._connections), victim.number,
-                        trio.current_time() - victim.last_input)
-            self._connections.discard(victim)
-            victim.broken()
-        self._connections.add(client)
-        try:
-            sock.setblocking(False)
-            with client.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(client.write_queued)
-                    readline = Readline()
-                    await client.send(_wire(banner(self.qemu_version) + readline.show_prompt()))
-                    await self._read_loop(client, readline)
-                    client.close_queue()
-                    nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_TIMEOUT_S
-        except Exception:
-            log.exception("monitor client %d: internal error, closing the connection", client.number)
-        finally:
-            self._connections.discard(client)
-            client.closed = True
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
+
+    def _evict(self) -> None:
+        victim = min(self._connections, key=lambda c: (c.last_input, c.number))
+        log.warning("monitor: %d clients connected, the limit: disconnecting client %d (idle %.1f s) "
+                    "to serve a new one", len(self._connections), victim.number,
+                    trio.current_time() - victim.last_input)
+        self._connections.discard(victim)
+        victim.broken()
+
+    async def _session(self, client: Client) -> None:
+        readline = Readline()
+        await client.send(_wire(banner(self.qemu_version) + readline.show_prompt()))
+        await self._read_loop(client, readline)
 
     async def _read_loop(self, client: Client, readline: Readline) -> None:
-        sock = client.sock
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                data = sock.recv(_READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            client.last_input = trio.current_time()
+        while data := await client.receive(_READ_SIZE):
             out: list[str] = []
             size = 0
             for ch in data:

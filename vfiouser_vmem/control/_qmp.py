@@ -97,7 +97,6 @@ disconnected for not reading or to make room for a new client.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -105,7 +104,7 @@ import trio
 
 from vfiouser_vmem import __version__
 from vfiouser_vmem.control._arguments import COMMAND_ARGS, CommandError, check_arguments, check_request
-from vfiouser_vmem.control._connection import DEFAULT_MAX_QUEUED_MESSAGES, Client, adopt_connection, listen_unix
+from vfiouser_vmem.control._connection import DEFAULT_MAX_QUEUED_MESSAGES, Client, ConnectionServer
 from vfiouser_vmem.control._events import SizeChangeEvents
 from vfiouser_vmem.control._framing import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -120,7 +119,6 @@ from vfiouser_vmem.control._hmp import HumanMonitor, numa_text
 from vfiouser_vmem.control._protocol import ControlledDevice
 from vfiouser_vmem.control._qom import QomTree, memdev_info
 from vfiouser_vmem.util.logtext import printable
-from vfiouser_vmem.util.sockets import remove_socket_if_same
 
 __all__ = [
     "DEFAULT_MAX_CLIENTS",
@@ -135,14 +133,12 @@ log = logging.getLogger("vfiouser_vmem.qmp")
 QEMU_VERSION = (11, 1, 0)
 
 DEFAULT_MAX_CLIENTS = 64
-#: After a client closed its sending side, how long we keep trying to deliver
-#: replies still queued for it.
-_DRAIN_TIMEOUT_S = 5.0
 _READ_SIZE = 65536
 
 
-class QmpServer:
-    """QMP server for a set of devices; run it with :meth:`serve`.
+class QmpServer(ConnectionServer):
+    """QMP server for a set of devices; run it with :meth:`serve` (listening
+    and the connections: ConnectionServer).
 
     ``devices`` maps device id to device; it is read at every command, so the
     caller may add devices to it later (call :meth:`add_device` so that their
@@ -163,18 +159,14 @@ class QmpServer:
             raise ValueError("event_interval_s must be >= 0")
         if max_message_bytes < 1 or max_queued_messages < 1 or max_clients < 1:
             raise ValueError("max_message_bytes, max_queued_messages and max_clients must be >= 1")
+        super().__init__(max_clients=max_clients, max_queued_messages=max_queued_messages)
         self._devices = devices
         self._extra_devices: dict[str, ControlledDevice] = {}
         self.version = version
         self.max_message_bytes = max_message_bytes
-        self.max_queued_messages = max_queued_messages
-        self.max_clients = max_clients
 
-        self._serving = False
         self._events = SizeChangeEvents(event_interval_s, self._broadcast)
         self._clients: set[Client] = set()  # clients in command mode
-        self._connections: set[Client] = set()  # every client, at most max_clients
-        self._next_client = 1
         #: Command name -> handler(client, checked arguments); the keys are COMMAND_ARGS's.
         self._handlers: dict[str, Callable[[Client, dict[str, Any]], Any]] = {
             "qmp_capabilities": self._qmp_capabilities,
@@ -242,67 +234,33 @@ class QmpServer:
 
     # -- serving -------------------------------------------------------------
 
-    async def serve(self, path: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on the UNIX socket ``path`` and serve clients until
-        cancelled; ``task_status.started()`` once connections are accepted."""
-        if self._serving:
-            raise RuntimeError("this QmpServer is already serving")
-        path = os.fspath(path)
-        listener, identity = await listen_unix(path, "QMP")
-        sock = listener.socket
-        self._serving = True
-        log.info("QMP listening on %s", path)
-        try:
-            async with trio.open_nursery() as nursery:
-                self._events.start(nursery)
-                for device in list(self._iter_devices()):
-                    self._events.subscribe(device)
-                task_status.started()
-                await trio.serve_listeners(self._handle_client, [listener], handler_nursery=nursery)
-        finally:
-            self._serving = False
-            self._events.stop()
-            self._clients.clear()
-            self._connections.clear()
-            sock.close()
-            remove_socket_if_same(path, identity)
-            log.info("QMP stopped listening on %s", path)
+    kind = "QMP"
+    log = log
 
-    async def _handle_client(self, stream: trio.SocketStream) -> None:
-        sock = adopt_connection(stream, "QMP")
-        if sock is None:
-            return
-        client = Client(self._next_client, sock, self.max_queued_messages)
-        client.last_input = trio.current_time()
-        self._next_client += 1
+    def _serving_started(self, nursery: trio.Nursery) -> None:
+        self._events.start(nursery)
+        for device in list(self._iter_devices()):
+            self._events.subscribe(device)
+
+    def _serving_stopped(self) -> None:
+        self._events.stop()
+        self._clients.clear()
+
+    def _client_connected(self, client: Client) -> None:
         log.debug("QMP client %d connected", client.number)
-        if len(self._connections) >= self.max_clients:
-            self._evict()
-        self._connections.add(client)
-        try:
-            sock.setblocking(False)
-            with client.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(client.write_queued)
-                    client.queue_nowait(encode(self._greeting()))
-                    await self._read_loop(client)
-                    # The client closed its side: no more events for it;
-                    # give the replies still queued a chance to go out.
-                    self._clients.discard(client)
-                    client.close_queue()
-                    nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_TIMEOUT_S
-        except Exception:
-            # A bug must not take the server down with it (serve_listeners
-            # would propagate it): log it and drop this client only.
-            log.exception("QMP client %d: internal error, closing the connection", client.number)
-        finally:
-            self._clients.discard(client)
-            self._connections.discard(client)
-            client.closed = True
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
-            client.log_dropped()
-            log.debug("QMP client %d disconnected", client.number)
+
+    async def _session(self, client: Client) -> None:
+        client.queue_nowait(encode(self._greeting()))
+        await self._read_loop(client)
+        # The client closed its side: no more events for it.
+        self._clients.discard(client)
+
+    def _client_gone(self, client: Client) -> None:
+        self._clients.discard(client)
+
+    def _client_closed(self, client: Client) -> None:
+        client.log_dropped()
+        log.debug("QMP client %d disconnected", client.number)
 
     def _evict(self) -> None:
         """Make room for a new client: close the one idle the longest,
@@ -323,20 +281,7 @@ class QmpServer:
 
     async def _read_loop(self, client: Client) -> None:
         splitter = JsonStreamSplitter(self.max_message_bytes)
-        sock = client.sock
-        fd = sock.fileno()
-        wait_readable = trio.lowlevel.wait_readable
-        while True:
-            await wait_readable(fd)
-            try:
-                data = sock.recv(_READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            client.last_input = trio.current_time()
+        while data := await client.receive(_READ_SIZE):
             first = True
             for item in splitter.feed(data):
                 if first:
