@@ -23,8 +23,9 @@ PKGS=(gcc pkg-config libffi-dev meson ninja-build libjson-c-dev libcmocka-dev pa
       python3 python3-venv python3-dev ca-certificates)
 # netcat-openbsd: the monitor test runs the guide's `echo ... | nc -U MONITOR` (integration/test_hmp.py);
 # systemd: systemd-analyze verify of the unit (tests/test_unit_file.py) and a `systemd --user` manager that
-# runs it (integration/test_systemd.py), also where PID 1 is not systemd; util-linux: unshare, nsenter.
-((WITH_KIT)) && PKGS+=(debootstrap cpio gzip netcat-openbsd systemd util-linux)
+# runs it (integration/test_systemd.py), also where PID 1 is not systemd; util-linux: unshare, nsenter;
+# podman, buildah, runc: the images of docker/ are built and run (integration/test_containers.py).
+((WITH_KIT)) && PKGS+=(debootstrap cpio gzip netcat-openbsd systemd util-linux podman buildah runc)
 ensure_debian_packages "${PKGS[@]}"
 
 # libvirt, for integration/test_libvirt.py (docs/libvirt.md), which starts and stops its own
