@@ -19,6 +19,7 @@ started), 3 ``ctl resize --wait`` timed out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import grp
 import json
@@ -51,7 +52,7 @@ from vfiouser_vmem.cli._logging import LOG_FORMATS, LOG_LEVELS, configure_loggin
 from vfiouser_vmem.cli._unit import DEFAULT_CONFIG_DIR, DEFAULT_UNIT_DIR, install_unit, render_unit, this_command
 from vfiouser_vmem.control import MetricsExporter, parse_metrics_address
 from vfiouser_vmem.errors import MetricsAddressError
-from vfiouser_vmem.server import DeviceConfig, check_id, serve
+from vfiouser_vmem.server import STOP_SIGNALS, DeviceConfig, check_id, serve
 from vfiouser_vmem.util.hostmem import base_page_size
 from vfiouser_vmem.util.logtext import printable
 from vfiouser_vmem.util.sizes import format_size, parse_size
@@ -401,7 +402,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # serve() handles the signals while it runs.  Before (trio starting) and
     # after (trio ending, the sockets already gone) a stop signal ends the
     # process with 0 rather than killing it, and SIGHUP does not kill it.
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _exit_at_once)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -433,7 +434,7 @@ async def _serve_then_ignore_signals(run_server) -> None:
     try:
         await run_server()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (*STOP_SIGNALS, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
 
 
@@ -456,8 +457,8 @@ def _reread_config(args: argparse.Namespace, running: FileConfig) -> None:
     level = new.log_level or args.log_level or "info"
     logging.getLogger().setLevel(getattr(logging, level.upper()))
     log.warning("SIGHUP: %s reread: log level %s", args.config, level)
-    changed = [f.replace("_", "-") for f in ("objects", "devices", "qmp", "socket_group", "qmp_max_clients",
-                                             "monitor", "log_format") if getattr(new, f) != getattr(running, f)]
+    changed = [f.name.replace("_", "-") for f in dataclasses.fields(FileConfig)
+               if f.name != "log_level" and getattr(new, f.name) != getattr(running, f.name)]
     if changed:
         log.warning("SIGHUP: %s: changes to %s take effect at the next start (only log-level is reread)",
                     args.config, ", ".join(changed))

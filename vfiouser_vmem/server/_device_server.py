@@ -102,8 +102,6 @@ class DeviceServer(HostMemory):
         self.config = config
         self.clients_total = 0
         self.connected = False
-        #: Set by close(): the resets libvfio-user does while closing are not news.
-        self.closing = False
         self.client_at_stop = False
         #: Set when the operator asks a stopping server to stop at once (a
         #: second SIGTERM/SIGINT): close() then skips the discards left.
@@ -495,12 +493,14 @@ class DeviceServer(HostMemory):
             self.transport.system_reset()
         finally:
             self._resetting = False
-        # libvfio-user's vfu_destroy_ctx resets the device as a lost
-        # connection whether or not a client is there: at stop, only a reset
-        # that took a connected client's memory is news.
-        if not self.closing or self.client_at_stop:
+        # libvfio-user's vfu_destroy_ctx (VfuContext.close, which sets
+        # ctx.closing) resets the device as a lost connection whether or not
+        # a client is there: at stop, only a reset that took a connected
+        # client's memory is news.
+        at_stop = self.ctx.closing
+        if not at_stop or self.client_at_stop:
             self.log.info("%s: %s reset%s: unplugged and discarded %s (the whole %s device is discarded)",
-                          self.config.id, reset_type.name, " at stop" if self.closing else "",
+                          self.config.id, reset_type.name, " at stop" if at_stop else "",
                           format_size(plugged) if plugged else "nothing", format_size(self.config.size_bytes))
         # Reset means empty: what the bitmap did not know of (memory the
         # guest put into unplugged blocks) goes too, once the reset's own
@@ -736,7 +736,6 @@ class DeviceServer(HostMemory):
 
     def close(self) -> None:
         ctx = getattr(self, "ctx", None)
-        self.closing = True
         if ctx is not None:
             ctx.close()
         if self.discards.pending_bytes:
