@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from harness import MIB, QmpClient, wait_for
+from test_wheel import build_wheel, resolved
 
 REPO = Path(__file__).resolve().parent.parent
 EXE = os.path.join(os.path.dirname(sys.executable), "vfiouser-vmem")
@@ -44,8 +45,9 @@ def _hidden_paths_the_dev_install_needs() -> list[str]:
     # The interpreter too (a pyenv build lives in /root/.pyenv).
     paths = {str(REPO), os.path.realpath(sys.base_prefix)}
     ldd = subprocess.run(["ldd", vfu.__file__], capture_output=True, text=True, check=True).stdout
-    for lib in re.findall(r"=> (/\S+)", ldd):
-        paths.add(os.path.dirname(os.path.realpath(lib)))
+    for lib in resolved(ldd).values():
+        if lib.startswith("/"):  # not "not found"
+            paths.add(os.path.dirname(os.path.realpath(lib)))
     return sorted(p for p in paths if p.split("/")[1] in ("tmp", "root", "home"))
 
 
@@ -203,8 +205,6 @@ def test_the_unit_as_shipped_runs_the_installed_wheel_and_a_guest_grows_on_it(ma
     """The operator's path: the self-contained wheel in a venv of the
     distribution's Python, install-unit, the unit exactly as shipped
     (ProtectHome=yes: the build cache in /root/.cache is out of reach)."""
-    from test_wheel import build_wheel
-
     python = "/usr/bin/python3"
     assert os.access(python, os.X_OK), "the distribution's python3 is needed (Debian package python3-venv)"
     wheel = build_wheel()
