@@ -171,11 +171,13 @@ def test_sighup_rereads_the_log_level_and_keeps_serving(tmp, manager):
         next_record(re.escape(f"SIGHUP: {config} reread: log level debug"))
         assert next_record("take effect at the next start")["message"] == (
             f"SIGHUP: {config}: changes to monitor take effect at the next start (only log-level is reread)")
-        # At debug now: a QMP client's connection is logged.
+        # At debug now: a QMP client's departure is logged (its arrival is
+        # info, with its credentials).
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(str(tmp / "q.qmp"))
             s.recv(4096)  # the greeting
-            next_record("QMP client 1 connected", "debug")
+            next_record("QMP client 1 connected", "info")
+        next_record("QMP client 1 disconnected", "debug")
         config.write_text("not toml")
         proc.send_signal(signal.SIGHUP)
         bad = next_record("SIGHUP: --config")

@@ -1289,5 +1289,7 @@ async def test_connection_log_names_the_client_pid(vmem_factory: VmemFactory,
     with caplog.at_level(logging.INFO, logger="vfiouser_vmem.server"):
         v = await vmem_factory.start()
         await v.sync()
-    # The test client lives in this process: the server names its PID.
-    assert any(f"client 1 (pid {os.getpid()}) connected" in r.getMessage() for r in caplog.records)
+    # The test client lives in this process: the server names its PID and
+    # user (SO_PEERCRED).
+    who = f"pid {os.getpid()}, uid {os.geteuid()}, gid {os.getegid()}"
+    assert any(f"client 1 ({who}) connected" in r.getMessage() for r in caplog.records)

@@ -36,6 +36,7 @@ from vfiouser_vmem.errors import (  # noqa: E402  (after __version__, which the 
     DriverError,
     PreallocFailed,
     SocketPathInUse,
+    UnsafeSocketPath,
     VmemError,
 )
 from vfiouser_vmem.server import Device, DeviceConfig, Server, open_server, serve  # noqa: E402
@@ -88,6 +89,7 @@ __all__ = [
     "Response",
     "Server",
     "SocketPathInUse",
+    "UnsafeSocketPath",
     "UnpluggedMemoryFound",
     "VirtioMemDevice",
     "VmemError",

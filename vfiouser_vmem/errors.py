@@ -13,6 +13,7 @@ keeps working.  The modules that raise them re-export them.
      +-- ConfigError (ValueError)          a flag, config-file key or device setting
      |    +-- MetricsAddressError          --metrics HOST:PORT
      +-- SocketPathInUse (FileExistsError) a socket path the server must not take
+     +-- UnsafeSocketPath (PermissionError) a socket directory others could tamper with
      +-- BackendError (OSError)            the host cannot provide a memory backend as configured
      +-- DiscardFailed (OSError)           memory could not be given back to the host
      +-- PreallocFailed (OSError)          plugged memory could not be allocated (prealloc=on)
@@ -53,6 +54,7 @@ __all__ = [
     "QmpError",
     "QueueError",
     "SocketPathInUse",
+    "UnsafeSocketPath",
     "VfuError",
     "VmemError",
 ]
@@ -76,6 +78,19 @@ class SocketPathInUse(VmemError, FileExistsError):
 
     def __init__(self, path: str, why: str) -> None:
         super().__init__(_errno.EEXIST, why, path)
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+class UnsafeSocketPath(VmemError, PermissionError):
+    """A socket path in a directory that another user could change: one
+    writable by everyone without the sticky bit, or reached through a
+    symlink (docs/security.md).  ``filename`` is the socket path; ``str()``
+    names it and the directory at fault."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(_errno.EPERM, why, path)
 
     def __str__(self) -> str:
         return f"{self.filename}: {self.strerror}"

@@ -31,7 +31,8 @@ The TOML file has the same keys, in ``[[object]]`` and ``[[device]]`` tables
 ``"on"``/``"off"`` for flags), plus optional top-level ``qmp`` (the QMP
 socket path), ``monitor`` (the human monitor's socket path, as
 ``--monitor``), ``qmp-max-clients`` (a positive integer, as
-``--qmp-max-clients``), ``socket-group``, ``log-level`` and ``log-format``
+``--qmp-max-clients``), ``socket-group``, ``allow-uids`` (an array of
+user names or uids, as ``--allow-uid``), ``log-level`` and ``log-format``
 (as the flags; ``log-level`` is reread on SIGHUP, docs/operating.md)::
 
     qmp = "/run/vmem.qmp"
@@ -61,6 +62,7 @@ from vfiouser_vmem.cli._logging import LOG_FORMATS, LOG_LEVELS
 from vfiouser_vmem.errors import ConfigError
 from vfiouser_vmem.server import UNPLUGGED_ACCESS_ACTIONS, DeviceConfig, check_id
 from vfiouser_vmem.util.sizes import format_size, parse_size
+from vfiouser_vmem.util.sockets import unsafe_socket_directory
 from vfiouser_vmem.virtio import memory_bar_size
 from vfiouser_vmem.vmem import (
     CONFIG_NAMES,
@@ -82,8 +84,8 @@ OBJECT_KEYS = {
 }
 DEVICE_KEYS = ("driver", "id", "memdev", "socket", "node", "block-size", "requested-size", "prealloc",
                "scrub-interval", "unplugged-access")
-FILE_TOP_LEVEL_KEYS = ("qmp", "monitor", "qmp-max-clients", "socket-group", "log-level", "log-format", "object",
-                       "device")
+FILE_TOP_LEVEL_KEYS = ("qmp", "monitor", "qmp-max-clients", "socket-group", "allow-uids", "log-level", "log-format",
+                       "object", "device")
 #: Keys that may be given more than once in QEMU's key=value syntax (a list).
 _LIST_KEYS = ("host-nodes",)
 
@@ -196,6 +198,8 @@ class FileConfig:
     monitor: str | None = None
     log_level: str | None = None
     log_format: str | None = None
+    #: ``allow-uids``: user names or uids (``--allow-uid``).
+    allow_uids: list[str | int] | None = None
 
 
 def load_config_file(path: str) -> FileConfig:
@@ -232,13 +236,17 @@ def load_config_file(path: str) -> FileConfig:
     monitor = data.get("monitor")
     if monitor is not None and not isinstance(monitor, str):
         raise ConfigError(f"{path}: monitor must be a string (a socket path)")
+    allow_uids = data.get("allow-uids")
+    if allow_uids is not None and (not isinstance(allow_uids, list) or not all(
+            isinstance(u, str) or (isinstance(u, int) and not isinstance(u, bool) and u >= 0) for u in allow_uids)):
+        raise ConfigError(f"{path}: allow-uids must be an array of user names or uids, got {allow_uids!r}")
     choices = {"log-level": LOG_LEVELS, "log-format": LOG_FORMATS}
     for key, allowed in choices.items():
         value = data.get(key)
         if value is not None and value not in allowed:
             raise ConfigError(f"{path}: {key} must be one of {', '.join(allowed)}, got {value!r}")
     return FileConfig(specs["object"], specs["device"], qmp, None if group is None else str(group), max_clients,
-                      monitor, data.get("log-level"), data.get("log-format"))
+                      monitor, data.get("log-level"), data.get("log-format"), allow_uids)
 
 
 # ---------------------------------------------------------------------------
@@ -422,6 +430,9 @@ def check_socket_path(path: str, where: str, *, need_directory: bool = False) ->
         if not os.path.isdir(directory):
             why = "is not a directory" if os.path.lexists(directory) else "does not exist"
             raise ConfigError(f"{where}: cannot create the socket {path!r}: the directory {directory!r} {why}")
+        unsafe = unsafe_socket_directory(path)
+        if unsafe is not None:
+            raise ConfigError(f"{where}: refusing to listen on {path!r}: {unsafe}")
 
 
 def build_configs(objects: Iterable[Spec], devices: Iterable[Spec], *, qmp_path: str | None = None,

@@ -25,6 +25,7 @@ import grp
 import json
 import logging
 import os
+import pwd
 import signal
 import sys
 
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "the longest is disconnected")
     serve.add_argument("--socket-group", metavar="GROUP",
                        help="make the vfio-user, QMP and monitor sockets 0660 and owned by GROUP (default: 0600)")
+    serve.add_argument("--allow-uid", action="append", metavar="USER",
+                       help="only clients running as USER (a name or uid; repeat, or separate with commas) may "
+                       "connect to the vfio-user, QMP and monitor sockets, besides root and the server's own user "
+                       "(or allow-uids= in --config); others are logged and disconnected")
     serve.add_argument("--metrics", metavar="[HOST]:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1)")
     serve.add_argument("--metrics-allow-remote", action="store_true",
@@ -338,6 +343,31 @@ def _group_id(parser: argparse.ArgumentParser, group: str) -> int:
     raise AssertionError  # unreachable
 
 
+def _allowed_uids(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  file_config: FileConfig | None) -> frozenset[int] | None:
+    """``--allow-uid`` (or the file's ``allow-uids``) as uids; None if neither is given."""
+    if args.allow_uid:
+        where = "--allow-uid"
+        users: list[str | int] = [u.strip() for arg in args.allow_uid for u in arg.split(",")]
+    elif file_config is not None and file_config.allow_uids is not None:
+        where = f"{args.config}: allow-uids"
+        users = list(file_config.allow_uids)
+    else:
+        return None
+    uids = set()
+    for user in users:
+        if isinstance(user, int):
+            uids.add(user)
+            continue
+        try:
+            uids.add(pwd.getpwnam(user).pw_uid)
+        except KeyError:
+            if not user.isdigit():
+                parser.error(f"{where}: no user named {user!r}")
+            uids.add(int(user))
+    return frozenset(uids)
+
+
 def _describe(config) -> str:
     return (f"{config.id} on {config.socket} (max {format_size(config.size_bytes)}, "
             f"block {format_size(config.block_size_bytes)}, requested {format_size(config.requested_size_bytes)})")
@@ -371,6 +401,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     max_clients = args.qmp_max_clients or (file_config.qmp_max_clients if file_config else None)
     group = args.socket_group or (file_config.socket_group if file_config else None)
     gid = None if group is None else _group_id(parser, group)
+    allowed_uids = _allowed_uids(parser, args, file_config)
     exporter = None
     if args.metrics is not None:
         try:
@@ -408,7 +439,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         trio.run(_serve_then_ignore_signals, functools.partial(
             serve, configs, qmp_path, ready=ready, metrics=exporter, socket_group=gid, qmp_max_clients=max_clients,
-            monitor_path=monitor_path, on_hangup=on_hangup))
+            monitor_path=monitor_path, on_hangup=on_hangup, allowed_uids=allowed_uids))
     except BaseException as exc:
         # Failures to start (a path or port in use, a permission), possibly
         # wrapped in exception groups by trio's nurseries: a message, exit 1.

@@ -29,7 +29,13 @@ from typing import Any
 
 import trio
 
-from vfiouser_vmem.util.sockets import SocketPathInUse, claim_socket_path, remove_socket_if_same
+from vfiouser_vmem.util.sockets import (
+    SocketPathInUse,
+    claim_socket_path,
+    peer_credentials,
+    remove_socket_if_same,
+    uid_allowed,
+)
 
 __all__ = ["DEFAULT_MAX_QUEUED_BYTES", "DEFAULT_MAX_QUEUED_MESSAGES", "DRAIN_TIMEOUT_S", "Client", "ConnectionServer"]
 
@@ -270,6 +276,10 @@ class ConnectionServer:
         self._connections: set[Client] = set()  # every client, at most max_clients
         self._next_client = 1
         self._serving = False
+        #: uids besides root's and the server's own that may connect
+        #: (``--allow-uid``, util/sockets.py ``uid_allowed``); None: whoever
+        #: the socket's mode lets in.
+        self.allowed_uids: frozenset[int] | None = None
 
     async def serve(self, path: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``path`` (mode 0600; a stale socket is removed, one in
@@ -300,9 +310,16 @@ class ConnectionServer:
         sock = adopt_connection(stream, self.kind)
         if sock is None:
             return
+        creds = peer_credentials(sock.fileno())
+        if not uid_allowed(creds, self.allowed_uids):
+            self.log.warning("%s: refusing a client (%s): its uid is not allowed (--allow-uid)", self.kind,
+                             creds or "credentials unknown")
+            sock.close()
+            return
         client = Client(self._next_client, sock, self.max_queued_messages)
         client.last_input = trio.current_time()
         self._next_client += 1
+        self.log.info("%s client %d connected (%s)", self.kind, client.number, creds or "credentials unknown")
         self._client_connected(client)
         if len(self._connections) >= self.max_clients:
             self._evict()

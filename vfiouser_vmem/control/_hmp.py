@@ -519,6 +519,12 @@ class HumanMonitor:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise CommandError(_json_error(text, exc)) from None
+            except RecursionError:
+                # Nested deeper than the interpreter's stack (about 1000
+                # levels, a 2 KiB line): refused with the text of QEMU's
+                # limit (qobject/json-streamer.c, MAX_NESTING 1024), not an
+                # internal error.
+                raise CommandError("JSON nesting depth limit exceeded") from None
             self._tree.qom_set(path, prop, value)
             return
         node = self._tree.lookup(path)

@@ -246,9 +246,6 @@ class QmpServer(ConnectionServer):
         self._events.stop()
         self._clients.clear()
 
-    def _client_connected(self, client: Client) -> None:
-        log.debug("QMP client %d connected", client.number)
-
     async def _session(self, client: Client) -> None:
         client.queue_nowait(encode(self._greeting()))
         await self._read_loop(client)

@@ -12,9 +12,10 @@ management tool looks at for a virtio-mem device, in QEMU's shapes:
 - paths resolve as object_resolve_path does: absolute paths component by
   component (empty components, ``//`` or a trailing ``/``, are skipped;
   links are followed), and a path not starting with ``/`` is a *partial*
-  path: the one object whose path ends with those components
-  (object_resolve_partial_path, which follows children only), or nothing
-  when several match (ambiguous).
+  path: the one object from which those components lead somewhere, links
+  followed as in an absolute path (object_resolve_partial_path tries each
+  object, descending through children only: ``vm0/memdev`` is the backend),
+  or nothing when several do (ambiguous).
 
 Errors are QEMU's (qom/qom-qmp-cmds.c): a path naming nothing is class
 ``DeviceNotFound`` "Device 'X' not found"; qom-list of an ambiguous partial
@@ -216,22 +217,15 @@ class QomTree:
         return node
 
     def _partial(self, node: QomNode, parts: list[str], matches: list[QomNode]) -> None:
-        # object_resolve_partial_path: try the path from each object, then
-        # descend into its children (links are not followed here).
-        found = self._resolve_children_only(node, parts)
+        # object_resolve_partial_path: try the path from each object with
+        # object_resolve_abs_path (which follows links: "vm0/memdev" is the
+        # backend), then descend into its children (only children: the
+        # objects tried are each object of the tree once).
+        found = self._resolve_abs(node, parts, depth=0)
         if found is not None:
             matches.append(found)
         for _, child in node.children():
             self._partial(child, parts, matches)
-
-    @staticmethod
-    def _resolve_children_only(node: QomNode, parts: list[str]) -> QomNode | None:
-        for part in parts:
-            child = dict(node.children()).get(part)
-            if child is None:
-                return None
-            node = child
-        return node
 
     def lookup(self, path: str, *, for_list: bool = False) -> QomNode:
         """The node ``path`` names, or CommandError with QEMU's text."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from vfiouser_vmem.server._config import DeviceConfig
 from vfiouser_vmem.server._device_server import DeviceServer
 from vfiouser_vmem.server._qom import ControlledVmem
 from vfiouser_vmem.util.sdnotify import Notifier
+from vfiouser_vmem.util.sockets import check_socket_directory
 from vfiouser_vmem.vmem import ClientConnected, ClientDisconnected, DeviceEvent, PlugPolicy, VirtioMemDevice
 
 __all__ = ["STOP_SIGNALS", "Device", "Server", "open_server", "serve", "service_status", "share_socket_with_group"]
@@ -165,7 +166,8 @@ def share_socket_with_group(path: str, gid: int) -> None:
 async def open_server(configs: list[DeviceConfig], qmp_path: str | None = None, *,
                       metrics: MetricsExporter | None = None, socket_group: int | None = None,
                       qmp_max_clients: int | None = None,
-                      monitor_path: str | None = None) -> AsyncIterator[Server]:
+                      monitor_path: str | None = None,
+                      allowed_uids: Collection[int] | None = None) -> AsyncIterator[Server]:
     """Start the devices (each listening on its vfio-user socket), QMP on
     ``qmp_path`` if given, the human monitor (HMP, docs/monitor.md) on
     ``monitor_path`` if given and ``metrics`` if given; stop them all on exit.
@@ -173,11 +175,20 @@ async def open_server(configs: list[DeviceConfig], qmp_path: str | None = None, 
     ``socket_group``: a gid; the vfio-user, QMP and monitor sockets are then
     0660 and owned by that group instead of 0600.  ``qmp_max_clients``: at
     most this many QMP connections, and as many monitor connections
-    (QmpServer's default otherwise)."""
+    (QmpServer's default otherwise).  ``allowed_uids``: only clients of
+    these uids (and root and the server's own user) may connect to any of
+    the sockets; the others are logged and disconnected (docs/security.md)."""
+    allowed = None if allowed_uids is None else frozenset(allowed_uids)
+    # Judged again when each socket is taken; here first, so that a refusal
+    # comes before any device took its socket and backend.
+    for path in (qmp_path, monitor_path, *(c.socket for c in configs)):
+        if path is not None:
+            check_socket_directory(path)
     servers: list[DeviceServer] = []
     try:
         for config in configs:
             servers.append(DeviceServer(config))
+            servers[-1].allowed_uids = allowed
             if socket_group is not None:
                 share_socket_with_group(config.socket, socket_group)
         for s in servers:
@@ -188,6 +199,7 @@ async def open_server(configs: list[DeviceConfig], qmp_path: str | None = None, 
             controlled = {s.config.id: ControlledVmem(s) for s in servers}
             qmp = QmpServer(controlled, version=__version__,
                             **({} if qmp_max_clients is None else {"max_clients": qmp_max_clients}))
+            qmp.allowed_uids = allowed
         if metrics is not None:
             for s in servers:
                 metrics.add_device(s)
@@ -200,6 +212,7 @@ async def open_server(configs: list[DeviceConfig], qmp_path: str | None = None, 
                 # The monitor runs its commands through QMP's tree and devices.
                 monitor = MonitorServer(qmp.hmp, qemu_version=QEMU_VERSION,
                                         **({} if qmp_max_clients is None else {"max_clients": qmp_max_clients}))
+                monitor.allowed_uids = allowed
                 await nursery.start(monitor.serve, monitor_path)
                 if socket_group is not None:
                     share_socket_with_group(monitor_path, socket_group)
@@ -240,7 +253,8 @@ def service_status(server: Server) -> str:
 async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[], None] | None = None,
                 metrics: Any = None, socket_group: int | None = None,
                 qmp_max_clients: int | None = None, monitor_path: str | None = None,
-                on_hangup: Callable[[], None] | None = None, notifier: Notifier | None = None) -> None:
+                on_hangup: Callable[[], None] | None = None, notifier: Notifier | None = None,
+                allowed_uids: Collection[int] | None = None) -> None:
     """Run the devices, the QMP server and the monitor (if ``monitor_path``)
     until SIGTERM/SIGINT; ``ready()`` once every socket listens.
 
@@ -257,7 +271,8 @@ async def serve(configs: list[DeviceConfig], qmp_path: str, *, ready: Callable[[
     # closes, after the devices have closed.
     with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
         async with open_server(configs, qmp_path, metrics=metrics, socket_group=socket_group,
-                               qmp_max_clients=qmp_max_clients, monitor_path=monitor_path) as server:
+                               qmp_max_clients=qmp_max_clients, monitor_path=monitor_path,
+                               allowed_uids=allowed_uids) as server:
             if ready is not None:
                 ready()
             notifier.ready(service_status(server))

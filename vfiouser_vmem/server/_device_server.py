@@ -19,7 +19,7 @@ import trio
 from vfiouser_vmem.errors import ConfigError, DiscardFailed, PreallocFailed
 from vfiouser_vmem.server._config import DeviceConfig
 from vfiouser_vmem.util.sizes import format_size
-from vfiouser_vmem.util.sockets import claim_socket_path
+from vfiouser_vmem.util.sockets import claim_socket_path, uid_allowed
 from vfiouser_vmem.vfio_user import (
     CAP_FLAG_READONLY,
     PROT_READ,
@@ -134,6 +134,10 @@ class DeviceServer(HostMemory):
         #: The other devices of this process (serve() sets it): a QEMU with
         #: several of them DMA-maps each one's memory BAR to all of them.
         self.siblings: list[DeviceServer] = []
+        #: uids besides root's and the server's own that may connect
+        #: (``--allow-uid``; serve() sets it); None: whoever the socket's
+        #: mode lets in.
+        self.allowed_uids: frozenset[int] | None = None
         #: True while a system reset unplugs everything: its discards are
         #: queued even while earlier ones fail (a reset cannot answer BUSY).
         self._resetting = False
@@ -373,7 +377,8 @@ class DeviceServer(HostMemory):
             # that lives on after the disconnect still maps this backend.
             # Until it exits, no new client is served, or the old guest could
             # reach the next guest's memory (docs/scrub.md).
-            self.quarantine = _process_identity(self.ctx.client_pid())
+            creds = self.ctx.client_credentials()
+            self.quarantine = _process_identity(creds.pid if creds is not None else None)
             self._disconnect("it put memory into unplugged blocks (unplugged-access=disconnect)")
 
     def _disconnect(self, why: str) -> None:
@@ -571,6 +576,12 @@ class DeviceServer(HostMemory):
         or does not read its replies; libvfio-user then sees a lost
         connection (the lost-connection reset runs, as if it had gone)."""
         self.log.error("%s: dropping vfio-user client %d: %s", self.config.id, self.clients_total, why)
+        self._end_connection()
+        raise ConnectionLost(why)
+
+    def _end_connection(self) -> None:
+        """End the attached client's connection now, whatever it left queued
+        (VfuContext.drop_client), and let libvfio-user see it lost."""
         conn_fd = self.ctx.poll_fd
         self.ctx.drop_client()
         # libvfio-user reads end-of-file at once and resets the connection
@@ -585,7 +596,6 @@ class DeviceServer(HostMemory):
             except VfuError:
                 continue
         self.discards.wake()
-        raise ConnectionLost(why)
 
     async def _serve_client(self) -> None:
         cid = self.config.id
@@ -698,16 +708,22 @@ class DeviceServer(HostMemory):
                 self.log.warning("%s: refusing a vfio-user client: the client disconnected for unplugged access "
                                  "(pid %d) still runs and maps this device's memory; stop it, or qom-set "
                                  "unplugged-quarantine 0 (docs/scrub.md)", cid, quarantine[0])
-                try:
-                    self._drop_stuck_client("the device is quarantined")
-                except ConnectionLost:
-                    pass
+                self._end_connection()
+                continue
+            creds = self.ctx.client_credentials()
+            if not uid_allowed(creds, self.allowed_uids):
+                # Checked once libvfio-user has accepted the connection and
+                # read its VERSION (it accepts inside vfu_attach_ctx): the
+                # client has learnt the protocol version and nothing else.
+                self.log.warning("%s: refusing a vfio-user client on %s (%s): its uid is not allowed "
+                                 "(--allow-uid)", cid, self.config.socket, creds or "credentials unknown")
+                self._end_connection()
                 continue
             self.clients_total += 1
             self.connected = True
-            pid = self.ctx.client_pid()
-            self.log.info("%s: vfio-user client %d (pid %s) connected on %s", cid, self.clients_total,
-                          pid, self.config.socket)
+            pid = creds.pid if creds is not None else None
+            self.log.info("%s: vfio-user client %d (%s) connected on %s", cid, self.clients_total,
+                          creds or "credentials unknown", self.config.socket)
             observers = self.model.observers
             if observers:
                 observers.emit(ClientConnected(cid, self.clients_total, pid))

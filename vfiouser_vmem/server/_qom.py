@@ -85,8 +85,10 @@ class ControlledVmem:
             self.server.resize(value)
             return
         if prop == "unplugged-quarantine":
-            # Only 0: the operator lifts the quarantine (docs/scrub.md).
-            if value != 0 or isinstance(value, bool):
+            # Only 0: the operator lifts the quarantine (docs/scrub.md).  An
+            # integer, as for every uint32 property: QEMU's visitor refuses a
+            # number with a fraction part, 0.0 included (qobject-input-visitor.c).
+            if not isinstance(value, int) or isinstance(value, bool) or value != 0:
                 raise TypeError(f"Parameter 'unplugged-quarantine' can only be set to 0 (lift it), got {value!r}")
             if self.server.quarantine is not None:
                 log.warning("%s: quarantine of the disconnected client (pid %d) lifted (unplugged-quarantine)",

@@ -1,5 +1,14 @@
 """The UNIX socket paths the server listens on (vfio-user sockets, QMP): one
-policy for taking a path, and for giving it back.
+policy for taking a path, and for giving it back, and who may connect.
+
+A path is taken only in a directory no other user can change
+(``check_socket_directory``): a socket's mode keeps other users from
+connecting, but not from renaming it away and putting their own socket in its
+place, which every client would then trust (QEMU would DMA-map guest RAM to
+it).  So the server refuses a directory that everyone may write without the
+sticky bit (anywhere on the way to it), a socket directory that is itself a
+symlink, and a symlink on the way owned by another user (either could be
+pointed elsewhere).  docs/security.md says why each rule is there.
 
 A path is taken if it is free, or if it holds a stale socket (left by a
 server killed hard), which is removed.  Anything else is refused with
@@ -20,10 +29,14 @@ import logging
 import os
 import socket
 import stat
+import struct
+from collections.abc import Collection
+from typing import NamedTuple
 
-from vfiouser_vmem.errors import SocketPathInUse
+from vfiouser_vmem.errors import SocketPathInUse, UnsafeSocketPath
 
-__all__ = ["SocketPathInUse", "claim_socket_path", "remove_socket_if_same"]
+__all__ = ["PeerCredentials", "SocketPathInUse", "UnsafeSocketPath", "check_socket_directory", "claim_socket_path",
+           "peer_credentials", "remove_socket_if_same", "uid_allowed", "unsafe_socket_directory"]
 
 log = logging.getLogger("vfiouser_vmem.sockets")
 
@@ -62,9 +75,58 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
+def unsafe_socket_directory(path: str) -> str | None:
+    """Why the directory of socket ``path`` is not safe to listen in, or
+    None if it is (module docstring).  A directory that does not exist is
+    not judged here: ``bind()`` says so."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.islink(directory):
+            return (f"its directory {directory} is a symlink (to {os.path.realpath(directory)}), which could be "
+                    "pointed elsewhere: give the socket's real path")
+        me = os.geteuid()
+        # Symlinks on the way: lstat of each component of the path as given.
+        prefix = "/"
+        for part in directory.strip("/").split("/"):
+            if not part:
+                continue
+            prefix = os.path.join(prefix, part)
+            st = os.lstat(prefix)
+            if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, me):
+                return (f"{prefix}, on the way to it, is a symlink owned by uid {st.st_uid}, who could point it "
+                        "elsewhere: give the socket's real path")
+            if stat.S_ISLNK(st.st_mode):
+                # The rest is judged on where it leads.
+                break
+        # Writable directories on the way, resolved: each could have the
+        # next component renamed away by anyone (the sticky bit forbids
+        # that to all but the owner, as on /tmp).
+        real = os.path.realpath(directory)
+        prefix = "/"
+        for part in ["", *real.strip("/").split("/")]:
+            prefix = os.path.join(prefix, part) if part else prefix
+            st = os.stat(prefix)
+            if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+                where = "its directory" if prefix == real else "the directory"
+                return (f"{where} {prefix} is writable by every user and has no sticky bit, so anyone could "
+                        "replace the socket: use a directory only the server's user (or group) can write")
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def check_socket_directory(path: str) -> None:
+    """Raise UnsafeSocketPath if ``path``'s directory is not safe to listen in."""
+    why = unsafe_socket_directory(path)
+    if why is not None:
+        raise UnsafeSocketPath(path, why)
+
+
 def claim_socket_path(path: str) -> None:
     """Make ``path`` free for ``bind()``: nothing to do if it does not exist,
-    a stale socket is removed, anything else raises SocketPathInUse."""
+    a stale socket is removed, anything else raises SocketPathInUse.  A
+    directory others could change raises UnsafeSocketPath first."""
+    check_socket_directory(path)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -97,3 +159,45 @@ def remove_socket_if_same(path: str, identity: tuple[int, int] | None) -> bool:
     except OSError as exc:
         log.warning("could not remove socket %s: %s", path, exc)
     return False
+
+
+class PeerCredentials(NamedTuple):
+    """Who is at the other end of a UNIX connection (SO_PEERCRED: as the
+    client was when it connected)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        return f"pid {self.pid}, uid {self.uid}, gid {self.gid}"
+
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(fd: int) -> PeerCredentials | None:
+    """The peer of the connected UNIX socket ``fd``, or None if the kernel
+    cannot say (not a UNIX socket, or closed)."""
+    try:
+        conn = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return None
+    try:
+        return PeerCredentials(*_UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def uid_allowed(creds: PeerCredentials | None, allowed_uids: Collection[int] | None) -> bool:
+    """Whether a client may connect under ``--allow-uid`` (None: anyone the
+    socket's mode lets in).  Root and the server's own user are always
+    allowed: either could replace the socket or trace the server anyway.  A
+    peer the kernel cannot name is refused when there is a list."""
+    if allowed_uids is None:
+        return True
+    if creds is None:
+        return False
+    return creds.uid in (0, os.geteuid()) or creds.uid in allowed_uids

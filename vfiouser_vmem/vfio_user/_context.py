@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from vfiouser_vmem._vfu import ffi, lib
 from vfiouser_vmem.errors import ConnectionLost, VfuError
 from vfiouser_vmem.util.logtext import printable
+from vfiouser_vmem.util.sockets import PeerCredentials, peer_credentials
 
 log = logging.getLogger("vfiouser_vmem.vfu")
 
@@ -432,6 +433,14 @@ class VfuContext:
         state = lib.vmem_vfu_next_message(self.poll_fd)
         if state < 0:
             raise VfuError(-state, f"cannot look at the next message: {os.strerror(-state)}")
+        if state == lib.VMEM_MSG_HUNG_UP:
+            # The client hung up part way through a message: the rest never
+            # comes, so the deadline would only keep the device's next client
+            # out.  Its connection ends here, unread (libvfio-user leaves the
+            # fds of a header cut short open), and run() sees it lost at once.
+            self.log.info("the vfio-user client hung up in the middle of a message: connection ended")
+            self.drop_client()
+            return MessageState.READY
         return MessageState(state)
 
     def bound_io(self, timeout_s: float) -> None:
@@ -447,16 +456,10 @@ class VfuContext:
         finally:
             conn.close()
 
-    def client_pid(self) -> int | None:
-        """The attached client's PID (SO_PEERCRED), for log lines."""
-        conn = socket.socket(fileno=os.dup(self.poll_fd))
-        try:
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            return struct.unpack("3i", creds)[0] or None
-        except OSError:
-            return None
-        finally:
-            conn.close()
+    def client_credentials(self) -> PeerCredentials | None:
+        """Who the attached client is (SO_PEERCRED), for log lines and
+        ``--allow-uid``."""
+        return peer_credentials(self.poll_fd)
 
     def drop_client(self) -> None:
         """End the client's connection now: the next ``run()`` sees it lost

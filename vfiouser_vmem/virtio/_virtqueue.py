@@ -100,11 +100,28 @@ class GuestMemory:
         plugged blocks of that device memory are touched."""
         if buffer is not None and len(buffer) < length:
             raise ValueError(f"mapping at {iova:#x}: buffer of {len(buffer)} bytes for {length} bytes")
+        # Guest addresses are 64-bit, and nothing beyond 2^64 can be
+        # addressed; libvfio-user accepts a DMA_MAP that runs past it
+        # (lib/dma.c checks no wrap), and its unreachable tail began there.
+        # Kept whole, such a mapping did not fit the C table's uint64_t
+        # fields: every later table update failed, and the C request path
+        # went on using mappings the client had unmapped (SIGSEGV).
+        if iova >= _U64_LIMIT:
+            return
+        length = min(length, _U64_LIMIT - iova)
+        saved = self._mappings[:], self._starts[:]
         self._drop(iova, length)
         i = bisect.bisect_right(self._starts, iova)
         self._starts.insert(i, iova)
         self._mappings.insert(i, _Mapping(iova, length, buffer, why_unreachable, device))
-        self._update_c_memory()
+        try:
+            self._update_c_memory()
+        except BaseException:
+            # Both tables as they were, without the mapping: the C one was
+            # emptied by the failure, and is built again from the old one.
+            self._mappings, self._starts = saved
+            self._update_c_memory()
+            raise
 
     def remove(self, iova: int, length: int) -> None:
         """Forget the mappings inside [iova, iova + length) (one DMA_UNMAP:
@@ -125,6 +142,16 @@ class GuestMemory:
     def _update_c_memory(self) -> None:
         # Pointers into the buffers stay valid while the buffers do: this
         # table holds them (from_buffer) until the next change drops them.
+        try:
+            self._build_c_memory()
+        except BaseException:
+            # Never leave the C table as it was: after an unmap it would
+            # point into memory no longer mapped.  Empty, the C path finds
+            # no guest memory (a driver error), which is safe.
+            self.c_memory.nr_maps = 0
+            raise
+
+    def _build_c_memory(self) -> None:
         maps = _ffi.new("struct vmem_mapping[]", max(1, len(self._mappings)))
         buffers = []
         for entry, m in zip(maps, self._mappings):

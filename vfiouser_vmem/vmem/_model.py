@@ -10,6 +10,7 @@ discards on the backend), so that unit tests can drive the model without one.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,14 @@ _PLUG, _UNPLUG, _UNPLUG_ALL, _STATE = (int(t) for t in RequestType)
 _PACKED = PACKED_RESPONSES
 
 log = logging.getLogger("vfiouser_vmem.device")
+
+#: Refused requests (ERROR, NACK, BUSY) are logged at most _LOG_BURST times
+#: per device per _LOG_WINDOW_S, the others counted (as QMP's refused inputs,
+#: control/_connection.py): the guest chooses how many it sends, and a line
+#: per request let one guest write ~100 bytes of log per request on the only
+#: thread, which blocks every device once the log's reader falls behind.
+_LOG_BURST = 10
+_LOG_WINDOW_S = 10.0
 
 class HostMemory:
     """Where a device's memory comes from and goes back to: what the model
@@ -122,6 +131,9 @@ class VirtioMemDevice:
         if node_id is not None and not 0 <= node_id <= 0xFFFF:
             raise ValueError(f"node {node_id} is out of range (0-65535)")
         self.name = name
+        self._log_window_end = 0.0
+        self._log_count = 0
+        self._log_dropped = 0
         self.block_size = block_size_bytes
         self.region_size = region_size_bytes
         self.node_id = node_id
@@ -351,7 +363,26 @@ class VirtioMemDevice:
             f"{start:#x}-{start + self.usable_region_size:#x}"
         )
 
+    def _may_log_refusal(self) -> bool:
+        """Whether this refusal may have its log line (_LOG_BURST per
+        _LOG_WINDOW_S); if not, it is counted, and the count is logged when
+        the next window opens."""
+        now = time.monotonic()
+        if now >= self._log_window_end:
+            if self._log_dropped:
+                log.warning("%s: %d more refused request(s) in %.0f s were not logged", self.name,
+                            self._log_dropped, _LOG_WINDOW_S)
+            self._log_window_end = now + _LOG_WINDOW_S
+            self._log_count = self._log_dropped = 0
+        if self._log_count < _LOG_BURST:
+            self._log_count += 1
+            return True
+        self._log_dropped += 1
+        return False
+
     def _refuse(self, request: Request, response: Response, why: str) -> Response:
+        if not self._may_log_refusal():
+            return response
         log.warning(
             "%s: %s of %d block(s) at %#x answered %s: %s",
             self.name,
@@ -394,11 +425,12 @@ class VirtioMemDevice:
         if self.plugged_size + size > self.requested_size:
             # Not an error: the guest asked for more than is requested now
             # (requested_size dropped while it was growing); it retries later.
-            log.info(
-                "%s: PLUG of %d block(s) at %#x answered NACK: plugged %s + %s > requested %s",
-                self.name, request.nb_blocks, request.addr,
-                format_size(self.plugged_size), format_size(size), format_size(self.requested_size),
-            )
+            if self._may_log_refusal():
+                log.info(
+                    "%s: PLUG of %d block(s) at %#x answered NACK: plugged %s + %s > requested %s",
+                    self.name, request.nb_blocks, request.addr,
+                    format_size(self.plugged_size), format_size(size), format_size(self.requested_size),
+                )
             return Response.NACK
         first = self._first_block(request)
         if self.bitmap.range_state(first, request.nb_blocks) != RangeState.UNPLUGGED:

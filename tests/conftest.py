@@ -1,0 +1,20 @@
+"""The unit suite's terminal summary: what each fuzzer tried (tests/fuzzing.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fuzzing import LONG, RUNS  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RUNS:
+        return
+    terminalreporter.section(f"fuzzers ({'long' if LONG else 'CI-sized'} runs; VFIOUSER_VMEM_LONG=1 for long)")
+    for run in RUNS:
+        extra = "".join(f", {k} {v}" for k, v in run.extra.items())
+        terminalreporter.write_line(
+            f"{run.name:<28} {run.count:>8} {run.unit:<18} seed {run.seed:<11} failures {run.failures}{extra}")
