@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py [--reps 5] [--sizes 1G,4G] [--profile cprofile|py-spy]
     .venv/bin/python bench/run.py --only backends [--backends hugetlb,prealloc,hugetlb-prealloc] [--reps 3]
+    .venv/bin/python bench/run.py --only many    # bench/many_guests.py's defaults, no guest
 
 Boots the integration kit's guest (QEMU 11, Linux 6.12, busybox /init) twice:
 once with QEMU's in-process ``virtio-mem-pci`` (memfd backend, block size
@@ -1093,9 +1094,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--touch-fraction", type=float, default=0.9, help="share of the plugged memory the guest writes")
     p.add_argument("--micro-device", default="1T", help="device size of the bitmap/discard/start-up benchmarks")
     p.add_argument("--micro-touch", default="512M", help="memfd size of the touched discard benchmark")
-    p.add_argument("--only", choices=["all", "guests", "micro", "qemu", "ours", "backends"], default="all",
+    p.add_argument("--only", choices=["all", "guests", "micro", "qemu", "ours", "backends", "many"], default="all",
                    help="a part of the run: guests = the main series and the Memory backends rows (both devices), "
-                        "qemu/ours = the main series of one device, backends = the Memory backends rows alone")
+                        "qemu/ours = the main series of one device, backends = the Memory backends rows alone, "
+                        "many = the Many guests, one process rows alone (bench/many_guests.py, its defaults)")
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help=f"the Memory backends rows to run, or none (default {','.join(BACKENDS)})")
     p.add_argument("--backend-device-size", default="2G",
@@ -1124,6 +1126,11 @@ def main(argv: list[str] | None = None) -> int:
     outdir = Path(args.out) if args.out else REPO / "bench" / "results" / datetime.datetime.now().strftime(
         "%Y%m%d-%H%M%S")
     outdir.mkdir(parents=True, exist_ok=True)
+    if args.only == "many":
+        # No guest, no kit: its own module, tables and results.json in the same folder.
+        from bench import many_guests
+
+        return many_guests.main(["--out", str(outdir)])
     # The micro part alone needs no guest, so no kit (built on first use).
     kit = None if args.only == "micro" else Kit.build()
     results: dict = {"env": environment(kit), "reps": args.reps, "sizes": args.sizes,

@@ -774,3 +774,51 @@ def test_the_devices_own_clock_is_the_last_plug_answer_in_each_grow(tmp_path):
     run.add_answer_clock(ours, [100.02, 100.03, 150.0], wall=False)
     assert ours["reps"][0]["1G"]["grow"]["answered_s"] == pytest.approx(0.03)
     assert ours["reps"][0]["1G"]["grow_again"]["answered_s"] is None  # no answer in its window
+
+
+# -- bench/many_guests.py ------------------------------------------------------------
+
+def test_many_guests_answers_every_request_of_every_device(tmp_path):
+    """N=2 resizing devices and a small fragmented device for the
+    UNPLUG_ALL, briefly: every request a driver sent was ACKed, the server
+    served exactly those (its RequestServed records, device by device), the
+    QMP client was answered, and the rows and tables have their fields."""
+    from bench import many_guests
+
+    raw = many_guests.run_one(2, duration_s=1.0, unplug_window_s=0.6, device_size="64M", big_size="64M",
+                              keep=tmp_path)
+    sent = {dev: recs for c in raw["clients"] for dev, recs in c["devices"].items()}
+    assert set(sent) == {"vm0", "vm1"} and all(sent.values())
+    assert all(r[3] == 0 and r[1] > 0 for recs in sent.values() for r in recs)  # [time, seconds, type, ACK]
+    served = raw["server_stats"]
+    assert {dev: len(recs) for dev, recs in served.items() if dev != "big"} == {d: len(r) for d, r in sent.items()}
+    for dev, recs in sent.items():
+        assert [r[1] for r in served[dev]] == [r[2] for r in recs]  # the same types, in the same order
+    # The big device: 16 fragmenting PLUGs (every other of 32 blocks), then the UNPLUG_ALL, all ACKed.
+    assert raw["big"]["runs"] == 16 and raw["big"]["unplug_all"]["response"] == 0
+    assert [r[1] for r in served["big"]] == [0] * 16 + [2] and all(r[2] == 0 for r in served["big"])
+    assert raw["big"]["unplug_all"]["discards_done"] is not None
+    # One page written in each plugged block; the UNPLUG_ALL's discards gave them all back.
+    assert raw["big"]["allocated_bytes"] >= 16 * 4096 and raw["big"]["allocated_after_bytes"] == 0
+    # Every process keeps the run's schedule (time.monotonic, shared by all):
+    # resizing from t0 on, the UNPLUG_ALL in phase B, after t1.
+    assert min(r[0] for recs in sent.values() for r in recs) >= raw["t0"]
+    assert raw["t1"] <= raw["big"]["unplug_all"]["sent"] <= raw["t_end"]
+    assert raw["qmp"] and all(s[1] > 0 for s in raw["qmp"])
+
+    row = many_guests.summarize(raw)
+    steady, unplug = row["steady"], row["unplug_all"]
+    assert steady["n"] == 2 and steady["devices"] == 3
+    assert steady["requests"] == steady["acked"] > 0
+    assert steady["requests"] <= sum(len(r) for r in sent.values())
+    assert steady["server_paths"]["c"] + steady["server_paths"]["python"] > 0
+    for key in ("client_service_s", "server_service_s", "qmp_s"):
+        assert steady[key]["n"] > 0 and steady[key]["p50"] <= steady[key]["p99"] <= steady[key]["max"]
+    assert 0 < steady["server_trio_cpu"] and set(steady["client_cpu"]) == {"clients0"}
+    assert unplug["runs"] == 16 and unplug["answer_s"] > 0 and unplug["discards_done_s"] >= 0
+    _, steady_table, _, unplug_table = many_guests.tables([row]).split("\n\n")
+    header, _, cells = _table_cells(steady_table)
+    assert len(cells) == len(header) and cells[:3] == ["2", "3", f"{steady['req_per_s']:.0f}"]
+    header, _, cells = _table_cells(unplug_table)
+    assert len(cells) == len(header) and cells[0] == "2" and cells[1].startswith("64M, 16 runs, ")
+    assert (tmp_path / "server-n2.log").exists()
