@@ -206,6 +206,7 @@ ssize_t vmem_region_fast_notify(vfu_ctx_t *, char *, size_t, loff_t, bool);
 #define VMEM_MSG_READY ...
 #define VMEM_MSG_PARTIAL ...
 #define VMEM_MSG_NO_ROOM ...
+#define VMEM_MSG_HUNG_UP ...
 int vmem_vfu_next_message(int fd);
 """
 
@@ -232,6 +233,7 @@ SOURCE = r"""
 #define VMEM_MSG_READY 1
 #define VMEM_MSG_PARTIAL 0
 #define VMEM_MSG_NO_ROOM 2
+#define VMEM_MSG_HUNG_UP 3
 #define VMEM_MAX_MSG_BYTES (128u << 10)
 
 /* libvfio-user (0b28d20) reads a message with blocking recv()s, and sends
@@ -247,7 +249,23 @@ SOURCE = r"""
  *   means at least three quarters of the send buffer are free, more than
  *   any reply to a message the server accepts; else VMEM_MSG_NO_ROOM (the
  *   client does not read its replies).
+ * - VMEM_MSG_HUNG_UP instead of VMEM_MSG_PARTIAL when the client has shut
+ *   its end down (POLLRDHUP): the rest of the message can never come, and
+ *   waiting the deadline for it kept every new client of the device out
+ *   (QEMU restarted after it was killed in the middle of a sendmsg).  The
+ *   caller drops the connection rather than let libvfio-user read the part:
+ *   a header cut short is refused before its fds are taken from the
+ *   control message (lib/tran_sock.c get_msg), so they would stay open.
  * -errno on error. */
+static int vmem_partial(int fd)
+{
+    struct pollfd p = { .fd = fd, .events = POLLRDHUP };
+
+    if (poll(&p, 1, 0) < 0)
+        return -errno;
+    return p.revents & (POLLRDHUP | POLLHUP) ? VMEM_MSG_HUNG_UP : VMEM_MSG_PARTIAL;
+}
+
 int vmem_vfu_next_message(int fd)
 {
     struct { uint16_t msg_id, cmd; uint32_t msg_size, flags, error_no; } hdr;
@@ -260,17 +278,17 @@ int vmem_vfu_next_message(int fd)
     if (avail == 0)
         return VMEM_MSG_READY;
     if ((size_t)avail < sizeof(hdr))
-        return VMEM_MSG_PARTIAL;
+        return vmem_partial(fd);
     n = recv(fd, &hdr, sizeof(hdr), MSG_PEEK | MSG_DONTWAIT);
     if (n < 0)
-        return errno == EAGAIN || errno == EWOULDBLOCK ? VMEM_MSG_PARTIAL : -errno;
+        return errno == EAGAIN || errno == EWOULDBLOCK ? vmem_partial(fd) : -errno;
     if ((size_t)n < sizeof(hdr))
-        return VMEM_MSG_PARTIAL;
+        return vmem_partial(fd);
     /* A size no accepted message has (patch 0006: 64 KiB of data plus the
      * message's own fields) is libvfio-user's to refuse, which drops the
      * client: ready, whatever follows. */
     if (hdr.msg_size >= sizeof(hdr) && hdr.msg_size <= VMEM_MAX_MSG_BYTES && (uint32_t)avail < hdr.msg_size)
-        return VMEM_MSG_PARTIAL;
+        return vmem_partial(fd);
     rc = poll(&p, 1, 0);
     if (rc < 0)
         return -errno;
