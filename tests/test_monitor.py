@@ -274,3 +274,13 @@ async def test_query_memdev_and_info_memdev_show_the_backends() -> None:
                         "  host nodes: \r\n\r\n")
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("017", 15), ("0x1f", 31), ("0X1F", 31), ("10", 10), ("0", 0), (" \t5", 5),
+    # Python's int(text, 0) forms strtoull(3) does not read:
+    ("0b11", -1), ("1_0", -1), ("08", -1), ("-1", -1), ("", -1), ("\u0661", -1), ("1" * 70, -1),
+])
+def test_hmp_integers_are_read_as_strtoull_with_base_0(text: str, value: int) -> None:
+    from vfiouser_vmem.control._hmp import _strtou64
+    assert _strtou64(text) == value

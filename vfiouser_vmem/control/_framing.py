@@ -139,10 +139,20 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _bounded_int(text: str) -> int:
+    # int() refuses more than 4300 digits (sys.get_int_max_str_digits) with
+    # a text about the interpreter; such a number is far beyond a double,
+    # refused as 1e999 is.
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"number {text[:40]}... is out of range") from None
+
+
 #: What ``json.loads(text, object_pairs_hook=..., parse_constant=...,
-#: parse_float=...)`` would build at every call, built once.
+#: parse_float=..., parse_int=...)`` would build at every call, built once.
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                            parse_float=_finite_float)
+                            parse_float=_finite_float, parse_int=_bounded_int)
 
 
 def _parse_message(segment: bytes | bytearray, bare_token: bool) -> Any:

@@ -190,12 +190,16 @@ def _strtosz(text: str) -> int:
         if value > _UINT64_MAX:
             raise _SizeError(True)
         return value
-    m = re.match(r"(\d*)(?:\.(\d*))?", s)
+    # ASCII digits only (\d takes any script's, which int() reads too).
+    m = re.match(r"([0-9]*)(?:\.([0-9]*))?", s)
     assert m is not None
     whole, frac = m.group(1), m.group(2)
     if not whole and not frac:
         raise _SizeError(False)
-    if whole and int(whole) > _UINT64_MAX:
+    # Leading zeros dropped, and more than 20 digits is past 2^64-1 without
+    # int(), which refuses more than 4300 digits (sys.get_int_max_str_digits).
+    whole = whole.lstrip("0")
+    if len(whole) > 20 or whole and int(whole) > _UINT64_MAX:
         raise _SizeError(True)
     rest = s[m.end():]
     shift = 0
@@ -207,6 +211,9 @@ def _strtosz(text: str) -> int:
     if frac:
         if shift == 0:
             raise _SizeError(False)  # "When a fraction is present, a scale is required."
+        # QEMU reads the fraction as a double (do_strtosz, qemu_strtod_finite):
+        # its digits past the 30th change nothing QEMU could tell.
+        frac = frac[:30]
         scale = 10 ** len(frac)
         exact = (numerator * scale + int(frac)) << shift
         value = (2 * exact + scale) // (2 * scale)  # round 0.5 upward
@@ -231,6 +238,24 @@ def parse_size(name: str, text: str) -> int:
                          "and exabytes, respectively.") from None
 
 
+#: What strtoull(3) with base 0 reads (util/cutils.c qemu_strtou64, under the
+#: string input visitor): hexadecimal after 0x, octal after a leading 0,
+#: decimal otherwise; no 0b, no digit separators, ASCII digits only.
+_STRTOU64 = re.compile(r"[ \t\n\v\f\r]*(?:0[xX](?P<hex>[0-9a-fA-F]+)|0(?P<oct>[0-7]*)|(?P<dec>[1-9][0-9]*))")
+
+
+def _strtou64(text: str) -> int:
+    """``text`` as qemu_strtou64 with base 0 reads it whole, or -1."""
+    m = _STRTOU64.fullmatch(text)
+    if m is None or len(text) > 64:  # beyond 2^64 in any base: out of range anyway
+        return -1
+    if m["hex"] is not None:
+        return int(m["hex"], 16)
+    if m["oct"] is not None:
+        return int(m["oct"] or "0", 8)
+    return int(m["dec"])
+
+
 def _parse_value(name: str, qom_type: str | None, text: str) -> Any:
     """object_property_parse's string input visitor, for our property types."""
     if qom_type == "size":
@@ -243,10 +268,7 @@ def _parse_value(name: str, qom_type: str | None, text: str) -> Any:
             return False
         raise ValueError(f"Parameter '{name}' expects 'on' or 'off'")
     if qom_type in ("uint64", "uint32", "uint16", "uint8"):
-        try:
-            value = int(text, 0)
-        except ValueError:
-            value = -1
+        value = _strtou64(text)
         if not 0 <= value <= _UINT64_MAX:
             raise ValueError(f"Parameter '{name}' expects an uint64 value")
         if qom_type == "uint32" and value > _UINT32_MAX:
@@ -296,6 +318,16 @@ def to_json_pretty(value: Any, indent: int = 0) -> str:
         items = [pad + to_json_pretty(v, indent + 1) for v in value]
         return "[\n" + ",\n".join(items) + end + "]" if items else "[" + end + "]"
     return _json_string(str(value))
+
+
+def _json_int(text: str) -> int | float:
+    """A JSON integer as qobject/json-parser.c reads it: one past what it can
+    hold as an integer is a double (parse_literal); here, one past the 4300
+    digits int() reads (sys.get_int_max_str_digits), which would raise."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _json_error(text: str, exc: json.JSONDecodeError) -> str:
@@ -516,7 +548,7 @@ class HumanMonitor:
         path, prop, text = args["path"], args["property"], args["value"]
         if args.get("json"):
             try:
-                value = json.loads(text)
+                value = json.loads(text, parse_int=_json_int)
             except json.JSONDecodeError as exc:
                 raise CommandError(_json_error(text, exc)) from None
             except RecursionError:
