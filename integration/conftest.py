@@ -30,6 +30,17 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter):
+    # The soaks (test_soak.py) book their runs in tests/fuzzing.py's RUNS;
+    # the module is loaded only if a soak was.
+    fuzzing = sys.modules.get("fuzzing")
+    soaks = [run for run in getattr(fuzzing, "RUNS", ()) if run.name.startswith("soak-")]
+    if soaks:
+        mode = "long" if fuzzing.LONG else "CI-sized"
+        terminalreporter.section(f"soaks with real guests ({mode} runs; VFIOUSER_VMEM_LONG=1 for long)")
+        for run in soaks:
+            extra = "".join(f", {k} {v}" for k, v in run.extra.items())
+            terminalreporter.write_line(
+                f"{run.name:<28} {run.count:>6} {run.unit:<14} seed {run.seed:<11} failures {run.failures}{extra}")
     if TIMINGS:
         terminalreporter.section("measured in the guests (TCG unless VMEM_ACCEL=kvm)")
         for what, seconds in TIMINGS:
