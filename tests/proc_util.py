@@ -34,3 +34,8 @@ def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
         rc, err = terminate(proc)
         raise AssertionError(f"serve did not start ({rc}): {first_line!r}\n{err}")
     return proc, first_line
+
+
+def fd_count(pid: int) -> int:
+    """How many fds process ``pid`` holds (the fuzzers' and soaks' leak check)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))

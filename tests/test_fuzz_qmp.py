@@ -46,7 +46,6 @@ server; ``test_qmp_fuzz_regression`` replays tests/fuzz_regressions/qmp-*.json.
 from __future__ import annotations
 
 import json
-import os
 import re
 import select
 import shutil
@@ -63,7 +62,7 @@ from typing import Any
 
 import pytest
 from fuzzing import FuzzRun, budget, regressions
-from proc_util import start_serve, terminate
+from proc_util import fd_count, start_serve, terminate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.procinfo import proc_rss  # noqa: E402
@@ -341,7 +340,7 @@ class Server:
         check(self.proc.poll() is None, f"serve exited with {self.proc.returncode}")
 
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        return fd_count(self.proc.pid)
 
     def rss_bytes(self) -> int:
         return proc_rss(self.proc.pid)["VmRSS"]

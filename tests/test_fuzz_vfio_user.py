@@ -54,6 +54,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -62,6 +63,7 @@ from typing import Any
 import pytest
 import trio
 from fuzzing import FuzzRun, budget, regressions
+from proc_util import fd_count
 from test_robustness import TIMEOUT, WHILE_HELD_S, Served, driver_on, qmp, sizes
 from vfio_user_client import (
     DMA_UNMAP_FLAG_ALL,
@@ -105,6 +107,9 @@ from virtio_driver import (
     VirtioMemDriver,
     request,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.procinfo import proc_rss  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = 2 * MiB
@@ -212,15 +217,8 @@ def served():
 _LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    return proc_rss(pid)["VmRSS"]
 
 
 # ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -40,7 +41,7 @@ from typing import Any
 import pytest
 import trio
 from fuzzing import FuzzRun, budget, regressions
-from proc_util import start_serve, terminate
+from proc_util import fd_count, start_serve, terminate
 from test_robustness import qmp
 from vfio_user_client import BAR2, DMA_RW, VfioUserClient
 from virtio_driver import (
@@ -63,6 +64,9 @@ from vmem_reference import (
     walk_chain,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.procinfo import proc_rss  # noqa: E402
+
 MiB = 1 << 20
 BLOCK_BYTES = 2 * MiB
 DEVICE_BYTES = 512 * MiB
@@ -83,12 +87,7 @@ _UNREACHABLE = [0x7000_0000_0000, RAM_BYTES, RAM_BYTES - 8, U64 - 16, DEFAULT_BA
 
 def _server_figures(pid: int) -> tuple[int, int]:
     """(open fds, VmRSS bytes) of the server process."""
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    rss_bytes = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss_bytes = int(line.split()[1]) * 1024
-    return fds, rss_bytes
+    return fd_count(pid), proc_rss(pid)["VmRSS"]
 
 
 class Rig:
