@@ -147,10 +147,17 @@ class Rig:
                 # The backend memfd, the same for every client of the device.
                 info = await self.client.region_info(BAR2)
                 self.bar_fd = os.dup(info.fd)
+            if self.bar_map is None:
                 self.bar_map = mmap.mmap(self.bar_fd, DEVICE_BYTES, mmap.MAP_SHARED,
                                          mmap.PROT_READ | mmap.PROT_WRITE)
 
     def disconnect(self) -> None:
+        # As a QEMU that goes away: its mapping of the BAR first.  A client
+        # that still maps the device's memory when its connection ends has
+        # its reset held until it unmaps (DeviceServer._hold_lost_connection).
+        if self.bar_map is not None:
+            self.bar_map.close()
+            self.bar_map = None
         if self.driver is not None:
             self.driver.close()
             self.driver = None

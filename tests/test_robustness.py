@@ -26,13 +26,13 @@ import select
 import socket
 import struct
 import tempfile
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio
-
 from proc_util import start_serve, terminate
 from vfio_user_client import (
     BAR2,
@@ -44,6 +44,7 @@ from vfio_user_client import (
     HEADER_SIZE,
     VFIO_USER_REGION_READ,
     VFIO_USER_REGION_WRITE,
+    ProtocolError,
     VfioUserClient,
     VfioUserError,
 )
@@ -518,6 +519,7 @@ def test_libvfio_user_log_lines_are_escaped(tmp_path: Path, caplog: pytest.LogCa
     # escapes every line, so that no client can forge a line (a line break)
     # or send escape sequences to whoever reads the log on a terminal.
     from vfiouser_vmem._vfu import ffi, lib
+
     from vfiouser_vmem.vfio_user._context import VfuContext
 
     with VfuContext(str(tmp_path / "s.sock")) as ctx:
@@ -525,3 +527,80 @@ def test_libvfio_user_log_lines_are_escaped(tmp_path: Path, caplog: pytest.LogCa
             lib.vfu_py_log(ctx._ctx, 3, ffi.new("char[]", b'failed to parse client JSON "\x1b[31m\nFORGED"'))
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ['libvfio-user: failed to parse client JSON "\\x1b[31m\\nFORGED"']
+
+
+# -- a connection that ends while its client still maps the device ----------------------
+
+
+async def _quarantine_pid(served: Served) -> int:
+    with trio.fail_after(TIMEOUT):
+        return await qmp(served, "qom-get", {"path": "vm0", "property": "unplugged-quarantine"})
+
+
+async def _wait_reset(served: Served, bar_fd: int) -> None:
+    # The held reset runs within the server's recheck (1 s): a liveness bound.
+    with trio.fail_after(TIMEOUT):
+        while (await sizes(served))["vm0"] or allocated_bytes(bar_fd):
+            await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("release", ["unmap", "lift"])
+async def test_a_lost_connection_whose_client_still_maps_the_memory_keeps_it(served: Served, release: str) -> None:
+    # QEMU gives a reply up after x-msg-timeout and drops the stream when the
+    # late reply comes, running on with the BAR mapped; the reset of a lost
+    # connection would then punch holes under its running guest.  Here the
+    # client is this process: it maps the BAR, writes into plugged memory,
+    # and closes its connection with the mapping kept.
+    async with driver_on(served) as d, memory_bar_fd(d) as bar_fd:
+        with trio.fail_after(TIMEOUT):
+            await d.start_virtio()
+            assert await d.plug(DEFAULT_BAR_ADDR, 2) == ACK
+        mapped = mmap.mmap(bar_fd, 2 * BLOCK, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mapped[:8] = b"plugged!"
+            mapped[BLOCK:BLOCK + 8] = b"second!!"
+            d.client.close()
+            with trio.fail_after(TIMEOUT):
+                while await _quarantine_pid(served) != os.getpid():
+                    await trio.sleep(0.05)
+            # Kept: the size, the memory, what was written.
+            assert (await sizes(served))["vm0"] == 2 * BLOCK
+            assert allocated_bytes(bar_fd) >= 2 * 4096
+            assert mapped[:8] == b"plugged!" and mapped[BLOCK:BLOCK + 8] == b"second!!"
+            # No new client while the old one holds the memory: it would get
+            # a device that still has the old guest's blocks.
+            with trio.fail_after(TIMEOUT):
+                async with await VfioUserClient.connect(served.sockets["vm0"]) as refused:
+                    with pytest.raises((ProtocolError, OSError, VfioUserError)):
+                        await refused.device_info()
+            if release == "lift":
+                # The operator's override: reset now, mapping or not.
+                with trio.fail_after(TIMEOUT):
+                    await qmp(served, "qom-set", {"path": "vm0", "property": "unplugged-quarantine", "value": 0})
+                await _wait_reset(served, bar_fd)
+        finally:
+            mapped.close()
+        # Unmapped (or lifted): the reset runs, everything goes back.
+        await _wait_reset(served, bar_fd)
+        assert await _quarantine_pid(served) == 0
+    with trio.fail_after(TIMEOUT):
+        async with await VfioUserClient.connect(served.sockets["vm0"]) as client:
+            assert (await client.device_info()).num_regions > CONFIG_REGION
+    await assert_alive(served)
+    _, err = served.stop()
+    assert "is gone but its process still runs and maps this device's memory: its 4M plugged are kept" in err
+    assert "refusing a vfio-user client: the previous client (pid" in err
+    assert "LOST_CONN reset: unplugged and discarded 4M" in err
+
+
+async def test_a_lost_connection_whose_client_unmapped_is_reset_at_once(served: Served) -> None:
+    # The usual case (a QEMU killed: the kernel releases its memory before
+    # its sockets close): nothing is held.
+    async with driver_on(served) as d, memory_bar_fd(d) as bar_fd:
+        with trio.fail_after(TIMEOUT):
+            await d.start_virtio()
+            assert await d.plug(DEFAULT_BAR_ADDR, 2) == ACK
+        d.client.close()
+        await _wait_reset(served, bar_fd)
+        assert await _quarantine_pid(served) == 0
+    await assert_alive(served)

@@ -62,6 +62,15 @@ log = logging.getLogger("vfiouser_vmem.server")
 DISCARD_CHUNK_BYTES = 32 << 20
 
 
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, Z...), None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _process_identity(pid: int | None) -> tuple[int, str] | None:
     """(pid, start time from /proc/PID/stat): a process, not just a pid that
     may be reused; None when it does not exist."""
@@ -160,6 +169,13 @@ class DeviceServer(HostMemory):
         #: while it may still run and map the backend; None: no quarantine.
         #: QOM ``unplugged-quarantine`` shows the pid; setting it to 0 lifts it.
         self.quarantine: tuple[int, str] | None = None
+        #: The attached client's pid (SO_PEERCRED at connect), for the hold below.
+        self._client_pid: int | None = None
+        #: A lost connection's reset waits (the client still maps the
+        #: device's memory, _hold_lost_connection): done when it exits,
+        #: unmaps, or the quarantine is lifted.
+        self._reset_held = False
+        self._nursery: trio.Nursery | None = None
         try:
             self.model = VirtioMemDevice(
                 region_size_bytes=config.size_bytes,
@@ -487,6 +503,11 @@ class DeviceServer(HostMemory):
 
     # -- resets ---------------------------------------------------------
     def _reset(self, reset_type: ResetType) -> None:
+        if reset_type == ResetType.LOST_CONN and not self.ctx.closing:
+            # A client refused while a reset is held (below) ends its
+            # connection too: that is not the held guest's reset.
+            if self._reset_held or self._hold_lost_connection():
+                return
         self.resets_total[reset_type.name] += 1
         if reset_type == ResetType.LOST_CONN:
             self._tail_access_logged = False
@@ -513,6 +534,107 @@ class DeviceServer(HostMemory):
         self.scrubber.request()
         if self.model.observers:
             self.model.observers.emit(Reset(self.config.id, reset_type.name, plugged))
+
+    def _hold_lost_connection(self) -> bool:
+        """Whether a lost connection's reset must wait, and if so, hold it.
+
+        A connection can end while its QEMU runs on: QEMU's vfio-user client
+        gives a reply up after ``x-msg-timeout`` and then drops the stream
+        when the late reply comes (hw/vfio-user/proxy.c), and a device_del
+        closes it too.  That QEMU still maps the memory BAR from the
+        backend's fd, and its guest still uses the plugged memory: the reset
+        would punch holes under a running guest (measured: its init
+        segfaulted and the kernel panicked).  So while the client process
+        runs and maps the backend (or its mappings cannot be read, another
+        user's process), the device keeps its blocks and takes no new
+        client (the quarantine), and the reset runs when that process exits
+        or unmaps (``_release_held_reset``).  A QEMU that was killed has
+        released its memory before its sockets close (the kernel's do_exit:
+        exit_mm before exit_files): its reset is not held."""
+        pid = self._client_pid
+        if (self.ctx.closing or self.quarantine is not None or pid is None or pid == os.getpid()
+                or self.model.plugged_size == 0 or self._nursery is None):
+            return False
+        identity = _process_identity(pid)
+        if identity is None or _process_state(pid) in ("Z", "X") or not self._maps_backend(pid):
+            return False
+        self.quarantine = identity
+        self._reset_held = True
+        # The connection is gone, and with it every DMA mapping.
+        self.transport.memory.clear()
+        self.log.warning("%s: vfio-user client %d (pid %d) is gone but its process still runs and maps this "
+                         "device's memory: its %s plugged are kept, and the device is reset (and takes a new "
+                         "client) once that process exits or unmaps it, or on qom-set unplugged-quarantine 0 "
+                         "(docs/reliability.md)", self.config.id, self.clients_total, pid,
+                         format_size(self.model.plugged_size))
+        self._nursery.start_soon(self._release_when_gone, identity)
+        return True
+
+    def _maps_backend(self, pid: int) -> bool:
+        """Whether process ``pid`` maps this device's backend (/proc/PID/maps:
+        its device and inode); True when that cannot be read."""
+        st = os.fstat(self.backend.fd)
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+        ino = str(st.st_ino)
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) >= 5 and fields[4] == ino and fields[3] == dev:
+                        return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return False
+
+    async def _release_when_gone(self, identity: tuple[int, str]) -> None:
+        pid = identity[0]
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = None
+        try:
+            while self.quarantine == identity:
+                if pidfd is not None:
+                    with trio.move_on_after(self.HOLD_RECHECK_S):
+                        await trio.lowlevel.wait_readable(pidfd)
+                        break  # it exited
+                else:
+                    await trio.sleep(self.HOLD_RECHECK_S)
+                if _process_identity(pid) != identity or not self._maps_backend(pid):
+                    break
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        if self.quarantine == identity:
+            self.quarantine = None
+            self.log.info("%s: the vfio-user client's process (pid %d) has exited or unmapped this device's "
+                          "memory: resetting the device now", self.config.id, pid)
+        self._release_held_reset()
+
+    #: How often a held reset looks whether its client unmapped the backend
+    #: (its exit is seen at once, through a pidfd).
+    HOLD_RECHECK_S = 1.0
+
+    def _release_held_reset(self) -> None:
+        """Run the lost connection's reset that ``_hold_lost_connection`` held."""
+        if self._reset_held:
+            self._reset_held = False
+            # Not held again: the operator may lift it while the process runs.
+            self._client_pid = None
+            self._reset(ResetType.LOST_CONN)
+            self.update_notify_serve()
+            self.discards.wake()
+
+    def lift_quarantine(self) -> None:
+        """``qom-set unplugged-quarantine 0``: serve new clients again; a held
+        reset runs now."""
+        if self.quarantine is not None:
+            self.log.warning("%s: quarantine of the disconnected client (pid %d) lifted (unplugged-quarantine)",
+                             self.config.id, self.quarantine[0])
+        self.quarantine = None
+        self._release_held_reset()
 
     # -- main loop --------------------------------------------------------
     #: Consecutive failed vfu_run_ctx() calls after which a client is
@@ -684,9 +806,13 @@ class DeviceServer(HostMemory):
         """Serve clients one after the other, and give unplugged memory back
         meanwhile, until cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self.discards.run)
             nursery.start_soon(self.scrubber.run)
-            await self._serve_clients()
+            try:
+                await self._serve_clients()
+            finally:
+                self._nursery = None
 
     def quarantined(self) -> bool:
         """Whether the client disconnected for unplugged access still runs
@@ -698,6 +824,7 @@ class DeviceServer(HostMemory):
         self.log.info("%s: the disconnected vfio-user client (pid %d) has exited: new clients are served again",
                       self.config.id, self.quarantine[0])
         self.quarantine = None
+        self._release_held_reset()
         return False
 
     async def _serve_clients(self) -> None:
@@ -705,9 +832,11 @@ class DeviceServer(HostMemory):
         while True:
             await self._accept()
             if self.quarantined() and (quarantine := self.quarantine) is not None:
-                self.log.warning("%s: refusing a vfio-user client: the client disconnected for unplugged access "
-                                 "(pid %d) still runs and maps this device's memory; stop it, or qom-set "
-                                 "unplugged-quarantine 0 (docs/scrub.md)", cid, quarantine[0])
+                why = ("still maps the plugged memory of its guest (docs/reliability.md)" if self._reset_held
+                       else "was disconnected for unplugged access and still runs and maps this device's memory "
+                       "(docs/scrub.md)")
+                self.log.warning("%s: refusing a vfio-user client: the previous client (pid %d) %s; stop it, or "
+                                 "qom-set unplugged-quarantine 0", cid, quarantine[0], why)
                 self._end_connection()
                 continue
             creds = self.ctx.client_credentials()
@@ -721,7 +850,7 @@ class DeviceServer(HostMemory):
                 continue
             self.clients_total += 1
             self.connected = True
-            pid = creds.pid if creds is not None else None
+            pid = self._client_pid = creds.pid if creds is not None else None
             self.log.info("%s: vfio-user client %d (%s) connected on %s", cid, self.clients_total,
                           creds or "credentials unknown", self.config.socket)
             observers = self.model.observers

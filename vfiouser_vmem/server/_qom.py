@@ -90,10 +90,7 @@ class ControlledVmem:
             # number with a fraction part, 0.0 included (qobject-input-visitor.c).
             if not isinstance(value, int) or isinstance(value, bool) or value != 0:
                 raise TypeError(f"Parameter 'unplugged-quarantine' can only be set to 0 (lift it), got {value!r}")
-            if self.server.quarantine is not None:
-                log.warning("%s: quarantine of the disconnected client (pid %d) lifted (unplugged-quarantine)",
-                            self.id, self.server.quarantine[0])
-            self.server.quarantine = None
+            self.server.lift_quarantine()
             return
         if prop == "x-hold-requests":
             # Testing aid: requests wait in the queue until released, so that
