@@ -49,13 +49,11 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -64,7 +62,7 @@ import pytest
 import trio
 from fuzzing import FuzzRun, budget, regressions
 from proc_util import fd_count
-from test_robustness import TIMEOUT, WHILE_HELD_S, Served, driver_on, qmp, sizes
+from test_robustness import TIMEOUT, WHILE_HELD_S, Served, driver_on, qmp, serving, sizes
 from vfio_user_client import (
     DMA_UNMAP_FLAG_ALL,
     DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
@@ -200,17 +198,8 @@ class DrainedServed(Served):
 
 @pytest.fixture
 def served():
-    tmp = Path(tempfile.mkdtemp(prefix="vmem-fuzz-", dir="/tmp"))
-    server = None
-    try:
-        server = DrainedServed(tmp)
+    with serving(DrainedServed, "vmem-fuzz-") as server:
         yield server
-        rc, tail = server.stop()
-        assert rc == 0, f"serve exited with {rc}:\n{tail}"
-    finally:
-        if server is not None:
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 #: The first line of a log record (the server's text log format).

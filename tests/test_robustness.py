@@ -23,11 +23,12 @@ import json
 import mmap
 import os
 import select
+import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +115,14 @@ class Served:
         return rc, self.stderr
 
 
-@pytest.fixture
-def served():
-    tmp = Path(tempfile.mkdtemp(prefix="vmem-", dir="/tmp"))
+@contextmanager
+def serving(kind: type[Served] = Served, prefix: str = "vmem-") -> Iterator[Served]:
+    """A ``kind`` server in a fresh directory, which must exit 0 when the
+    test is done; stopped and removed whatever happens."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     server = None
     try:
-        server = Served(tmp)
+        server = kind(tmp)
         yield server
         rc, err = server.stop()
         # Killed by a signal shows as a negative code: the defect itself.
@@ -127,9 +130,13 @@ def served():
     finally:
         if server is not None:
             server.stop()
-        for p in tmp.iterdir():
-            p.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def served():
+    with serving() as server:
+        yield server
 
 
 async def qmp(served: Served, command: str, arguments: dict[str, Any] | None = None) -> Any:
