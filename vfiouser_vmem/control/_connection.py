@@ -23,12 +23,12 @@ import errno
 import logging
 import os
 import socket
-import time
 from collections import deque
 from typing import Any
 
 import trio
 
+from vfiouser_vmem.util.logtext import LogBudget
 from vfiouser_vmem.util.sockets import (
     SocketPathInUse,
     claim_socket_path,
@@ -46,9 +46,9 @@ DEFAULT_MAX_QUEUED_MESSAGES = 256
 #: it): replies can quote a request of up to max_message_bytes.
 DEFAULT_MAX_QUEUED_BYTES = 4 << 20
 #: Refused inputs and commands are logged at most _LOG_BURST times per client
-#: per _LOG_WINDOW_S; the others are counted, and the count is logged when a
-#: later line may go out or the client leaves: one client sending bad
-#: requests cannot flood the log.
+#: per _LOG_WINDOW_S (util/logtext.py LogBudget); the others are counted, and
+#: the count is logged when a later line may go out or the client leaves:
+#: one client sending bad requests cannot flood the log.
 _LOG_BURST = 10
 _LOG_WINDOW_S = 10.0
 
@@ -69,9 +69,8 @@ class Client:
     writer task.
     """
 
-    __slots__ = ("_log_count", "_log_dropped", "_log_window_end", "_room_lot", "_writer_lot", "cancel_scope",
-                 "closed", "command_mode", "last_input", "max_queued", "max_queued_bytes", "number", "out",
-                 "queued_bytes", "sock")
+    __slots__ = ("_log_budget", "_room_lot", "_writer_lot", "cancel_scope", "closed", "command_mode",
+                 "last_input", "max_queued", "max_queued_bytes", "number", "out", "queued_bytes", "sock")
 
     def __init__(self, number: int, sock: socket.socket, max_queued: int,
                  max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
@@ -91,25 +90,14 @@ class Client:
         self.closed = False
         self._writer_lot = trio.lowlevel.ParkingLot()  # the writer waits for messages
         self._room_lot = trio.lowlevel.ParkingLot()  # replies wait for room
-        self._log_window_end = 0.0
-        self._log_count = 0
-        self._log_dropped = 0
+        self._log_budget = LogBudget(self._report_dropped, burst=_LOG_BURST, window_s=_LOG_WINDOW_S)
 
     # -- the log -------------------------------------------------------------
 
     def may_log(self) -> bool:
         """Whether a refused input or command of this client may be logged
         now (_LOG_BURST per _LOG_WINDOW_S); if not, it is counted."""
-        now = time.monotonic()
-        if now >= self._log_window_end:
-            self.log_dropped()
-            self._log_window_end = now + _LOG_WINDOW_S
-            self._log_count = 0
-        if self._log_count < _LOG_BURST:
-            self._log_count += 1
-            return True
-        self._log_dropped += 1
-        return False
+        return self._log_budget.allow()
 
     def log_refused(self, what: str, *args: object, level: int = logging.INFO, exc_info: bool = False) -> None:
         """Log ``"QMP client N: " + what % args``, if :meth:`may_log` lets it
@@ -120,10 +108,10 @@ class Client:
 
     def log_dropped(self) -> None:
         """Log how many lines may_log held back, if any."""
-        if self._log_dropped:
-            log.info("QMP client %d: %d more refused inputs or commands were not logged", self.number,
-                     self._log_dropped)
-            self._log_dropped = 0
+        self._log_budget.flush()
+
+    def _report_dropped(self, count: int) -> None:
+        log.info("QMP client %d: %d more refused inputs or commands were not logged", self.number, count)
 
     # -- the queue -----------------------------------------------------------
 

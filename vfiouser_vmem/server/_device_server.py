@@ -62,27 +62,24 @@ log = logging.getLogger("vfiouser_vmem.server")
 DISCARD_CHUNK_BYTES = 32 << 20
 
 
-def _process_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat (R, S, D, Z...), None when gone."""
+def _process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the parenthesised command name
+    (state first), None when the process does not exist."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
-def _process_identity(pid: int | None) -> tuple[int, str] | None:
-    """(pid, start time from /proc/PID/stat): a process, not just a pid that
-    may be reused; None when it does not exist."""
+def _process_identity(pid: int | None, fields: list[str] | None = None) -> tuple[int, str] | None:
+    """(pid, start time from /proc/PID/stat, field 22): a process, not just a
+    pid that may be reused; None when it does not exist.  ``fields``: that
+    file's fields, already read (_process_stat)."""
     if not pid:
         return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # Field 22 (starttime), counted after the parenthesised command name.
-    return pid, stat.rsplit(")", 1)[1].split()[19]
+    fields = _process_stat(pid) if fields is None else fields
+    return None if fields is None else (pid, fields[19])
 
 
 class DeviceLog(logging.LoggerAdapter):
@@ -555,9 +552,11 @@ class DeviceServer(HostMemory):
         if (self.ctx.closing or self.quarantine is not None or pid is None or pid == os.getpid()
                 or self.model.plugged_size == 0 or self._nursery is None):
             return False
-        identity = _process_identity(pid)
-        if identity is None or _process_state(pid) in ("Z", "X") or not self._maps_backend(pid):
+        fields = _process_stat(pid)
+        if fields is None or fields[0] in ("Z", "X") or not self._maps_backend(pid):
             return False
+        identity = _process_identity(pid, fields)
+        assert identity is not None  # fields were read
         self.quarantine = identity
         self._reset_held = True
         # The connection is gone, and with it every DMA mapping.

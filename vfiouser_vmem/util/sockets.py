@@ -75,6 +75,13 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
+def _on_the_way(directory: str) -> list[str]:
+    """``/``, then each directory from there down to the absolute path
+    ``directory``, itself last."""
+    parts = [part for part in directory.split("/") if part]
+    return ["/"] + ["/" + "/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
 def unsafe_socket_directory(path: str) -> str | None:
     """Why the directory of socket ``path`` is not safe to listen in, or
     None if it is (module docstring).  A directory that does not exist is
@@ -86,11 +93,7 @@ def unsafe_socket_directory(path: str) -> str | None:
                     "pointed elsewhere: give the socket's real path")
         me = os.geteuid()
         # Symlinks on the way: lstat of each component of the path as given.
-        prefix = "/"
-        for part in directory.strip("/").split("/"):
-            if not part:
-                continue
-            prefix = os.path.join(prefix, part)
+        for prefix in _on_the_way(directory):
             st = os.lstat(prefix)
             if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, me):
                 return (f"{prefix}, on the way to it, is a symlink owned by uid {st.st_uid}, who could point it "
@@ -102,9 +105,7 @@ def unsafe_socket_directory(path: str) -> str | None:
         # next component renamed away by anyone (the sticky bit forbids
         # that to all but the owner, as on /tmp).
         real = os.path.realpath(directory)
-        prefix = "/"
-        for part in ["", *real.strip("/").split("/")]:
-            prefix = os.path.join(prefix, part) if part else prefix
+        for prefix in _on_the_way(real):
             st = os.stat(prefix)
             if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
                 where = "its directory" if prefix == real else "the directory"

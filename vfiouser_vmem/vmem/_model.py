@@ -10,12 +10,12 @@ discards on the backend), so that unit tests can drive the model without one.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vfiouser_vmem._blocks import ffi as _ffi
 from vfiouser_vmem.errors import DiscardFailed, PreallocFailed, ProtocolViolation
+from vfiouser_vmem.util.logtext import LogBudget
 from vfiouser_vmem.util.native import CData, CField
 from vfiouser_vmem.util.sizes import format_size
 from vfiouser_vmem.vmem._bitmap import BlockBitmap, RangeState
@@ -48,12 +48,14 @@ _PACKED = PACKED_RESPONSES
 log = logging.getLogger("vfiouser_vmem.device")
 
 #: Refused requests (ERROR, NACK, BUSY) are logged at most _LOG_BURST times
-#: per device per _LOG_WINDOW_S, the others counted (as QMP's refused inputs,
-#: control/_connection.py): the guest chooses how many it sends, and a line
-#: per request let one guest write ~100 bytes of log per request on the only
-#: thread, which blocks every device once the log's reader falls behind.
+#: per device per _LOG_WINDOW_S, the others counted (util/logtext.py
+#: LogBudget, as QMP's refused inputs): the guest chooses how many it sends,
+#: and a line per request let one guest write ~100 bytes of log per request
+#: on the only thread, which blocks every device once the log's reader falls
+#: behind.
 _LOG_BURST = 10
 _LOG_WINDOW_S = 10.0
+
 
 class HostMemory:
     """Where a device's memory comes from and goes back to: what the model
@@ -131,9 +133,7 @@ class VirtioMemDevice:
         if node_id is not None and not 0 <= node_id <= 0xFFFF:
             raise ValueError(f"node {node_id} is out of range (0-65535)")
         self.name = name
-        self._log_window_end = 0.0
-        self._log_count = 0
-        self._log_dropped = 0
+        self._refusal_log = LogBudget(self._report_unlogged_refusals, burst=_LOG_BURST, window_s=_LOG_WINDOW_S)
         self.block_size = block_size_bytes
         self.region_size = region_size_bytes
         self.node_id = node_id
@@ -363,25 +363,11 @@ class VirtioMemDevice:
             f"{start:#x}-{start + self.usable_region_size:#x}"
         )
 
-    def _may_log_refusal(self) -> bool:
-        """Whether this refusal may have its log line (_LOG_BURST per
-        _LOG_WINDOW_S); if not, it is counted, and the count is logged when
-        the next window opens."""
-        now = time.monotonic()
-        if now >= self._log_window_end:
-            if self._log_dropped:
-                log.warning("%s: %d more refused request(s) in %.0f s were not logged", self.name,
-                            self._log_dropped, _LOG_WINDOW_S)
-            self._log_window_end = now + _LOG_WINDOW_S
-            self._log_count = self._log_dropped = 0
-        if self._log_count < _LOG_BURST:
-            self._log_count += 1
-            return True
-        self._log_dropped += 1
-        return False
+    def _report_unlogged_refusals(self, count: int) -> None:
+        log.warning("%s: %d more refused request(s) in %.0f s were not logged", self.name, count, _LOG_WINDOW_S)
 
     def _refuse(self, request: Request, response: Response, why: str) -> Response:
-        if not self._may_log_refusal():
+        if not self._refusal_log.allow():
             return response
         log.warning(
             "%s: %s of %d block(s) at %#x answered %s: %s",
@@ -425,7 +411,7 @@ class VirtioMemDevice:
         if self.plugged_size + size > self.requested_size:
             # Not an error: the guest asked for more than is requested now
             # (requested_size dropped while it was growing); it retries later.
-            if self._may_log_refusal():
+            if self._refusal_log.allow():
                 log.info(
                     "%s: PLUG of %d block(s) at %#x answered NACK: plugged %s + %s > requested %s",
                     self.name, request.nb_blocks, request.addr,
